@@ -1,0 +1,173 @@
+"""The synchronous engine: requests in, one scheduler step + forward per `step()`, outputs out.
+
+Not thread-safe: the offline `LLM` drives it directly; the server's `AsyncLLM` drives it from one
+background thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+from pagoda.config import EngineConfig
+from pagoda.engine.block_manager import BlockManager
+from pagoda.engine.model_runner import ModelRunner
+from pagoda.engine.request import Request
+from pagoda.engine.scheduler import Scheduler
+from pagoda.engine.sequence import Sequence
+from pagoda.engine.stats import EngineStats
+from pagoda.loader import open_checkpoint
+from pagoda.models.spec import ModelSpec
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        start = time.perf_counter()
+        checkpoint = open_checkpoint(config.model)
+        self.tokenizer = None if config.skip_tokenizer_init else checkpoint.tokenizer
+        self.model_name = Path(config.model).name if config.model else "SmolLM2-135M-Instruct"
+        spec = ModelSpec.from_hf_config(checkpoint.config)
+        self.vocab_size = spec.vocab_size
+        if config.max_model_len is not None and config.max_model_len > spec.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's context length "
+                f"{spec.max_position_embeddings}"
+            )
+        self.max_model_len = config.max_model_len or spec.max_position_embeddings
+        self.runner = ModelRunner(config, checkpoint, self.max_model_len)
+        self.load_seconds = time.perf_counter() - start
+        self._reset_scheduler()
+        self.requests: dict[str, Request] = {}
+        logger.info(
+            "loaded %s in %.2f s: %d KV blocks of %d tokens (%.1f MiB)",
+            self.model_name, self.load_seconds, self.runner.num_blocks, config.block_size,
+            self.runner.num_blocks * self.runner.block_bytes / 2**20,
+        )
+
+    def _reset_scheduler(self) -> None:
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens
+        )
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.runner.num_blocks * self.config.block_size
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer: pass token ids with skip_tokenizer_init")
+        return self.tokenizer.encode(prompt)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. Raises ValueError, with a message fit for the client, if it can never run.
+
+        `arrival_time` is a `time.monotonic()` reading (default: now).
+        """
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        max_tokens = params.max_tokens or self.max_model_len - len(token_ids)
+        total = len(token_ids) + max_tokens
+        if max_tokens < 1 or total > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {total} tokens ({len(token_ids)} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the length of the prompt or of the completion."
+            )
+        if total > self.kv_cache_tokens:
+            raise ValueError(
+                f"the request needs {total} tokens of KV cache but the whole cache holds "
+                f"{self.kv_cache_tokens}; give the engine more KV-cache memory"
+            )
+        params = dataclasses.replace(params, max_tokens=max_tokens)
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        seqs = [
+            Sequence(token_ids, params, self.config.block_size, request_id, i, arrival_time)
+            for i in range(params.n)
+        ]
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, seqs, self.tokenizer,
+                          arrival_time)
+        self.requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampled = self.runner.execute(batch)
+        now = time.monotonic()
+        samples = iter(zip(sampled.token_ids, sampled.logprobs))
+        updated: dict[str, Request] = {}
+        for item in batch:
+            seq = item.seq
+            request = self.requests[seq.request_id]
+            request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
+            samples_now = item.samples
+            seq.num_computed_tokens += item.num_new_tokens
+            if not samples_now:
+                continue
+            token_id, logprobs = next(samples)
+            finish_reason = request.append_token(seq, token_id, logprobs, now)
+            if finish_reason is not None:
+                self.scheduler.finish(seq, finish_reason)
+            updated[request.request_id] = request
+        outputs = [request.output() for request in updated.values()]
+        for output in outputs:
+            if output.finished:
+                del self.requests[output.request_id]
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
+            num_total_blocks=bm.num_blocks,
+        )
+
+    def warmup(self) -> None:
+        """Real forward passes (a prefill and decodes at a full batch), then a clean slate."""
+        batch = min(self.config.max_num_seqs, 8)
+        prompt_len = min(self.config.block_size, self.max_model_len - 2)
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        for i in range(batch):
+            self.add_request(f"warmup-{i}", [(i + j) % self.vocab_size for j in range(prompt_len)], params)
+        while self.has_unfinished_requests():
+            self.step()
+        self._reset_scheduler()

@@ -1,0 +1,16 @@
+"""A snapshot of engine state for metrics and autoscaling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineStats:
+    num_running: int  # sequences in the running batch
+    num_waiting: int  # sequences waiting for admission (including preempted ones)
+    kv_cache_usage: float  # used blocks / total blocks, 0..1 (cached-but-free blocks count as free)
+    num_preemptions: int  # cumulative
+    prefix_cache_queries: int  # cumulative, in tokens
+    prefix_cache_hits: int  # cumulative, in tokens
+    num_total_blocks: int
