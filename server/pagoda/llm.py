@@ -37,12 +37,15 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Run every prompt to completion, batched continuously; outputs come back in prompt order."""
-        if isinstance(prompts, str | dict) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        single = isinstance(prompts, str | dict) or (bool(prompts) and isinstance(prompts[0], int))
+        if single:
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        params = list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         order: dict[str, int] = {}
@@ -88,6 +91,8 @@ def _prompt_input(prompt: Prompt) -> str | list[int]:
 
 
 def _chat_token_ids(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     # the template writes any special tokens itself
     return tokenizer.encode(text, add_special_tokens=False)

@@ -156,7 +156,9 @@ class ModelRunner:
                 logit_rows.append(len(input_ids) - 1)
         md = self._metadata(slots, query_lens, seq_lens, [item.seq.block_table for item in batch])
         with attention_metadata(md):
-            hidden = self.model(self._to_device(input_ids, torch.long), self._to_device(positions, torch.long))
+            hidden = self.model(
+                self._to_device(input_ids, torch.long), self._to_device(positions, torch.long)
+            )
         self._record_prompt_logprobs(batch, hidden)
         sampling = [item.seq for item in batch if item.samples]
         if not sampling:
