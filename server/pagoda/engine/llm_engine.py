@@ -32,6 +32,7 @@ class LLMEngine:
         start = time.perf_counter()
         checkpoint = open_checkpoint(config.model)
         self.tokenizer = None if config.skip_tokenizer_init else checkpoint.tokenizer
+        self.eos_token_ids = list(checkpoint.eos_token_ids)
         self.model_name = Path(config.model).name if config.model else "SmolLM2-135M-Instruct"
         spec = ModelSpec.from_hf_config(checkpoint.config)
         self.vocab_size = spec.vocab_size
@@ -105,8 +106,8 @@ class LLMEngine:
             Sequence(token_ids, params, self.config.block_size, request_id, i, arrival_time)
             for i in range(params.n)
         ]
-        request = Request(request_id, prompt if isinstance(prompt, str) else None, seqs, self.tokenizer,
-                          arrival_time)
+        text = prompt if isinstance(prompt, str) else None
+        request = Request(request_id, text, seqs, self.tokenizer, self.eos_token_ids, arrival_time)
         self.requests[request_id] = request
         for seq in seqs:
             self.scheduler.add(seq)

@@ -10,7 +10,7 @@ from pagoda.attention.metadata import AttentionMetadata, attention_metadata
 from pagoda.config import EngineConfig
 from pagoda.engine.scheduler import ScheduledSequence
 from pagoda.layers.attention import Attention
-from pagoda.layers.sampler import Sampler, SamplerOutput, prompt_logprobs
+from pagoda.layers.sampler import Sampler, SamplerOutput
 from pagoda.loader import Checkpoint
 from pagoda.models.registry import build_model
 from pagoda.models.spec import ModelSpec
@@ -182,5 +182,5 @@ class ModelRunner:
                 hi = min(start + item.num_new_tokens, seq.num_prompt_tokens - 1)
                 if hi > lo:
                     logits = self.model.compute_logits(hidden[row + lo - start : row + hi - start])
-                    seq.prompt_logprobs.extend(prompt_logprobs(logits, seq.token_ids[lo + 1 : hi + 1], k))
+                    seq.prompt_logprobs.extend(Sampler.prompt_logprobs(logits, seq.token_ids[lo + 1 : hi + 1], k))
             row += item.num_new_tokens

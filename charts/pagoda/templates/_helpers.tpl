@@ -1,0 +1,90 @@
+{{/* The chart's name, overridable for forks. */}}
+{{- define "pagoda.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Object names: the release name, with the chart name appended unless the release already holds it. */}}
+{{- define "pagoda.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else if contains (include "pagoda.name" .) .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "pagoda.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* component=operator keeps these apart from the engine pods (managed-by: pagoda-operator). */}}
+{{- define "pagoda.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pagoda.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "pagoda.labels" -}}
+{{ include "pagoda.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end }}
+
+{{- define "pagoda.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "pagoda.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "pagoda.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "pagoda.engineImage" -}}
+{{- printf "%s:%s" .Values.engineImage.repository (default .Chart.AppVersion .Values.engineImage.tag) }}
+{{- end }}
+
+{{/*
+The rights the operator uses in a namespace it watches:
+- llmdeployments: kopf watches them and patches finalizers, its progress annotations and status;
+  the builtin autoscaler writes the replica count through the scale subresource.
+- the children it creates, adopts and removes when the spec stops asking for them.
+- pods: it lists the engine pods, flips pagoda.dev/serving and sets pod-deletion-cost (patch only).
+- events: kopf reports handler progress and errors as events.
+*/}}
+{{- define "pagoda.namespacedRules" -}}
+- apiGroups: [pagoda.dev]
+  resources: [llmdeployments]
+  verbs: [get, list, watch, patch]
+- apiGroups: [pagoda.dev]
+  resources: [llmdeployments/status, llmdeployments/scale]
+  verbs: [get, patch, update]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [""]
+  resources: [services, persistentvolumeclaims]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, patch]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}
+
+{{/* kopf's own cluster-wide needs: it follows namespaces and CRDs to know what it can watch. */}}
+{{- define "pagoda.clusterRules" -}}
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- end }}

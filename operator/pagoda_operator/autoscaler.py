@@ -1,0 +1,168 @@
+"""The builtin autoscaler (autoscaling.mode: builtin), for clusters without Prometheus.
+
+Every tick the operator scrapes the serving pods' /metrics, sums the queue and the KV-cache usage, and
+asks for max(ceil(waiting / targetWaitingRequests), ceil(kv usage / targetKVCacheUsage)) replicas, clamped
+to [minReplicas, maxReplicas]. It scales up only when the pods of the last scale-up are all ready (never
+piles up cold starts on a queue they will absorb) and scales down only after the recommendation stayed
+lower for the whole stabilization window, to the highest value seen in that window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from pagoda_operator.spec import AutoscalingSpec
+
+WAITING_METRIC = "vllm:num_requests_waiting"
+KV_CACHE_METRIC = "vllm:kv_cache_usage_perc"
+KV_CACHE_METRIC_LEGACY = "vllm:gpu_cache_usage_perc"  # vLLM's older name, still served by Pagoda
+SCRAPE_TIMEOUT_SECONDS = 3.0
+# Float sums like 0.7 + 0.9 land a hair above 1.6; do not let that cost a whole replica.
+CEIL_TOLERANCE = 1e-9
+
+
+class MetricsError(ValueError):
+    """A /metrics page without the engine's queue and KV-cache gauges."""
+
+
+@dataclass(frozen=True)
+class PodLoad:
+    waiting: float
+    kv_cache_usage: float  # 0..1
+
+
+@dataclass(frozen=True)
+class ScalingWindow:
+    """The stabilization state kept on the object between ticks (seconds since the epoch)."""
+
+    above_since: float | None = None
+    below_since: float | None = None
+    window_peak: int | None = None  # the highest recommendation while below
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    replicas: int
+    recommendation: int | None
+    reason: str
+    message: str
+    window: ScalingWindow
+
+
+def parse_metrics(text: str) -> PodLoad:
+    """Read a pod's load from Prometheus text, summing over label sets (one per served model name)."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in (WAITING_METRIC, KV_CACHE_METRIC, KV_CACHE_METRIC_LEGACY):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    kv_cache = totals.get(KV_CACHE_METRIC, totals.get(KV_CACHE_METRIC_LEGACY))
+    if WAITING_METRIC not in totals or kv_cache is None:
+        raise MetricsError(f"/metrics lacks {WAITING_METRIC} or {KV_CACHE_METRIC}")
+    return PodLoad(waiting=totals[WAITING_METRIC], kv_cache_usage=kv_cache)
+
+
+async def scrape_pod(session: aiohttp.ClientSession, host: str, port: int) -> PodLoad | None:
+    """One pod's load, or None when it does not answer (it is then left out of the sums)."""
+    try:
+        async with session.get(
+            f"http://{host}:{port}/metrics", timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS)
+        ) as response:
+            response.raise_for_status()
+            return parse_metrics(await response.text())
+    except (aiohttp.ClientError, asyncio.TimeoutError, MetricsError, ValueError):
+        return None
+
+
+async def scrape_pods(targets: Sequence[tuple[str, int]]) -> list[PodLoad]:
+    async with aiohttp.ClientSession() as session:
+        loads = await asyncio.gather(*(scrape_pod(session, host, port) for host, port in targets))
+    return [load for load in loads if load is not None]
+
+
+def clamp(replicas: int, policy: AutoscalingSpec) -> int:
+    return max(policy.min_replicas, min(policy.max_replicas, replicas))
+
+
+def recommend_replicas(loads: Sequence[PodLoad], policy: AutoscalingSpec) -> int:
+    waiting = sum(load.waiting for load in loads)
+    kv_cache = sum(load.kv_cache_usage for load in loads)
+    by_queue = math.ceil(waiting / policy.target_waiting_requests - CEIL_TOLERANCE)
+    by_kv_cache = math.ceil(kv_cache / policy.target_kv_cache_usage - CEIL_TOLERANCE)
+    return clamp(max(by_queue, by_kv_cache), policy)
+
+
+def decide_scale(
+    current: int,
+    ready_serving: int,
+    recommendation: int | None,
+    policy: AutoscalingSpec,
+    window: ScalingWindow,
+    now: float,
+) -> ScaleDecision:
+    """The replica count to write this tick, with the window to keep for the next one."""
+    if current != clamp(current, policy):
+        return ScaleDecision(
+            clamp(current, policy),
+            recommendation,
+            "OutOfBounds",
+            f"{current} replicas is outside [{policy.min_replicas}, {policy.max_replicas}]",
+            ScalingWindow(),
+        )
+    if recommendation is None:
+        return ScaleDecision(current, None, "NoMetrics", "no serving pod answered on /metrics", window)
+    if recommendation > current:
+        if ready_serving < current:
+            return ScaleDecision(
+                current,
+                recommendation,
+                "WaitingForPods",
+                f"{ready_serving}/{current} serving pods ready: not scaling up to "
+                f"{recommendation} before the last scale-up has landed",
+                ScalingWindow(),
+            )
+        above_since = window.above_since if window.above_since is not None else now
+        if now - above_since >= policy.scale_up_stabilization_seconds:
+            return ScaleDecision(
+                recommendation,
+                recommendation,
+                "ScaleUp",
+                f"scaling up from {current} to {recommendation} replicas",
+                ScalingWindow(),
+            )
+        return ScaleDecision(
+            current,
+            recommendation,
+            "StabilizingScaleUp",
+            f"recommending {recommendation} since {now - above_since:.0f}s, scaling up after "
+            f"{policy.scale_up_stabilization_seconds}s",
+            ScalingWindow(above_since=above_since),
+        )
+    if recommendation < current:
+        below_since = window.below_since if window.below_since is not None else now
+        peak = max(recommendation, window.window_peak or recommendation)
+        if now - below_since >= policy.scale_down_stabilization_seconds:
+            return ScaleDecision(
+                peak,
+                recommendation,
+                "ScaleDown",
+                f"scaling down from {current} to {peak} replicas",
+                ScalingWindow(),
+            )
+        return ScaleDecision(
+            current,
+            recommendation,
+            "StabilizingScaleDown",
+            f"recommending {recommendation} since {now - below_since:.0f}s, scaling down after "
+            f"{policy.scale_down_stabilization_seconds}s",
+            replace(window, above_since=None, below_since=below_since, window_peak=peak),
+        )
+    return ScaleDecision(
+        current, recommendation, "AtTarget", f"{current} replicas match the load", ScalingWindow()
+    )

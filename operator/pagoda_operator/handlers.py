@@ -1,0 +1,90 @@
+"""kopf handlers: thin wrappers that hand the object to the Reconciler.
+
+Importing `pagoda_operator` registers them, so `kopf run -m pagoda_operator --all-namespaces --standalone`
+runs the operator. Intervals come from the environment (the chart sets them; tests shorten them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from pagoda_operator import kube, labels
+from pagoda_operator.reconcile import DEFAULT_METRICS_PORT, Reconciler
+from pagoda_operator.spec import GROUP, PLURAL, VERSION
+
+LLMD = (GROUP, VERSION, PLURAL)
+RECONCILE_INTERVAL_SECONDS = float(os.environ.get("PAGODA_RECONCILE_INTERVAL_SECONDS", "30"))
+AUTOSCALE_INTERVAL_SECONDS = float(os.environ.get("PAGODA_AUTOSCALE_INTERVAL_SECONDS", "15"))
+METRICS_PORT = int(os.environ.get("PAGODA_METRICS_PORT", str(DEFAULT_METRICS_PORT)))
+
+_reconcilers: list[Reconciler] = []  # the current one last; login replaces it when credentials change
+
+
+def reconciler() -> Reconciler:
+    if not _reconcilers:
+        raise kopf.TemporaryError("not logged in to the API server yet", delay=5)
+    return _reconcilers[-1]
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # All of the operator's own marks on objects live under pagoda.dev; nothing under status.kopf.
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Events are posted explicitly (kopf.info / kopf.warn); handler logs at INFO stay in the logs.
+    settings.posting.enabled = True
+    settings.posting.level = logging.WARNING
+    settings.networking.request_timeout = 60
+    settings.networking.connect_timeout = 10
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+
+
+@kopf.on.login()
+async def login(**_: Any) -> kopf.ConnectionInfo:
+    """One set of credentials for kopf's watches and for the operator's own API client."""
+    configuration = await kube.load_configuration()
+    _reconcilers.append(Reconciler(kube.KubeClient(kube.client.ApiClient(configuration))))
+    return await kube.connection_info(configuration)
+
+
+@kopf.on.cleanup()
+async def close_clients(**_: Any) -> None:
+    while _reconcilers:
+        await _reconcilers.pop().client.api_client.close()
+
+
+@kopf.on.resume(*LLMD)
+@kopf.on.create(*LLMD)
+@kopf.on.update(*LLMD, field="spec")
+async def reconcile_on_change(body: kopf.Body, **_: Any) -> None:
+    await reconciler().reconcile(body)
+
+
+@kopf.timer(*LLMD, interval=RECONCILE_INTERVAL_SECONDS, initial_delay=RECONCILE_INTERVAL_SECONDS)
+async def reconcile_periodically(body: kopf.Body, **_: Any) -> None:
+    """Repairs drift nobody announced (a deleted Service, a hand-edited Deployment)."""
+    await reconciler().reconcile(body)
+
+
+@kopf.on.event("v1", "pods", labels={labels.MANAGED_BY: labels.MANAGER, labels.INSTANCE: kopf.PRESENT})
+async def pod_changed(meta: kopf.Meta, namespace: str, **_: Any) -> None:
+    """Promotes warm pods the moment one is needed and ready: seconds, not a cold start."""
+    await reconciler().on_pod_event(namespace, meta["labels"][labels.INSTANCE])
+
+
+def uses_builtin_autoscaler(spec: kopf.Spec, **_: Any) -> bool:
+    autoscaling = spec.get("autoscaling") or {}
+    return bool(autoscaling.get("enabled")) and autoscaling.get("mode", "builtin") == "builtin"
+
+
+@kopf.timer(*LLMD, interval=AUTOSCALE_INTERVAL_SECONDS, when=uses_builtin_autoscaler)
+async def autoscale(name: str, namespace: str, **_: Any) -> None:
+    await reconciler().autoscale(namespace, name, METRICS_PORT)

@@ -1,0 +1,372 @@
+"""Idempotent reconciliation of one LLMDeployment: children, pod roles, status, and the builtin autoscaler.
+
+Every entry point takes the object's current body, can run any number of times, and converges: it creates
+what is missing, patches what drifted, and writes the status only when it changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from pagoda_operator import autoscaler, builders, kube, labels
+from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_spec
+from pagoda_operator.status import (
+    Condition,
+    base_status,
+    find_condition,
+    merge_conditions,
+    pod_failures,
+    readiness_conditions,
+    utc_now,
+)
+from pagoda_operator.warmpool import plan_pod_roles, summarize_pool
+
+logger = logging.getLogger(__name__)
+
+RETRY_DELAY_SECONDS = 30
+# The scrape port when a pod has no prometheus.io/port annotation (the engine's port).
+DEFAULT_METRICS_PORT = 8000
+
+
+def engine_image() -> str:
+    return os.environ.get("PAGODA_ENGINE_IMAGE") or builders.DEFAULT_ENGINE_IMAGE
+
+
+class Reconciler:
+    """Holds the API client and one lock per LLMDeployment, so a timer, a spec change and a pod event
+    never reconcile the same object at the same time."""
+
+    def __init__(self, client: kube.KubeClient) -> None:
+        self.client = client
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self._locks.setdefault((namespace, name), asyncio.Lock())
+
+    # ------------------------------------------------------------------------------------------ entry points
+
+    async def reconcile(self, body: Mapping[str, Any]) -> None:
+        """Children, pod roles and status; an invalid spec only sets Degraded (old pods serve on)."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        async with self.lock(namespace, name):
+            try:
+                spec = parse_spec(body.get("spec") or {})
+            except InvalidSpecError as err:
+                await self.report_invalid_spec(body, str(err))
+                return
+            try:
+                pods = await self.sync_pod_roles(body, spec)
+                await self.apply_children(body, spec)
+                await self.write_status(body, spec, pods)
+            except ApiException as err:
+                message = (
+                    f"the API server refused a change: {err.status} {err.reason}: {api_error_message(err)}"
+                )
+                await self.report_degraded(body, "ApplyFailed", message)
+                raise kopf.TemporaryError(message, delay=RETRY_DELAY_SECONDS) from err
+
+    async def on_pod_event(self, namespace: str, name: str) -> None:
+        """A pod turned ready, unready or went away: re-balance the roles and refresh the counts."""
+        async with self.lock(namespace, name):
+            body = await self.client.get(kube.LLMDEPLOYMENTS, namespace, name)
+            if body is None:
+                return
+            try:
+                spec = parse_spec(body.get("spec") or {})
+            except InvalidSpecError:
+                return  # reported by reconcile(); pods keep their roles until the spec is fixed
+            pods = await self.sync_pod_roles(body, spec)
+            await self.write_status(body, spec, pods)
+
+    async def autoscale(self, namespace: str, name: str, metrics_port: int = DEFAULT_METRICS_PORT) -> None:
+        """One builtin-autoscaler tick: scrape the serving pods, decide, write spec.replicas if it changes."""
+        async with self.lock(namespace, name):
+            body = await self.client.get(kube.LLMDEPLOYMENTS, namespace, name)
+            if body is None:
+                return
+            try:
+                spec = parse_spec(body.get("spec") or {})
+            except InvalidSpecError:
+                return
+            if not spec.builtin_autoscaling_enabled:
+                return
+            pods = await self.client.list(kube.PODS, namespace, labels.selector_labels(name))
+            serving = [p for p in pods if is_serving_and_ready(p)]
+            targets = [(p["status"]["podIP"], scrape_port(p, metrics_port)) for p in serving]
+            loads = await autoscaler.scrape_pods(targets)
+            policy = spec.autoscaling
+            recommendation = autoscaler.recommend_replicas(loads, policy) if loads else None
+            status = body.get("status") or {}
+            window = window_from_status(status.get("autoscaler") or {})
+            decision = autoscaler.decide_scale(
+                spec.replicas, len(serving), recommendation, policy, window, time.time()
+            )
+            await self.write_autoscaler_status(body, decision, loads)
+            if decision.replicas != spec.replicas:
+                await self.client.patch(
+                    kube.LLMDEPLOYMENTS, namespace, name, {"spec": {"replicas": decision.replicas}}
+                )
+                kopf.info(
+                    body,
+                    reason="ScaledUp" if decision.replicas > spec.replicas else "ScaledDown",
+                    message=decision.message,
+                )
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    async def report_invalid_spec(self, body: Mapping[str, Any], message: str) -> None:
+        await self.report_degraded(
+            body,
+            "InvalidSpec",
+            message,
+            Condition(
+                "Progressing",
+                False,
+                "InvalidSpec",
+                "not applying this spec; the pods of the last valid spec keep serving",
+            ),
+        )
+
+    async def report_degraded(
+        self, body: Mapping[str, Any], reason: str, message: str, *more: Condition
+    ) -> None:
+        """Degraded=True with a message for the user; one warning event per problem, not per retry."""
+        status = body.get("status") or {}
+        existing = status.get("conditions") or []
+        degraded = find_condition(existing, "Degraded")
+        if degraded is None or degraded.get("reason") != reason or degraded.get("message") != message:
+            kopf.warn(body, reason=reason, message=message)
+        generation = body["metadata"].get("generation")
+        conditions = merge_conditions(
+            existing, [Condition("Degraded", True, reason, message), *more], utc_now(), generation
+        )
+        await self.patch_status(
+            body,
+            {
+                "conditions": conditions,
+                **({"observedGeneration": generation} if generation is not None else {}),
+            },
+        )
+
+    async def sync_pod_roles(self, body: Mapping[str, Any], spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
+        """Label exactly spec.replicas ready pods serving, before the Deployment changes size."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        pods = await self.client.list(kube.PODS, namespace, labels.selector_labels(name))
+        for patch in plan_pod_roles(pods, spec.replicas):
+            await self.client.patch(kube.PODS, namespace, patch.name, patch.body)
+            if patch.promotes:
+                kopf.info(body, reason="Promoted", message=f"pod {patch.name} joined the Service")
+            elif patch.demotes:
+                kopf.info(body, reason="Demoted", message=f"pod {patch.name} left the Service and drains")
+        return pods
+
+    async def apply_children(self, body: Mapping[str, Any], spec: LLMDeploymentSpec) -> None:
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        manifests = [
+            builders.build_deployment(name, namespace, spec, engine_image()),
+            builders.build_service(name, namespace),
+            builders.build_pdb(name, namespace),
+        ]
+        if spec.hpa_enabled:
+            manifests.append(builders.build_hpa(name, namespace, spec))
+        if spec.cache.enabled:
+            manifests.append(builders.build_cache_pvc(name, namespace, spec))
+        kopf.adopt(manifests, owner=body)  # type: ignore[arg-type]
+        for manifest in manifests:
+            # A claim's spec is immutable once bound (only its size may grow): create it, never patch it.
+            action = await self.apply(manifest, patch_drift=manifest["kind"] != "PersistentVolumeClaim")
+            if action is not None:
+                kopf.info(
+                    body,
+                    reason=action,
+                    message=f"{action.lower()} {manifest['kind']} {manifest['metadata']['name']}",
+                )
+        if not spec.hpa_enabled and await self.delete_owned(kube.HPAS, body):
+            kopf.info(
+                body,
+                reason="Deleted",
+                message=f"deleted HorizontalPodAutoscaler {name}: autoscaling "
+                f"mode is {spec.autoscaling.mode}, enabled={spec.autoscaling.enabled}",
+            )
+
+    async def apply(self, manifest: dict[str, Any], patch_drift: bool = True) -> str | None:
+        """Create the object or patch it back to the manifest; returns what it did, None when in sync."""
+        resource = kube.resource_of(manifest)
+        meta = manifest["metadata"]
+        live = await self.client.get(resource, meta["namespace"], meta["name"])
+        if live is None:
+            await self.client.create(manifest)
+            return "Created"
+        if not patch_drift or contains(live, manifest):
+            return None
+        await self.client.patch(
+            resource,
+            meta["namespace"],
+            meta["name"],
+            {
+                "metadata": {"labels": meta.get("labels"), "ownerReferences": meta["ownerReferences"]},
+                "spec": manifest["spec"],
+            },
+        )
+        return "Updated"
+
+    async def delete_owned(self, resource: kube.Resource, body: Mapping[str, Any]) -> bool:
+        """Delete a child only if this LLMDeployment owns it (never a user's object with the same name)."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        live = await self.client.get(resource, namespace, name)
+        owners = (live or {}).get("metadata", {}).get("ownerReferences") or []
+        if not any(ref.get("uid") == body["metadata"].get("uid") for ref in owners):
+            return False
+        return await self.client.delete(resource, namespace, name)
+
+    async def write_status(
+        self, body: Mapping[str, Any], spec: LLMDeploymentSpec, pods: Sequence[Mapping[str, Any]]
+    ) -> None:
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        generation = body["metadata"].get("generation")
+        pool = summarize_pool(pods, spec.replicas)
+        existing = (body.get("status") or {}).get("conditions") or []
+        updates = readiness_conditions(
+            spec.replicas, pool, spec.replicas + spec.warm_pool_size, pod_failures(pods)
+        )
+        updates.append(scaling_condition(spec, existing))
+        status = base_status(name, namespace, generation, spec.replicas, pool)
+        status["conditions"] = merge_conditions(existing, updates, utc_now(), generation)
+        await self.patch_status(body, status)
+
+    async def write_autoscaler_status(
+        self, body: Mapping[str, Any], decision: autoscaler.ScaleDecision, loads: Sequence[autoscaler.PodLoad]
+    ) -> None:
+        status = body.get("status") or {}
+        active = decision.reason != "NoMetrics"
+        condition = Condition("ScalingActive", active, decision.reason, decision.message)
+        window = decision.window
+        scaled = decision.reason in ("ScaleUp", "ScaleDown", "OutOfBounds")
+        previous = status.get("autoscaler") or {}
+        autoscaler_status = {
+            "waitingRequests": sum(load.waiting for load in loads),
+            "kvCacheUsage": round(sum(load.kv_cache_usage for load in loads), 6),
+            "recommendedReplicas": decision.recommendation,
+            "aboveSince": to_rfc3339(window.above_since),
+            "belowSince": to_rfc3339(window.below_since),
+            "windowPeak": window.window_peak,
+            "lastScaleTime": to_rfc3339(time.time()) if scaled else previous.get("lastScaleTime"),
+        }
+        conditions = merge_conditions(
+            status.get("conditions") or [], [condition], utc_now(), body["metadata"].get("generation")
+        )
+        await self.patch_status(body, {"autoscaler": autoscaler_status, "conditions": conditions})
+
+    async def patch_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
+        """Write the status subresource, skipping the call when nothing would change."""
+        current = body.get("status") or {}
+        if contains(current, {k: v for k, v in status.items() if v is not None}) and not any(
+            v is None and k in current for k, v in status.items()
+        ):
+            return
+        meta = body["metadata"]
+        await self.client.patch(
+            kube.LLMDEPLOYMENTS, meta["namespace"], meta["name"], {"status": status}, subresource="status"
+        )
+
+
+def api_error_message(err: ApiException) -> str:
+    """The Status message the API server sent, else its raw body."""
+    try:
+        return str(json.loads(err.body).get("message") or err.body)
+    except (TypeError, ValueError, AttributeError):
+        return str(err.body)
+
+
+def scaling_condition(spec: LLMDeploymentSpec, existing: Sequence[Mapping[str, Any]]) -> Condition:
+    autoscaling = spec.autoscaling
+    if not autoscaling.enabled:
+        return Condition("ScalingActive", False, "AutoscalingDisabled", "spec.replicas is set by hand")
+    if autoscaling.mode == "hpa":
+        return Condition(
+            "ScalingActive",
+            True,
+            "HorizontalPodAutoscaler",
+            "an HPA scales on vllm_num_requests_waiting and vllm_kv_cache_usage_perc",
+        )
+    current = find_condition(existing, "ScalingActive")
+    if current is not None and current.get("reason") not in (
+        "AutoscalingDisabled",
+        "HorizontalPodAutoscaler",
+    ):
+        # The builtin autoscaler's own tick owns this condition.
+        return Condition(
+            "ScalingActive",
+            current.get("status") == "True",
+            current.get("reason", ""),
+            current.get("message", ""),
+        )
+    return Condition(
+        "ScalingActive", True, "BuiltinAutoscaler", "the operator scrapes the serving pods' /metrics"
+    )
+
+
+def contains(live: Any, desired: Any) -> bool:
+    """Whether `live` holds everything `desired` says; the server's defaults may add more."""
+    if isinstance(desired, Mapping):
+        return isinstance(live, Mapping) and all(
+            k in live and contains(live[k], v) for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(live, list)
+            and len(live) == len(desired)
+            and all(contains(a, b) for a, b in zip(live, desired))
+        )
+    return bool(live == desired)
+
+
+def is_serving_and_ready(pod: Mapping[str, Any]) -> bool:
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    )
+    return (
+        (meta.get("labels") or {}).get(labels.SERVING) == "true"
+        and ready
+        and not meta.get("deletionTimestamp")
+        and bool(status.get("podIP"))
+    )
+
+
+def scrape_port(pod: Mapping[str, Any], default: int) -> int:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    try:
+        return int(annotations.get("prometheus.io/port", default))
+    except ValueError:
+        return default
+
+
+def to_rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def from_rfc3339(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def window_from_status(autoscaler_status: Mapping[str, Any]) -> autoscaler.ScalingWindow:
+    return autoscaler.ScalingWindow(
+        above_since=from_rfc3339(autoscaler_status.get("aboveSince")),
+        below_since=from_rfc3339(autoscaler_status.get("belowSince")),
+        window_peak=autoscaler_status.get("windowPeak"),
+    )

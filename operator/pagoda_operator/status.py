@@ -1,0 +1,128 @@
+"""The LLMDeployment's status: counts, endpoint, conditions (Ready, Progressing, Degraded, ScalingActive)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from pagoda_operator import labels
+from pagoda_operator.builders import endpoint_url
+from pagoda_operator.warmpool import PoolSummary
+
+# Container states that will not fix themselves without the user.
+FAILING_REASONS = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: bool
+    reason: str
+    message: str
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_conditions(
+    existing: Sequence[Mapping[str, Any]], updates: Sequence[Condition], now: str, generation: int | None
+) -> list[dict[str, Any]]:
+    """Apply `updates`; lastTransitionTime moves only when a condition's status flips."""
+    by_type = {c["type"]: dict(c) for c in existing if "type" in c}
+    for update in updates:
+        status = "True" if update.status else "False"
+        previous = by_type.get(update.type, {})
+        by_type[update.type] = {
+            "type": update.type,
+            "status": status,
+            "reason": update.reason,
+            "message": update.message,
+            "lastTransitionTime": previous.get("lastTransitionTime", now)
+            if previous.get("status") == status
+            else now,
+            **({"observedGeneration": generation} if generation is not None else {}),
+        }
+    order = ["Ready", "Progressing", "Degraded", "ScalingActive"]
+    return sorted(
+        by_type.values(), key=lambda c: order.index(c["type"]) if c["type"] in order else len(order)
+    )
+
+
+def find_condition(conditions: Sequence[Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == type_), None)
+
+
+def pod_failures(pods: Sequence[Mapping[str, Any]]) -> list[str]:
+    """'pod/container: Reason: message' for every container stuck in a state it will not leave alone."""
+    failures = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        for container in (status.get("initContainerStatuses") or []) + (
+            status.get("containerStatuses") or []
+        ):
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in FAILING_REASONS:
+                message = f": {waiting['message']}" if waiting.get("message") else ""
+                failures.append(
+                    f"{pod['metadata']['name']}/{container.get('name')}: {waiting['reason']}{message}"
+                )
+    return failures
+
+
+def readiness_conditions(
+    desired: int, pool: PoolSummary, desired_pods: int, failures: Sequence[str]
+) -> list[Condition]:
+    if pool.ready_serving >= desired:
+        ready = Condition(
+            "Ready", True, "ReplicasReady", f"{pool.ready_serving}/{desired} serving replicas ready"
+        )
+    else:
+        ready = Condition(
+            "Ready",
+            False,
+            "WaitingForReplicas",
+            f"{pool.ready_serving}/{desired} serving replicas ready, {pool.loading} pod(s) loading",
+        )
+    starting = desired_pods - pool.loading - pool.ready_serving - pool.warm
+    if pool.loading or starting > 0:
+        progressing = Condition(
+            "Progressing",
+            True,
+            "PodsStarting",
+            f"{pool.loading} pod(s) loading the model, {max(starting, 0)} to be created",
+        )
+    else:
+        progressing = Condition("Progressing", False, "Stable", "every pod is loaded and ready")
+    if failures:
+        degraded = Condition("Degraded", True, "PodsFailing", "; ".join(failures[:3]))
+    else:
+        degraded = Condition("Degraded", False, "AsExpected", "")
+    return [ready, progressing, degraded]
+
+
+def base_status(
+    name: str, namespace: str, generation: int | None, desired: int, pool: PoolSummary
+) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "replicas": pool.replicas,
+        "readyReplicas": pool.ready_serving,
+        "warmReplicas": pool.warm,
+        "readySummary": f"{pool.ready_serving}/{desired}",
+        "selector": labels.serving_selector(name),
+        "endpoint": endpoint_url(name, namespace),
+    }
+    if generation is not None:
+        status["observedGeneration"] = generation
+    return status

@@ -1,0 +1,153 @@
+"""Incremental detokenization and stop strings: the text a sequence streams, token by token.
+
+Decoding one token on its own is wrong in general: a character may span several byte-level tokens, and
+SentencePiece-style decoders drop the leading space of whatever they decode first. So, like vLLM, each
+step decodes a short window of recent tokens twice, with and without the newest ones, and streams the
+difference; a window whose text ends in U+FFFD is an incomplete character, and waits for its last bytes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+from pagoda.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# prompt tokens decoded in front of the first generated token, so it renders as it would mid-text (vLLM's)
+PROMPT_CONTEXT_TOKENS = 5
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of generated token ids into text deltas.
+
+    Invariant: the text of tokens[prefix_offset:read_offset] has been streamed; tokens from read_offset on
+    have not. The deltas concatenate to `tokenizer.decode(generated_ids)` once `flush` has run.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_token_ids: list[int],
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        # two extra prompt tokens in case some of them are special tokens that decode to nothing
+        self.token_ids = list(prompt_token_ids[-(PROMPT_CONTEXT_TOKENS + 2) :])
+        self.read_offset = len(self.token_ids)
+        self.prefix_offset = max(self.read_offset - PROMPT_CONTEXT_TOKENS, 0)
+
+    def append(self, token_ids: list[int]) -> str:
+        """Add generated tokens; return the text they complete (maybe empty)."""
+        return "".join(self._append_one(token_id) for token_id in token_ids)
+
+    def flush(self) -> str:
+        """At the end: release any text held back for an incomplete character (as U+FFFD, like decode)."""
+        return self._advance(self._window_texts())
+
+    def _append_one(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        prefix_text, new_text = self._window_texts()
+        if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
+            return ""
+        return self._advance((prefix_text, new_text))
+
+    def _window_texts(self) -> tuple[str, str]:
+        """The window's text without and with the tokens not yet streamed."""
+        window = self.token_ids[self.prefix_offset :]
+        return self._decode(window[: self.read_offset - self.prefix_offset]), self._decode(window)
+
+    def _advance(self, texts: tuple[str, str]) -> str:
+        prefix_text, new_text = texts
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        return new_text[len(prefix_text) :]
+
+    def _decode(self, token_ids: list[int]) -> str:
+        # no clean-up of tokenization spaces: it rewrites text across token boundaries ("a ." -> "a."),
+        # so a window's text would stop being a prefix of the next window's
+        return self.tokenizer.decode(
+            token_ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+
+class StopStrings:
+    """Finds stop strings in a growing text, and how much of its tail could still become one."""
+
+    def __init__(self, stop: list[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self.max_len = max((len(s) for s in self.stop), default=0)
+
+    def find(self, text: str, num_new_chars: int) -> tuple[int, str] | None:
+        """The earliest stop string that ends within the last `num_new_chars` characters of `text`, as
+        (index where it starts, the string); on a tie, the one listed first."""
+        if not self.stop or not num_new_chars:
+            return None
+        # a match ending in the new text starts at most max_len - 1 characters before it
+        start = max(len(text) - num_new_chars - self.max_len + 1, 0)
+        best: tuple[int, str] | None = None
+        for stop in self.stop:
+            index = text.find(stop, start)
+            if index != -1 and (best is None or index < best[0]):
+                best = (index, stop)
+        return best
+
+    def partial_match_length(self, text: str) -> int:
+        """Length of the longest tail of `text` that is the start of some stop string."""
+        longest = 0
+        for stop in self.stop:
+            for length in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
+
+
+class TextDelta(NamedTuple):
+    text: str  # new text that is safe to stream
+    stopped: bool  # a stop string ended the sequence
+    stop_string: str | None  # which one
+
+
+class SequenceDetokenizer:
+    """One sequence's output text: detokenizes new tokens, ends at the first stop string (cut off before
+    it, like vLLM and OpenAI) and holds back any tail that could still grow into one, so a stop string never
+    reaches a stream.
+
+    The engine should not pass the token that ends a sequence (EOS, a stop token id) when that token is
+    not meant to show in the text; with skip_special_tokens it decodes to nothing anyway.
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
+        self.stop_strings = StopStrings(params.stop)
+        self.output_text = ""  # all text so far, cut before the stop string once one matched
+        self.num_emitted = 0  # how many characters of output_text have been streamed
+
+    @property
+    def text(self) -> str:
+        """The text streamed so far: cumulative output for a response that is still running."""
+        return self.output_text[: self.num_emitted]
+
+    def update(self, token_ids: list[int], finished: bool = False) -> TextDelta:
+        """Add the step's new tokens. `finished` (length, EOS, abort) releases all held-back text."""
+        new_text = self.detokenizer.append(token_ids)
+        if finished:
+            new_text += self.detokenizer.flush()
+        self.output_text += new_text
+        match = self.stop_strings.find(self.output_text, len(new_text))
+        if match is not None:
+            index, stop = match
+            self.output_text = self.output_text[:index]
+            return TextDelta(self._emit_up_to(index), True, stop)
+        held_back = 0 if finished else self.stop_strings.partial_match_length(self.output_text)
+        return TextDelta(self._emit_up_to(len(self.output_text) - held_back), False, None)
+
+    def _emit_up_to(self, end: int) -> str:
+        delta = self.output_text[self.num_emitted : end]
+        self.num_emitted = max(end, self.num_emitted)
+        return delta

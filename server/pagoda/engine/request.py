@@ -1,0 +1,91 @@
+"""A request: its n sequences, their text, stop conditions and timings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pagoda.engine.detokenizer import SequenceDetokenizer
+from pagoda.engine.sequence import Sequence
+from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        seqs: list[Sequence],
+        tokenizer: Any,
+        eos_token_ids: list[int],
+        arrival_time: float,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.seqs = seqs
+        self.eos_token_ids = set(eos_token_ids)
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.detokenizers = [
+            SequenceDetokenizer(tokenizer, s.prompt_token_ids, s.params) if tokenizer is not None else None
+            for s in seqs
+        ]
+        self._new_tokens = [0] * len(seqs)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def append_token(
+        self, seq: Sequence, token_id: int, logprobs: dict[int, float] | None, now: float
+    ) -> str | None:
+        """Record a sampled token; return the finish reason if it ends the sequence."""
+        seq.append_token(token_id)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        self._new_tokens[seq.index] += 1
+        self.metrics.first_token_time = self.metrics.first_token_time or now
+        self.metrics.last_token_time = now
+        params = seq.params
+        reason: str | None = None
+        if token_id in params.stop_token_ids:
+            reason, seq.stop_reason = "stop", token_id
+        elif token_id in self.eos_token_ids and not params.ignore_eos:
+            reason = "stop"
+        elif seq.num_completion_tokens >= params.max_tokens:
+            reason = "length"
+        detokenizer = self.detokenizers[seq.index]
+        if detokenizer is not None:
+            delta = detokenizer.update([token_id], finished=reason is not None)
+            if delta.stopped:
+                reason, seq.stop_reason = "stop", delta.stop_string
+        return reason
+
+    def output(self) -> RequestOutput:
+        """A cumulative snapshot; resets the per-step new-token counts."""
+        if self.finished:
+            self.metrics.finished_time = self.metrics.last_token_time
+        completions = []
+        for seq, detokenizer in zip(self.seqs, self.detokenizers):
+            text = "" if detokenizer is None else detokenizer.text
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=list(seq.completion_token_ids),
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                )
+            )
+        first = self.seqs[0]
+        new_counts, self._new_tokens = self._new_tokens, [0] * len(self.seqs)
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=completions,
+            finished=self.finished,
+            prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
+            num_cached_tokens=first.num_cached_tokens,
+            metrics=self.metrics,
+            new_token_counts=new_counts,
+        )

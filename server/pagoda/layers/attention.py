@@ -1,0 +1,57 @@
+"""The attention layer: writes this step's K/V into its paged cache, then attends over the cache."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from pagoda.attention import get_backend
+from pagoda.attention.metadata import get_attention_metadata
+
+
+class Attention(nn.Module):
+    """q [N, H*D], k/v [N, Hkv*D] -> [N, H*D], for the flat batch described by the attention metadata.
+
+    `k_cache` / `v_cache` ([num_blocks, block_size, Hkv, D]) are plain attributes the model runner
+    assigns once it has sized the KV pool. The whole batch's K/V is written before anyone attends, so
+    sequences in one step can share freshly written prefix blocks.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.softcap = softcap
+        self.k_cache = torch.tensor([])
+        self.v_cache = torch.tensor([])
+        self._backend: ModuleType | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.k_cache.numel() == 0:
+            raise RuntimeError("the KV cache of this attention layer has not been assigned")
+        if self._backend is None:
+            self._backend = get_backend(q.device)
+        md = get_attention_metadata()
+        query = q.view(-1, self.num_heads, self.head_dim)
+        key = k.view(-1, self.num_kv_heads, self.head_dim)
+        value = v.view(-1, self.num_kv_heads, self.head_dim)
+        self._backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping)
+        out = self._backend.paged_attention(
+            query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap
+        )
+        return out.view(-1, self.num_heads * self.head_dim)

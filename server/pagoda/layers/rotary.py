@@ -1,0 +1,76 @@
+"""Rotary position embedding (RoPE), with the Hugging Face frequency scalings: linear and llama3."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SUPPORTED_SCALINGS = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    rotary_dim: int  # leading dims of each head that rotate; the rest pass through (partial rotary)
+    scaling: str = "default"  # one of SUPPORTED_SCALINGS
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 8192  # llama3
+
+    def __post_init__(self) -> None:
+        if self.scaling not in SUPPORTED_SCALINGS:
+            raise ValueError(
+                f"unsupported rope scaling {self.scaling!r}; supported: {', '.join(SUPPORTED_SCALINGS)}"
+            )
+
+    def inv_freq(self) -> torch.Tensor:
+        """Inverse frequencies [rotary_dim // 2], float32, computed as transformers computes them."""
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float() / self.rotary_dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        if self.scaling == "linear":
+            return inv_freq / self.factor
+        if self.scaling == "llama3":
+            return self._llama3(inv_freq)
+        return inv_freq
+
+    def _llama3(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        # long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
+        low_freq_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+        high_freq_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: RopeConfig) -> None:
+        super().__init__()
+        self.rotary_dim = config.rotary_dim
+        # non-persistent: never in the checkpoint; float32 even when the model is half precision
+        self.register_buffer("inv_freq", config.inv_freq(), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N], query [N, H, D], key [N, Hkv, D] -> rotated query and key."""
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        # like transformers: cos/sin in float32, then the rotation in the activations' dtype
+        cos, sin = angles.cos().to(query.dtype), angles.sin().to(query.dtype)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        half = self.rotary_dim // 2
+        rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos + rotated_half * sin
+        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)

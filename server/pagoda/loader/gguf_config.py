@@ -1,0 +1,203 @@
+"""A transformers config rebuilt from GGUF metadata (llama.cpp's key names -> Hugging Face fields)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import CONFIG_MAPPING, PretrainedConfig
+
+from pagoda.loader.dequant import dequantize
+from pagoda.loader.gguf_reader import GGUFFile
+
+
+class GGUFArch:
+    """What differs per GGUF architecture: the HF classes, and how llama.cpp changed the tensors."""
+
+    def __init__(
+        self,
+        model_type: str,
+        architecture: str,
+        *,
+        rope_permuted: bool = False,
+        norms_plus_one: bool = False,
+        sandwich_norms: bool = False,
+        fused_projections: bool = False,
+    ):
+        self.model_type = model_type
+        self.architecture = architecture
+        # llama.cpp interleaves the rotary halves of Q/K rows for llama-style (non-NeoX) rope
+        self.rope_permuted = rope_permuted
+        # llama.cpp stores Gemma's RMSNorm weights as (1 + w)
+        self.norms_plus_one = norms_plus_one
+        # Gemma 2/3: ffn_norm is the pre-FFN norm and there are post-attention / post-FFN norms
+        self.sandwich_norms = sandwich_norms
+        # Phi-3 keeps fused qkv_proj and gate_up_proj
+        self.fused_projections = fused_projections
+
+
+GGUF_ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("llama", "LlamaForCausalLM", rope_permuted=True),
+    "qwen2": GGUFArch("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": GGUFArch("qwen3", "Qwen3ForCausalLM"),
+    "gemma": GGUFArch("gemma", "GemmaForCausalLM", norms_plus_one=True),
+    "gemma2": GGUFArch("gemma2", "Gemma2ForCausalLM", norms_plus_one=True, sandwich_norms=True),
+    "gemma3": GGUFArch("gemma3_text", "Gemma3ForCausalLM", norms_plus_one=True, sandwich_norms=True),
+    "phi3": GGUFArch("phi3", "Phi3ForCausalLM", fused_projections=True),
+}
+
+# llama.cpp's layer counts of the Gemma sizes that scale queries by hidden/heads instead of head_dim
+_GEMMA_QUERY_SCALE_BY_HIDDEN = {"gemma2": 46, "gemma3": 62}  # the 27B models
+
+
+def gguf_arch(file: GGUFFile) -> GGUFArch:
+    arch = GGUF_ARCHS.get(file.architecture)
+    if arch is None:
+        raise ValueError(
+            f"{file.path}: GGUF architecture {file.architecture!r} is not supported; "
+            f"supported: {', '.join(sorted(GGUF_ARCHS))}"
+        )
+    return arch
+
+
+def config_from_gguf(file: GGUFFile) -> PretrainedConfig:
+    arch = gguf_arch(file)
+    meta = file.metadata
+    prefix = file.architecture
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{prefix}.{key}", default)
+
+    hidden_size = int(get("embedding_length"))
+    num_heads = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden_size // num_heads)
+    if arch.fused_projections:  # Phi-3: rope may cover only part of the head
+        head_dim = hidden_size // num_heads
+    kwargs: dict[str, Any] = {
+        "architectures": [arch.architecture],
+        # the embedding matrix is the truth; llama.vocab_size is optional and may be padded differently
+        "vocab_size": file.tensors["token_embd.weight"].shape[0],
+        "hidden_size": hidden_size,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": _single_kv_head_count(get("attention.head_count_kv", num_heads)),
+        "head_dim": head_dim,
+        "max_position_embeddings": int(get("context_length")),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "tie_word_embeddings": "output.weight" not in file.tensors,
+        "bos_token_id": _optional_int(meta.get("tokenizer.ggml.bos_token_id")),
+        "eos_token_id": _optional_int(meta.get("tokenizer.ggml.eos_token_id")),
+        "pad_token_id": _optional_int(meta.get("tokenizer.ggml.padding_token_id")),
+    }
+    if get("rope.freq_base") is not None:
+        kwargs["rope_theta"] = float(get("rope.freq_base"))
+    if get("attention.sliding_window") is not None:
+        kwargs["sliding_window"] = int(get("attention.sliding_window"))
+    rope_scaling = _rope_scaling(file, prefix, get)
+    if rope_scaling is not None:
+        kwargs["rope_scaling"] = rope_scaling
+    if arch.fused_projections:
+        _add_phi3_fields(file, get, kwargs)
+    if arch.sandwich_norms:
+        _add_gemma_fields(file.architecture, get, kwargs)
+    return CONFIG_MAPPING[arch.model_type](**kwargs)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _single_kv_head_count(value: Any) -> int:
+    """Some files list the KV head count per layer; our models need one number."""
+    if hasattr(value, "__len__"):
+        counts = {int(v) for v in value}
+        if len(counts) != 1:
+            raise ValueError(f"per-layer KV head counts {sorted(counts)} are not supported")
+        return counts.pop()
+    return int(value)
+
+
+def _rope_scaling(file: GGUFFile, prefix: str, get: Any) -> dict[str, Any] | None:
+    scaling_type = get("rope.scaling.type")
+    if scaling_type in ("linear", "yarn"):
+        scaling: dict[str, Any] = {
+            "rope_type": scaling_type,
+            "factor": float(get("rope.scaling.factor", 1.0)),
+        }
+        if get("rope.scaling.original_context_length") is not None:
+            scaling["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+        return scaling
+    if "rope_freqs.weight" in file.tensors:
+        return _llama3_rope_scaling(file, float(get("rope.freq_base", 10000.0)))
+    if scaling_type not in (None, "none"):
+        raise ValueError(f"{file.path}: rope scaling type {scaling_type!r} is not supported")
+    return None
+
+
+def _llama3_rope_scaling(file: GGUFFile, theta: float) -> dict[str, Any]:
+    """Llama 3.1+ stores its rope scaling only as the per-frequency divisors (`rope_freqs`).
+
+    Every Llama 3.x release uses low/high frequency factors 1 and 4 over an 8192-token original
+    context, varying only the factor; recover the factor and check the divisors match exactly.
+    """
+    info = file.tensors["rope_freqs.weight"]
+    divisors = dequantize(file.raw_bytes(info), info.ggml_type, info.shape).float()
+    factor = float(divisors.max())
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    if not torch.allclose(_llama3_divisors(theta, 2 * divisors.numel(), scaling), divisors, rtol=1e-4):
+        raise ValueError(f"{file.path}: rope_freqs does not follow Llama 3's scaling; it is not supported")
+    return scaling
+
+
+def _llama3_divisors(theta: float, dim: int, scaling: dict[str, Any]) -> torch.Tensor:
+    """llama.cpp's rope_freqs for Llama 3 scaling (convert_hf_to_gguf.py, LlamaModel)."""
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    wavelen = 2 * torch.pi / freqs
+    old_context = scaling["original_max_position_embeddings"]
+    low_wavelen = old_context / scaling["low_freq_factor"]
+    high_wavelen = old_context / scaling["high_freq_factor"]
+    smooth = (old_context / wavelen - scaling["low_freq_factor"]) / (
+        scaling["high_freq_factor"] - scaling["low_freq_factor"]
+    )
+    divisors = 1.0 / ((1 - smooth) / scaling["factor"] + smooth)
+    divisors = torch.where(wavelen < high_wavelen, torch.ones_like(divisors), divisors)
+    divisors = torch.where(wavelen > low_wavelen, torch.full_like(divisors, scaling["factor"]), divisors)
+    return divisors.float()
+
+
+def _add_phi3_fields(file: GGUFFile, get: Any, kwargs: dict[str, Any]) -> None:
+    rotary_dim = get("rope.dimension_count")
+    if rotary_dim is not None:
+        kwargs["partial_rotary_factor"] = int(rotary_dim) / kwargs["head_dim"]
+    if "rope_factors_long.weight" in file.tensors:
+        factors = {}
+        for kind in ("long", "short"):
+            info = file.tensors[f"rope_factors_{kind}.weight"]
+            factors[kind] = dequantize(file.raw_bytes(info), info.ggml_type, info.shape).float().tolist()
+        original = int(get("rope.scaling.original_context_length", kwargs["max_position_embeddings"]))
+        kwargs["rope_scaling"] = {
+            "rope_type": "longrope",
+            "long_factor": factors["long"],
+            "short_factor": factors["short"],
+            "original_max_position_embeddings": original,
+        }
+        kwargs["original_max_position_embeddings"] = original
+
+
+def _add_gemma_fields(architecture: str, get: Any, kwargs: dict[str, Any]) -> None:
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if get(key) is not None:
+            kwargs[key] = float(get(key))
+    if kwargs["num_hidden_layers"] == _GEMMA_QUERY_SCALE_BY_HIDDEN[architecture]:
+        kwargs["query_pre_attn_scalar"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    else:
+        kwargs["query_pre_attn_scalar"] = kwargs["head_dim"]
+    if architecture == "gemma3" and get("rope.freq_base_swa") is not None:
+        kwargs["rope_local_base_freq"] = float(get("rope.freq_base_swa"))

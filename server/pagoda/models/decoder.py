@@ -1,0 +1,172 @@
+"""The decoder shared by every dense architecture: Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3.
+
+They differ only by flags of the ModelSpec (biases, q/k norms, Gemma's norm flavour and sandwich norms,
+embedding scale, soft-caps, per-layer sliding windows and RoPE). Module names mirror the Hugging Face
+checkpoints, except that q/k/v are fused into `qkv_proj` and gate/up into `gate_up_proj` at load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pagoda.layers.activation import GatedActivation
+from pagoda.layers.attention import Attention
+from pagoda.layers.embedding import VocabEmbedding
+from pagoda.layers.linear import Linear, MergedLinear, default_weight_loader
+from pagoda.layers.norm import RMSNorm
+from pagoda.layers.rotary import RopeConfig, RotaryEmbedding
+from pagoda.models.spec import ModelSpec
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, rotary_emb: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.qkv_proj = MergedLinear(spec.hidden_size, [q_size, kv_size, kv_size], bias=spec.qkv_bias)
+        self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_unit_offset)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_unit_offset)
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(
+            spec.num_heads,
+            spec.num_kv_heads,
+            spec.head_dim,
+            spec.attention_scale,
+            sliding_window=spec.sliding_windows[layer],
+            softcap=spec.attn_logit_softcap,
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q.flatten(1), k.flatten(1), v)
+        return self.o_proj(out)
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(spec.hidden_size, [spec.intermediate_size] * 2, bias=spec.mlp_bias)
+        self.act_fn = GatedActivation(spec.hidden_act)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, rotary_emb: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = DecoderAttention(spec, layer, rotary_emb)
+        self.mlp = DecoderMLP(spec)
+        eps, offset = spec.rms_norm_eps, spec.norm_unit_offset
+        self.input_layernorm = RMSNorm(spec.hidden_size, eps, offset)
+        # Llama: the norm before the MLP. Gemma 2/3: the norm of the attention output (a "sandwich").
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps, offset)
+        self.sandwich_norms = spec.sandwich_norms
+        if spec.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, offset)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        attn_out = self.self_attn(positions, self.input_layernorm(hidden))
+        if self.sandwich_norms:
+            hidden = hidden + self.post_attention_layernorm(attn_out)
+            return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
+        hidden = hidden + attn_out
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size)
+        # one rotary module per distinct RoPE configuration, shared by the layers that use it
+        rotaries: dict[RopeConfig, RotaryEmbedding] = {}
+        for rope in spec.ropes:
+            rotaries.setdefault(rope, RotaryEmbedding(rope))
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, i, rotaries[rope]) for i, rope in enumerate(spec.ropes)
+        )
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_unit_offset)
+        self.embedding_scale = spec.embedding_scale
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        if self.embedding_scale is not None:
+            # rounded to the model's dtype first, exactly as transformers does
+            hidden = hidden * torch.tensor(self.embedding_scale, dtype=torch.float32).to(hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(positions, hidden)
+        return self.norm(hidden)
+
+
+class DecoderForCausalLM(nn.Module):
+    # checkpoint module name -> (our fused module, shard index)
+    packed_modules = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = DecoderModel(spec)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat batch of token ids [N] at their positions [N] -> final hidden states [N, hidden_size]."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [M, hidden_size] -> float32 logits [M, vocab_size]."""
+        logits = self.lm_head(hidden).float()
+        cap = self.spec.final_logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load Hugging Face checkpoint tensors; every parameter must end up loaded, in full."""
+        params = dict(self.named_parameters())
+        loaded: dict[str, set[int | None]] = {}
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # a buffer some checkpoints save; we compute it
+            if name == "lm_head.weight" and self.spec.tie_word_embeddings:
+                continue  # the embedding doubles as the head
+            target, shard = self._param_name(name)
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {name!r} matches no parameter of this model")
+            param = params[target]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+            loaded.setdefault(target, set()).add(shard)
+        incomplete = [
+            name for name, param in params.items() if not _fully_loaded(param, loaded.get(name, set()))
+        ]
+        if incomplete:
+            raise ValueError(f"checkpoint is missing weights for: {', '.join(incomplete)}")
+
+    def _param_name(self, name: str) -> tuple[str, int | None]:
+        parts = name.split(".")
+        # the module name is the component before weight/bias; match it whole ("qkv_proj" holds "v_proj")
+        if len(parts) >= 2 and parts[-2] in self.packed_modules:
+            fused, shard = self.packed_modules[parts[-2]]
+            return ".".join([*parts[:-2], fused, parts[-1]]), shard
+        return name, None
+
+
+def _fully_loaded(param: nn.Parameter, shards: set[int | None]) -> bool:
+    return None in shards or len(shards) == getattr(param, "num_shards", 1)

@@ -1,0 +1,152 @@
+"""ModelSpec: one normalised, validated description of a decoder model, read from its Hugging Face config.
+
+The model runner sizes the KV cache from it (layers, KV heads, head size, context length, sliding
+windows); the shared decoder builds its layers from the rest (biases, norms, scalings, soft-caps).
+Reads transformers 5.x configs (`rope_parameters`, `layer_types`) and the older 4.x spellings
+(`rope_theta`, `rope_scaling`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from pagoda.layers.rotary import RopeConfig
+
+GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int  # the context length the model was trained for
+    sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
+    ropes: tuple[RopeConfig, ...]  # per layer (Gemma 3 uses another base on sliding layers)
+    rms_norm_eps: float
+    hidden_act: str
+    tie_word_embeddings: bool
+    attention_scale: float
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm of each query/key head before RoPE (Qwen3, Gemma 3)
+    norm_unit_offset: bool = False  # Gemma norms scale by (1 + w)
+    embedding_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden_size)
+    sandwich_norms: bool = False  # Gemma 2/3: norms before and after both attention and MLP
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if len(self.sliding_windows) != self.num_layers or len(self.ropes) != self.num_layers:
+            raise ValueError("sliding_windows and ropes need one entry per layer")
+
+    @classmethod
+    def from_hf_config(cls, cfg: PretrainedConfig) -> ModelSpec:
+        model_type = cfg.model_type
+        num_layers = cfg.num_hidden_layers
+        num_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+        layer_types = _layer_types(cfg)
+        gemma = model_type in GEMMA_FAMILY
+        attention_bias = bool(getattr(cfg, "attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=cfg.max_position_embeddings,
+            sliding_windows=tuple(_sliding_window(cfg, t) for t in layer_types),
+            ropes=tuple(_rope(cfg, t, head_dim) for t in layer_types),
+            rms_norm_eps=cfg.rms_norm_eps,
+            hidden_act=_hidden_act(cfg),
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            attention_scale=(getattr(cfg, "query_pre_attn_scalar", None) or head_dim) ** -0.5,
+            qkv_bias=True if model_type == "qwen2" else attention_bias,  # Qwen2: q/k/v biased, o not
+            o_bias=attention_bias,
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            norm_unit_offset=gemma,
+            embedding_scale=cfg.hidden_size**0.5 if gemma else None,
+            sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+            attn_logit_softcap=_attn_logit_softcap(cfg),
+            final_logit_softcap=getattr(cfg, "final_logit_softcapping", None),
+        )
+
+
+def _hidden_act(cfg: PretrainedConfig) -> str:
+    # as transformers 5 reads it: Gemma 2/3 from hidden_activation, Gemma 1 and the rest from hidden_act
+    return cfg.hidden_activation if cfg.model_type in ("gemma2", "gemma3_text") else cfg.hidden_act
+
+
+def _attn_logit_softcap(cfg: PretrainedConfig) -> float | None:
+    # Gemma 3 configs carry attn_logit_softcapping too, but transformers never applies it
+    return getattr(cfg, "attn_logit_softcapping", None) if cfg.model_type == "gemma2" else None
+
+
+def _layer_types(cfg: PretrainedConfig) -> list[str]:
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        return list(layer_types)
+    # no per-layer types (Llama, Mistral, Phi-3): every layer has the model-wide window, if any
+    kind = "sliding_attention" if getattr(cfg, "sliding_window", None) else "full_attention"
+    return [kind] * cfg.num_hidden_layers
+
+
+def _sliding_window(cfg: PretrainedConfig, layer_type: str) -> int | None:
+    return cfg.sliding_window if layer_type == "sliding_attention" else None
+
+
+def _rope(cfg: PretrainedConfig, layer_type: str, head_dim: int) -> RopeConfig:
+    params = _rope_parameters(cfg, layer_type)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    rotary_dim = int(
+        head_dim * params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
+    )
+    if rope_type == "linear":
+        return RopeConfig(
+            theta=params["rope_theta"], rotary_dim=rotary_dim, scaling="linear", factor=params["factor"]
+        )
+    if rope_type == "llama3":
+        return RopeConfig(
+            theta=params["rope_theta"],
+            rotary_dim=rotary_dim,
+            scaling="llama3",
+            factor=params["factor"],
+            low_freq_factor=params["low_freq_factor"],
+            high_freq_factor=params["high_freq_factor"],
+            original_max_position_embeddings=params["original_max_position_embeddings"],
+        )
+    return RopeConfig(theta=params["rope_theta"], rotary_dim=rotary_dim, scaling=rope_type)
+
+
+def _rope_parameters(cfg: PretrainedConfig, layer_type: str) -> dict[str, Any]:
+    params = getattr(cfg, "rope_parameters", None)
+    if params is not None:
+        # transformers 5.x: flat, or keyed by layer type (Gemma 3)
+        per_layer = layer_type in params and isinstance(params[layer_type], dict)
+        return dict(params[layer_type] if per_layer else params)
+    # transformers 4.x: rope_theta beside an optional rope_scaling dict
+    params = dict(getattr(cfg, "rope_scaling", None) or {})
+    local_base = getattr(cfg, "rope_local_base_freq", None)  # Gemma 3 sliding layers, unscaled
+    if layer_type == "sliding_attention" and local_base is not None:
+        return {"rope_theta": local_base}
+    params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    return params

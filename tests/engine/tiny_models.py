@@ -1,0 +1,183 @@
+"""Tiny, randomly initialised Hugging Face models of every supported architecture, saved to a directory.
+
+    from tiny_models import TINY_ARCHS, make_tiny_model, load_reference_model, reference_greedy
+    path = make_tiny_model("llama", tmp_path / "llama")   # config.json + model.safetensors + tokenizer
+
+Weights are drawn with a large std (and norms/biases perturbed away from their 1/0 init), so greedy
+logits are far from ties and every weight matters. Each architecture also exercises a feature: GQA, MQA,
+tied/untied embeddings, RoPE scalings, sliding windows shorter than the test prompts, soft-capping.
+The tokenizer is byte-level (any text round-trips) with a toy chat template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+VOCAB_SIZE = 384  # 256 bytes + 3 specials + filler tokens
+BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
+SLIDING_WINDOW = 5  # shorter than the test prompts, so windows really cut context
+
+_COMMON: dict[str, Any] = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.3,
+    "bos_token_id": BOS_ID,
+    "eos_token_id": EOS_ID,
+    "pad_token_id": PAD_ID,
+}
+
+# name -> (model_type, config overrides)
+_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    # SmolLM2 / TinyLlama style: GQA, tied embeddings
+    "llama": ("llama", {"tie_word_embeddings": True}),
+    # Llama 3.1 RoPE scaling (the frequency bands straddle head_dim 16's wavelengths), untied
+    "llama3_rope": (
+        "llama",
+        {
+            "tie_word_embeddings": False,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 128,
+            },
+        },
+    ),
+    # linear RoPE scaling, plain multi-head attention, biased attention and MLP
+    "llama_linear_rope": (
+        "llama",
+        {
+            "num_key_value_heads": 4,
+            "attention_bias": True,
+            "mlp_bias": True,
+            "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        },
+    ),
+    "qwen2": ("qwen2", {"tie_word_embeddings": True}),  # q/k/v biases
+    # q/k norms, head_dim not hidden/heads, MQA
+    "qwen3": ("qwen3", {"head_dim": 32, "num_key_value_heads": 1, "tie_word_embeddings": False}),
+    "mistral": ("mistral", {"sliding_window": SLIDING_WINDOW}),
+    "phi3": ("phi3", {}),  # checkpoint holds fused qkv_proj / gate_up_proj
+    "gemma": ("gemma", {"head_dim": 16, "num_key_value_heads": 1}),
+    "gemma2": (
+        "gemma2",
+        {
+            "head_dim": 16,
+            "sliding_window": SLIDING_WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 3.0,  # low caps, so the tanh actually bends the scores
+            "final_logit_softcapping": 5.0,
+        },
+    ),
+    "gemma3": (
+        "gemma3_text",
+        {
+            "head_dim": 16,
+            "sliding_window": SLIDING_WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 24,
+            "final_logit_softcapping": 5.0,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+            },
+        },
+    ),
+}
+
+TINY_ARCHS: tuple[str, ...] = tuple(_ARCHS)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_config(arch: str) -> PretrainedConfig:
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(TINY_ARCHS)}")
+    model_type, overrides = _ARCHS[arch]
+    return AutoConfig.for_model(model_type, **{**_COMMON, **overrides})
+
+
+def make_tiny_model(arch: str, path: Path, seed: int = 0, with_tokenizer: bool = True) -> Path:
+    """Save a tiny random `arch` model (float32 safetensors) and, by default, a tokenizer to `path`."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # the default init leaves norms at 1 (or 0 for Gemma) and biases at 0: make them matter
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.3)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    if with_tokenizer:
+        make_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: ids 0-255 are the bytes, then <s>, </s>, <pad>, then filler tokens."""
+    vocab = {char: byte for byte, char in _gpt2_byte_chars().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.add_tokens([f"<x{i}>" for i in range(VOCAB_SIZE - len(fast))])
+    fast.chat_template = CHAT_TEMPLATE
+    assert fast.convert_tokens_to_ids(["<s>", "</s>", "<pad>"]) == [BOS_ID, EOS_ID, PAD_ID]
+    assert len(fast) == VOCAB_SIZE
+    return fast
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which the ByteLevel pre-tokenizer emits."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def load_reference_model(path: Path) -> PreTrainedModel:
+    """The saved model in transformers, float32, eager attention (SDPA cannot soft-cap)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+@torch.no_grad()
+def reference_greedy(
+    model: PreTrainedModel, prompt: list[int], max_new_tokens: int
+) -> tuple[list[int], torch.Tensor]:
+    """Greedy continuation by full recomputation (no KV cache); returns the tokens and the logits
+    [max_new_tokens, vocab] each was chosen from."""
+    tokens = list(prompt)
+    all_logits = []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([tokens])).logits[0, -1].float()
+        all_logits.append(logits)
+        tokens.append(int(logits.argmax()))
+    return tokens[len(prompt) :], torch.stack(all_logits)

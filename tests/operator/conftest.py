@@ -1,0 +1,70 @@
+"""Fixtures for the operator tests: kopf running against the kmock Kubernetes API emulator.
+
+kmock keeps objects in memory and serves list/watch/get/create/patch/delete for them. It assigns no uid,
+resourceVersion or creationTimestamp, applies no CRD defaults and runs no controllers: the tests create
+the pods a Deployment would have, and flip their readiness themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import yaml
+
+# Short intervals, read when pagoda_operator.handlers is imported (below, through the package).
+os.environ.setdefault("PAGODA_RECONCILE_INTERVAL_SECONDS", "2")
+os.environ.setdefault("PAGODA_AUTOSCALE_INTERVAL_SECONDS", "0.5")
+
+import kmock  # noqa: E402
+import kopf  # noqa: E402
+from llmd_testkit import LLMD_RESOURCE, NAMESPACE, load_crd  # noqa: E402
+
+import pagoda_operator  # noqa: E402, F401  (registers the handlers)
+
+
+@pytest_asyncio.fixture()
+async def kube(kmock: kmock.KubernetesEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+               ) -> AsyncIterator[kmock.KubernetesEmulator]:
+    """The emulator with the built-in resources, our CRD, a namespace, and a kubeconfig pointing at it."""
+    kmock.resources.load_bundled()
+    names = load_crd()["spec"]["names"]
+    kmock.resources[LLMD_RESOURCE] = kmock.ResourceInfo(
+        kind=names["kind"], singular=names["singular"], namespaced=True, shortnames=set(names["shortNames"]),
+        subresources={"status", "scale"}, verbs={"get", "list", "watch", "create", "patch", "delete"})
+    kmock.objects["v1/namespaces", None, NAMESPACE] = {
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE, "uid": "ns-uid"}}
+    kubeconfig = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+        "users": [{"name": "kmock", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    yield kmock
+
+
+@pytest_asyncio.fixture()
+async def operator(kube: kmock.KubernetesEmulator) -> AsyncIterator[kmock.KubernetesEmulator]:
+    """`kopf run -m pagoda_operator --all-namespaces --standalone` in a thread with its own event loop.
+
+    Not a task on the test's loop: on exit kopf cancels every task left in its loop, the test's included.
+    """
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=lambda: asyncio.run(kopf.operator(standalone=True, clusterwide=True, stop_flag=stop)),
+        name="kopf", daemon=True)
+    thread.start()
+    yield kube
+    stop.set()
+    # Join off the loop: the emulator (on this loop) must keep answering while kopf shuts down.
+    await asyncio.to_thread(thread.join, 15)
+    assert not thread.is_alive(), "the operator did not stop within 15 s"

@@ -1,0 +1,93 @@
+"""Helpers shared by the operator tests (importable: pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kmock
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_PATH = REPO_ROOT / "crds" / "llmdeployments.pagoda.dev.yaml"
+EXAMPLES_DIR = REPO_ROOT / "examples"
+NAMESPACE = "ml"
+LLMD_RESOURCE = "pagoda.dev/v1alpha1/llmdeployments"
+
+
+def load_crd() -> dict[str, Any]:
+    return yaml.safe_load(CRD_PATH.read_text())
+
+
+def crd_schema() -> dict[str, Any]:
+    return load_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll until `predicate()` is truthy (and return it), or fail after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (KeyError, IndexError, TypeError):
+            value = None
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+        await asyncio.sleep(interval)
+
+
+def llmd_object(name: str, spec: dict[str, Any], uid: str | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "pagoda.dev/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name, "namespace": NAMESPACE, "uid": uid or f"uid-{name}", "generation": 1,
+                     "resourceVersion": "1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": spec,
+    }
+
+
+def api_path(kind: str, name: str | None = None, subresource: str | None = None) -> str:
+    """The REST path of a namespaced object in NAMESPACE: kind is llmdeployments, pods, ..."""
+    roots = {"llmdeployments": "/apis/pagoda.dev/v1alpha1", "pods": "/api/v1", "deployments": "/apis/apps/v1"}
+    path = f"{roots[kind]}/namespaces/{NAMESPACE}/{kind}"
+    return path + (f"/{name}" if name else "") + (f"/{subresource}" if subresource else "")
+
+
+async def api_call(kube: Any, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """A request to the emulator over HTTP, as kubectl would make it (so watchers see the change)."""
+    content_type = "application/merge-patch+json" if method == "PATCH" else "application/json"
+    async with kube.request(method, path, json=body, headers={"Content-Type": content_type}) as response:
+        assert response.status < 300, (response.status, await response.text())
+        return await response.json()
+
+
+def fake_pod(instance: str, name: str, *, ready: bool, created: str, ip: str = "10.0.0.1",
+             metrics_port: int = 8000) -> dict[str, Any]:
+    """An engine pod as the Deployment's replica set would create it (kmock runs no controllers)."""
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": NAMESPACE, "uid": f"uid-{name}", "resourceVersion": "1",
+            "creationTimestamp": created,
+            "labels": {"app.kubernetes.io/name": "pagoda", "app.kubernetes.io/instance": instance,
+                       "app.kubernetes.io/managed-by": "pagoda-operator", "pagoda.dev/serving": "false"},
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(metrics_port)},
+        },
+        "spec": {"containers": [{"name": "engine", "image": "pagoda"}]},
+        "status": pod_status(ready, ip),
+    }
+
+
+def pod_status(ready: bool, ip: str = "10.0.0.1") -> dict[str, Any]:
+    return {"phase": "Running", "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+
+
+def posted_events(kube: Any, reason: str) -> list[dict[str, Any]]:
+    """Events the operator posted with this reason (kopf POSTs them to the core events API)."""
+    return [r.data for r in list(kube) if r.method == kmock.method.POST and r.path.endswith("/events")
+            and isinstance(r.data, dict) and r.data.get("reason") == reason]

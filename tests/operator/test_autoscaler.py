@@ -1,0 +1,133 @@
+"""The builtin autoscaler's pure parts: reading vLLM's /metrics and deciding the replica count."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pagoda_operator.autoscaler import (
+    MetricsError,
+    PodLoad,
+    ScalingWindow,
+    decide_scale,
+    parse_metrics,
+    recommend_replicas,
+)
+from pagoda_operator.spec import AutoscalingSpec
+
+# An excerpt of a real vLLM (v0.9) /metrics page: the gauges sit between counters and histograms.
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="Qwen/Qwen2.5-0.5B-Instruct"} 8.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="Qwen/Qwen2.5-0.5B-Instruct"} 5.0
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{engine="0",model_name="Qwen/Qwen2.5-0.5B-Instruct"} 0.5
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="Qwen/Qwen2.5-0.5B-Instruct"} 0.625
+# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.
+# TYPE vllm:num_preemptions_total counter
+vllm:num_preemptions_total{engine="0",model_name="Qwen/Qwen2.5-0.5B-Instruct"} 2.0
+# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="Qwen/Qwen2.5-0.5B-Instruct"} 0.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="Qwen/Qwen2.5-0.5B-Instruct"} 40.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="Qwen/Qwen2.5-0.5B-Instruct"} 40.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="Qwen/Qwen2.5-0.5B-Instruct"} 3.2
+"""
+
+POLICY = AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=10, target_waiting_requests=4,
+                         target_kv_cache_usage=0.8, scale_up_stabilization_seconds=0,
+                         scale_down_stabilization_seconds=300)
+
+
+def test_parses_a_vllm_metrics_page() -> None:
+    assert parse_metrics(VLLM_METRICS) == PodLoad(waiting=5.0, kv_cache_usage=0.625)
+
+
+def test_parses_what_prometheus_client_exposes() -> None:
+    """The exposition the engine's own prometheus-client writes, with two served model names."""
+    registry = CollectorRegistry()
+    waiting = Gauge("vllm:num_requests_waiting", "waiting", ["model_name"], registry=registry)
+    kv_cache = Gauge("vllm:kv_cache_usage_perc", "kv", ["model_name"], registry=registry)
+    Counter("vllm:prompt_tokens", "prompt tokens", ["model_name"], registry=registry).labels("a").inc(7)
+    Histogram("vllm:e2e_request_latency_seconds", "latency", ["model_name"], registry=registry).labels("a").observe(1)
+    waiting.labels("a").set(2)
+    waiting.labels("b").set(1)
+    kv_cache.labels("a").set(0.25)
+    kv_cache.labels("b").set(0.5)
+    assert parse_metrics(generate_latest(registry).decode()) == PodLoad(waiting=3.0, kv_cache_usage=0.75)
+
+
+def test_falls_back_to_the_older_kv_cache_name() -> None:
+    text = "vllm:num_requests_waiting 1\nvllm:gpu_cache_usage_perc 0.3\n"
+    assert parse_metrics(text) == PodLoad(waiting=1.0, kv_cache_usage=0.3)
+
+
+def test_a_page_without_the_engine_gauges_is_an_error() -> None:
+    with pytest.raises(MetricsError):
+        parse_metrics("process_cpu_seconds_total 12.0\n")
+
+
+@pytest.mark.parametrize(("loads", "expected"), [
+    ([PodLoad(0, 0.0)], 1),  # idle: the minimum
+    ([PodLoad(9, 0.1)], 3),  # ceil(9 / 4) by the queue
+    ([PodLoad(0, 0.7), PodLoad(0, 0.9)], 2),  # ceil(1.6 / 0.8) by the KV cache, no float creep to 3
+    ([PodLoad(2, 0.9), PodLoad(2, 0.9), PodLoad(2, 0.9)], 4),  # ceil(2.7 / 0.8) beats ceil(6 / 4)
+    ([PodLoad(400, 1.0)], 10),  # clamped to the maximum
+])
+def test_recommendation(loads: list[PodLoad], expected: int) -> None:
+    assert recommend_replicas(loads, POLICY) == expected
+
+
+def test_scales_up_at_once_when_every_serving_pod_is_ready() -> None:
+    decision = decide_scale(current=2, ready_serving=2, recommendation=5, policy=POLICY, window=ScalingWindow(),
+                            now=1000.0)
+    assert (decision.replicas, decision.reason) == (5, "ScaleUp")
+
+
+def test_never_scales_up_again_while_the_last_new_pods_are_not_ready() -> None:
+    decision = decide_scale(current=5, ready_serving=3, recommendation=8, policy=POLICY, window=ScalingWindow(),
+                            now=1000.0)
+    assert (decision.replicas, decision.reason) == (5, "WaitingForPods")
+
+
+def test_scale_up_stabilization_waits_for_a_sustained_recommendation() -> None:
+    policy = AutoscalingSpec(enabled=True, max_replicas=10, scale_up_stabilization_seconds=30)
+    first = decide_scale(2, 2, 4, policy, ScalingWindow(), now=100.0)
+    assert (first.replicas, first.reason, first.window.above_since) == (2, "StabilizingScaleUp", 100.0)
+    later = decide_scale(2, 2, 4, policy, first.window, now=131.0)
+    assert (later.replicas, later.reason) == (4, "ScaleUp")
+
+
+def test_scales_down_only_after_the_window_to_the_peak_seen_in_it() -> None:
+    first = decide_scale(6, 6, 2, POLICY, ScalingWindow(), now=0.0)
+    assert (first.replicas, first.reason, first.window.below_since) == (6, "StabilizingScaleDown", 0.0)
+    middle = decide_scale(6, 6, 4, POLICY, first.window, now=200.0)
+    assert (middle.replicas, middle.window.window_peak) == (6, 4)
+    late = decide_scale(6, 6, 3, POLICY, middle.window, now=299.0)
+    assert late.replicas == 6
+    done = decide_scale(6, 6, 3, POLICY, late.window, now=300.0)
+    assert (done.replicas, done.reason, done.window) == (4, "ScaleDown", ScalingWindow())
+
+
+def test_a_load_spike_resets_the_scale_down_window() -> None:
+    waiting = decide_scale(6, 6, 2, POLICY, ScalingWindow(), now=0.0)
+    at_target = decide_scale(6, 6, 6, POLICY, waiting.window, now=100.0)
+    assert at_target.window == ScalingWindow()
+    again = decide_scale(6, 6, 2, POLICY, at_target.window, now=350.0)
+    assert (again.replicas, again.window.below_since) == (6, 350.0)
+
+
+def test_without_metrics_it_holds() -> None:
+    decision = decide_scale(3, 0, None, POLICY, ScalingWindow(), now=0.0)
+    assert (decision.replicas, decision.reason) == (3, "NoMetrics")
+
+
+def test_replicas_outside_the_bounds_are_clamped_first() -> None:
+    assert decide_scale(0, 0, None, POLICY, ScalingWindow(), now=0.0).replicas == 1
+    assert decide_scale(12, 12, 12, POLICY, ScalingWindow(), now=0.0).replicas == 10
