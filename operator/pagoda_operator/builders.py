@@ -16,7 +16,7 @@ CACHE_ROOT = "/models"
 # fetch.py's layout: pvc://claim/path is read from <cache root>/pvc/path, where the claim is mounted.
 PVC_SOURCE_MOUNT = f"{CACHE_ROOT}/pvc"
 DEFAULT_ENGINE_IMAGE = "ghcr.io/pagoda-dev/pagoda-server:0.1.0"
-RUN_AS_USER = 1000
+RUN_AS_USER = 10001  # the engine image's `pagoda` user (Dockerfile)
 
 # Loading and warming a large model (download, weights, CUDA graphs) can take hours, not minutes.
 STARTUP_BUDGET_SECONDS = 6 * 3600

@@ -21,13 +21,20 @@ RECONCILE_INTERVAL_SECONDS = float(os.environ.get("PAGODA_RECONCILE_INTERVAL_SEC
 AUTOSCALE_INTERVAL_SECONDS = float(os.environ.get("PAGODA_AUTOSCALE_INTERVAL_SECONDS", "15"))
 METRICS_PORT = int(os.environ.get("PAGODA_METRICS_PORT", str(DEFAULT_METRICS_PORT)))
 
-_reconcilers: list[Reconciler] = []  # the current one last; login replaces it when credentials change
+_reconciler: Reconciler | None = None
+# Clients replaced by a re-login; closed at cleanup, since calls may still be in flight on them.
+_retired_clients: list[kube.KubeClient] = []
+
+
+def current_reconciler() -> Reconciler | None:
+    """None before the first login and after cleanup (kopf may still fire a timer while stopping)."""
+    return _reconciler
 
 
 def reconciler() -> Reconciler:
-    if not _reconcilers:
+    if _reconciler is None:
         raise kopf.TemporaryError("not logged in to the API server yet", delay=5)
-    return _reconcilers[-1]
+    return _reconciler
 
 
 @kopf.on.startup()
@@ -38,7 +45,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    # Events are posted explicitly (kopf.info / kopf.warn); handler logs at INFO stay in the logs.
+    # Events are posted explicitly (kopf.event / kopf.warn); handler logs at INFO stay in the logs.
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING
     settings.networking.request_timeout = 60
@@ -50,15 +57,25 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.login()
 async def login(**_: Any) -> kopf.ConnectionInfo:
     """One set of credentials for kopf's watches and for the operator's own API client."""
+    global _reconciler
     configuration = await kube.load_configuration()
-    _reconcilers.append(Reconciler(kube.KubeClient(kube.client.ApiClient(configuration))))
+    client = kube.KubeClient(kube.client.ApiClient(configuration))
+    if _reconciler is None:
+        _reconciler = Reconciler(client)
+    else:  # re-authentication (e.g. a rotated token): keep the per-object locks, swap the client
+        _retired_clients.append(_reconciler.client)
+        _reconciler.client = client
     return await kube.connection_info(configuration)
 
 
 @kopf.on.cleanup()
 async def close_clients(**_: Any) -> None:
-    while _reconcilers:
-        await _reconcilers.pop().client.api_client.close()
+    global _reconciler
+    clients = _retired_clients + ([_reconciler.client] if _reconciler is not None else [])
+    _reconciler = None
+    _retired_clients.clear()
+    for client in clients:
+        await client.api_client.close()
 
 
 @kopf.on.resume(*LLMD)
@@ -71,13 +88,15 @@ async def reconcile_on_change(body: kopf.Body, **_: Any) -> None:
 @kopf.timer(*LLMD, interval=RECONCILE_INTERVAL_SECONDS, initial_delay=RECONCILE_INTERVAL_SECONDS)
 async def reconcile_periodically(body: kopf.Body, **_: Any) -> None:
     """Repairs drift nobody announced (a deleted Service, a hand-edited Deployment)."""
-    await reconciler().reconcile(body)
+    if (found := current_reconciler()) is not None:
+        await found.reconcile(body)
 
 
 @kopf.on.event("v1", "pods", labels={labels.MANAGED_BY: labels.MANAGER, labels.INSTANCE: kopf.PRESENT})
 async def pod_changed(meta: kopf.Meta, namespace: str, **_: Any) -> None:
     """Promotes warm pods the moment one is needed and ready: seconds, not a cold start."""
-    await reconciler().on_pod_event(namespace, meta["labels"][labels.INSTANCE])
+    if (found := current_reconciler()) is not None:  # else the periodic reconcile catches up
+        await found.on_pod_event(namespace, meta["labels"][labels.INSTANCE])
 
 
 def uses_builtin_autoscaler(spec: kopf.Spec, **_: Any) -> bool:
@@ -87,4 +106,5 @@ def uses_builtin_autoscaler(spec: kopf.Spec, **_: Any) -> bool:
 
 @kopf.timer(*LLMD, interval=AUTOSCALE_INTERVAL_SECONDS, when=uses_builtin_autoscaler)
 async def autoscale(name: str, namespace: str, **_: Any) -> None:
-    await reconciler().autoscale(namespace, name, METRICS_PORT)
+    if (found := current_reconciler()) is not None:
+        await found.autoscale(namespace, name, METRICS_PORT)

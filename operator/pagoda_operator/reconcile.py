@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -19,7 +18,7 @@ import kopf
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from pagoda_operator import autoscaler, builders, kube, labels
-from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_spec
+from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_quantity, parse_spec
 from pagoda_operator.status import (
     Condition,
     base_status,
@@ -30,8 +29,6 @@ from pagoda_operator.status import (
     utc_now,
 )
 from pagoda_operator.warmpool import plan_pod_roles, summarize_pool
-
-logger = logging.getLogger(__name__)
 
 RETRY_DELAY_SECONDS = 30
 # The scrape port when a pod has no prometheus.io/port annotation (the engine's port).
@@ -49,6 +46,7 @@ class Reconciler:
     def __init__(self, client: kube.KubeClient) -> None:
         self.client = client
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._warned: dict[tuple[str, str], tuple[str, str]] = {}  # the last Degraded problem warned about
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, name), asyncio.Lock())
@@ -59,11 +57,14 @@ class Reconciler:
         """Children, pod roles and status; an invalid spec only sets Degraded (old pods serve on)."""
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         async with self.lock(namespace, name):
+            # kopf's copy may predate a status written by a pod event or the autoscaler a moment ago.
+            body = await self.client.get(kube.LLMDEPLOYMENTS, namespace, name) or body
             try:
                 spec = parse_spec(body.get("spec") or {})
             except InvalidSpecError as err:
                 await self.report_invalid_spec(body, str(err))
                 return
+            self._warned.pop((namespace, name), None)
             try:
                 pods = await self.sync_pod_roles(body, spec)
                 await self.apply_children(body, spec)
@@ -116,7 +117,7 @@ class Reconciler:
                 await self.client.patch(
                     kube.LLMDEPLOYMENTS, namespace, name, {"spec": {"replicas": decision.replicas}}
                 )
-                kopf.info(
+                announce(
                     body,
                     reason="ScaledUp" if decision.replicas > spec.replicas else "ScaledDown",
                     message=decision.message,
@@ -144,8 +145,16 @@ class Reconciler:
         status = body.get("status") or {}
         existing = status.get("conditions") or []
         degraded = find_condition(existing, "Degraded")
-        if degraded is None or degraded.get("reason") != reason or degraded.get("message") != message:
-            kopf.warn(body, reason=reason, message=message)
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        # The status catches a restart of the operator; the memo catches a status written a moment ago.
+        in_status = (
+            degraded is not None
+            and degraded.get("status") == "True"
+            and (degraded.get("reason"), degraded.get("message")) == (reason, message)
+        )
+        if self._warned.get(key) != (reason, message) and not in_status:
+            kopf.warn(body, reason=reason, message=message)  # type: ignore[arg-type]
+        self._warned[key] = (reason, message)
         generation = body["metadata"].get("generation")
         conditions = merge_conditions(
             existing, [Condition("Degraded", True, reason, message), *more], utc_now(), generation
@@ -163,11 +172,16 @@ class Reconciler:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         pods = await self.client.list(kube.PODS, namespace, labels.selector_labels(name))
         for patch in plan_pod_roles(pods, spec.replicas):
-            await self.client.patch(kube.PODS, namespace, patch.name, patch.body)
+            try:
+                await self.client.patch(kube.PODS, namespace, patch.name, patch.body)
+            except ApiException as err:
+                if err.status == 404:
+                    continue  # deleted meanwhile; its event brings us back with the new picture
+                raise
             if patch.promotes:
-                kopf.info(body, reason="Promoted", message=f"pod {patch.name} joined the Service")
+                announce(body, reason="Promoted", message=f"pod {patch.name} joined the Service")
             elif patch.demotes:
-                kopf.info(body, reason="Demoted", message=f"pod {patch.name} left the Service and drains")
+                announce(body, reason="Demoted", message=f"pod {patch.name} left the Service and drains")
         return pods
 
     async def apply_children(self, body: Mapping[str, Any], spec: LLMDeploymentSpec) -> None:
@@ -186,13 +200,13 @@ class Reconciler:
             # A claim's spec is immutable once bound (only its size may grow): create it, never patch it.
             action = await self.apply(manifest, patch_drift=manifest["kind"] != "PersistentVolumeClaim")
             if action is not None:
-                kopf.info(
+                announce(
                     body,
                     reason=action,
                     message=f"{action.lower()} {manifest['kind']} {manifest['metadata']['name']}",
                 )
         if not spec.hpa_enabled and await self.delete_owned(kube.HPAS, body):
-            kopf.info(
+            announce(
                 body,
                 reason="Deleted",
                 message=f"deleted HorizontalPodAutoscaler {name}: autoscaling "
@@ -280,6 +294,11 @@ class Reconciler:
         )
 
 
+def announce(body: Mapping[str, Any], reason: str, message: str) -> None:
+    """A Normal event on the LLMDeployment (kopf.info would drop it: the posting level is WARNING)."""
+    kopf.event(body, type="Normal", reason=reason, message=message)  # type: ignore[arg-type]
+
+
 def api_error_message(err: ApiException) -> str:
     """The Status message the API server sent, else its raw body."""
     try:
@@ -328,7 +347,19 @@ def contains(live: Any, desired: Any) -> bool:
             and len(live) == len(desired)
             and all(contains(a, b) for a, b in zip(live, desired))
         )
-    return bool(live == desired)
+    return bool(live == desired) or same_quantity(live, desired)
+
+
+def same_quantity(live: Any, desired: Any) -> bool:
+    """The API server rewrites quantities canonically (2 -> "2", "0.5" -> "500m", "1.5Gi" -> "1536Mi")."""
+    if isinstance(live, bool) or isinstance(desired, bool) or not isinstance(live, (int, str)):
+        return False
+    if not isinstance(desired, (int, str)):
+        return False
+    try:
+        return parse_quantity(live) == parse_quantity(desired)
+    except InvalidSpecError:
+        return False
 
 
 def is_serving_and_ready(pod: Mapping[str, Any]) -> bool:

@@ -29,12 +29,19 @@ def reference(prompt: list[int], max_tokens: int) -> list[int]:
     return tokens[len(prompt) :]
 
 
-def run(scheduler: Scheduler, seqs: list[Sequence], budget: int, max_seqs: int) -> int:
-    """Drive the scheduler to completion the way the engine does; returns the number of steps."""
+def run(scheduler: Scheduler, seqs: list[Sequence], budget: int, max_seqs: int, abort_step: int = -1) -> int:
+    """Drive the scheduler to completion the way the engine does; returns the number of steps.
+
+    At `abort_step`, the oldest running sequence is aborted, as a client disconnect would.
+    """
     for s in seqs:
         scheduler.add(s)
     steps = 0
     while scheduler.has_unfinished:
+        if steps == abort_step and scheduler.running:
+            scheduler.finish(scheduler.running[0], "abort")
+            steps += 1
+            continue
         batch = scheduler.schedule()
         assert batch, "the scheduler stalled with work left"
         assert sum(item.num_new_tokens for item in batch) <= budget
@@ -103,9 +110,10 @@ def test_preemption_frees_the_newest_and_outputs_are_unchanged() -> None:
     st.integers(1, 40),
     st.integers(1, 6),
     st.integers(0, 12),
+    st.integers(0, 15),
 )
 def test_random_workloads_finish_correctly_without_leaks(
-    requests: list, num_blocks: int, budget: int, max_seqs: int, abort_at: int
+    requests: list, num_blocks: int, budget: int, max_seqs: int, abort_at: int, abort_step: int
 ) -> None:
     # every request must fit the pool on its own, as add_request guarantees
     requests = [(p, m) for p, m in requests if (len(p) + m + BS - 1) // BS <= num_blocks]
@@ -117,7 +125,10 @@ def test_random_workloads_finish_correctly_without_leaks(
         scheduler.finish(seqs[abort_at], "abort")  # aborted while waiting
         seqs.pop(abort_at)
         requests.pop(abort_at)
-    run(scheduler, seqs, budget, max_seqs)
+    run(scheduler, seqs, budget, max_seqs, abort_step)
     for s, (p, m) in zip(seqs, requests):
-        assert s.completion_token_ids == reference(p, m)
+        if s.finish_reason == "abort":
+            assert s.completion_token_ids == reference(p, m)[: s.num_completion_tokens]
+        else:
+            assert s.completion_token_ids == reference(p, m)
     assert bm.num_free_blocks == num_blocks and not scheduler.running and not scheduler.waiting

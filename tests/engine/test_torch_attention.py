@@ -112,7 +112,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 def test_paged_attention_matches_sdpa_on_contiguous_kv(case: tuple) -> None:
     num_heads, num_kv_heads, head_dim, block_size, shapes, sliding_window, softcap = case
-    rng = random.Random(hash(str(case)) % 1000)
+    rng = random.Random(str(case))  # str seeds are stable across runs (unlike hash())
     torch.manual_seed(rng.randrange(1 << 30))
     contexts = [
         (torch.randn(seq_len, num_kv_heads, head_dim), torch.randn(seq_len, num_kv_heads, head_dim))

@@ -25,22 +25,33 @@ import kmock  # noqa: E402
 import kopf  # noqa: E402
 from llmd_testkit import LLMD_RESOURCE, NAMESPACE, load_crd  # noqa: E402
 
-import pagoda_operator  # noqa: E402, F401  (registers the handlers)
+import pagoda_operator  # noqa: E402  (registers the handlers)
 
 
 @pytest_asyncio.fixture()
-async def kube(kmock: kmock.KubernetesEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-               ) -> AsyncIterator[kmock.KubernetesEmulator]:
+async def kube(
+    kmock: kmock.KubernetesEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[kmock.KubernetesEmulator]:
     """The emulator with the built-in resources, our CRD, a namespace, and a kubeconfig pointing at it."""
     kmock.resources.load_bundled()
     names = load_crd()["spec"]["names"]
     kmock.resources[LLMD_RESOURCE] = kmock.ResourceInfo(
-        kind=names["kind"], singular=names["singular"], namespaced=True, shortnames=set(names["shortNames"]),
-        subresources={"status", "scale"}, verbs={"get", "list", "watch", "create", "patch", "delete"})
+        kind=names["kind"],
+        singular=names["singular"],
+        namespaced=True,
+        shortnames=set(names["shortNames"]),
+        subresources={"status", "scale"},
+        verbs={"get", "list", "watch", "create", "patch", "delete"},
+    )
     kmock.objects["v1/namespaces", None, NAMESPACE] = {
-        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE, "uid": "ns-uid"}}
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": NAMESPACE, "uid": "ns-uid"},
+    }
     kubeconfig = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "kmock",
         "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
         "users": [{"name": "kmock", "user": {"token": "test-token"}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
@@ -59,12 +70,28 @@ async def operator(kube: kmock.KubernetesEmulator) -> AsyncIterator[kmock.Kubern
     Not a task on the test's loop: on exit kopf cancels every task left in its loop, the test's included.
     """
     stop = threading.Event()
-    thread = threading.Thread(
-        target=lambda: asyncio.run(kopf.operator(standalone=True, clusterwide=True, stop_flag=stop)),
-        name="kopf", daemon=True)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(kopf.operator(standalone=True, clusterwide=True, stop_flag=stop))
+    thread = threading.Thread(target=run_until_stopped, args=(loop, task), name="kopf", daemon=True)
     thread.start()
     yield kube
     stop.set()
     # Join off the loop: the emulator (on this loop) must keep answering while kopf shuts down.
-    await asyncio.to_thread(thread.join, 15)
-    assert not thread.is_alive(), "the operator did not stop within 15 s"
+    await asyncio.to_thread(thread.join, 1.0)
+    if thread.is_alive():
+        # kopf gives timers re-spawned during shutdown a fixed 5 s to exit; cancelling skips that wait.
+        loop.call_soon_threadsafe(task.cancel)
+        await asyncio.to_thread(thread.join, 10)
+    assert not thread.is_alive(), "the operator did not stop"
+    assert pagoda_operator.handlers.current_reconciler() is None, "the cleanup handler did not run"
+
+
+def run_until_stopped(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

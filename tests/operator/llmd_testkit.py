@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kmock
 import yaml
 
@@ -23,6 +24,33 @@ def load_crd() -> dict[str, Any]:
 
 def crd_schema() -> dict[str, Any]:
     return load_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def schema_errors(doc: dict[str, Any]) -> list[str]:
+    """Violations of the CRD's OpenAPI v3 schema (JSON-Schema draft 4: boolean exclusiveMinimum), and
+    fields it does not declare (the API server would silently prune those)."""
+    validator = jsonschema.Draft4Validator(crd_schema())
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    return errors + [f"{path}: not declared in the CRD" for path in undeclared_fields(crd_schema(), doc)]
+
+
+def undeclared_fields(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found = []
+    if isinstance(value, dict) and "properties" in schema:
+        for key, item in value.items():
+            if key in schema["properties"]:
+                found += undeclared_fields(schema["properties"][key], item, f"{path}.{key}")
+            else:
+                found.append(f"{path}.{key}")
+    elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, item in value.items():
+            found += undeclared_fields(schema["additionalProperties"], item, f"{path}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            found += undeclared_fields(schema["items"], item, f"{path}[{i}]")
+    return found
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
@@ -44,8 +72,14 @@ def llmd_object(name: str, spec: dict[str, Any], uid: str | None = None) -> dict
     return {
         "apiVersion": "pagoda.dev/v1alpha1",
         "kind": "LLMDeployment",
-        "metadata": {"name": name, "namespace": NAMESPACE, "uid": uid or f"uid-{name}", "generation": 1,
-                     "resourceVersion": "1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "uid": uid or f"uid-{name}",
+            "generation": 1,
+            "resourceVersion": "1",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
         "spec": spec,
     }
 
@@ -65,16 +99,25 @@ async def api_call(kube: Any, method: str, path: str, body: dict[str, Any] | Non
         return await response.json()
 
 
-def fake_pod(instance: str, name: str, *, ready: bool, created: str, ip: str = "10.0.0.1",
-             metrics_port: int = 8000) -> dict[str, Any]:
+def fake_pod(
+    instance: str, name: str, *, ready: bool, created: str, ip: str = "10.0.0.1", metrics_port: int = 8000
+) -> dict[str, Any]:
     """An engine pod as the Deployment's replica set would create it (kmock runs no controllers)."""
     return {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {
-            "name": name, "namespace": NAMESPACE, "uid": f"uid-{name}", "resourceVersion": "1",
+            "name": name,
+            "namespace": NAMESPACE,
+            "uid": f"uid-{name}",
+            "resourceVersion": "1",
             "creationTimestamp": created,
-            "labels": {"app.kubernetes.io/name": "pagoda", "app.kubernetes.io/instance": instance,
-                       "app.kubernetes.io/managed-by": "pagoda-operator", "pagoda.dev/serving": "false"},
+            "labels": {
+                "app.kubernetes.io/name": "pagoda",
+                "app.kubernetes.io/instance": instance,
+                "app.kubernetes.io/managed-by": "pagoda-operator",
+                "pagoda.dev/serving": "false",
+            },
             "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(metrics_port)},
         },
         "spec": {"containers": [{"name": "engine", "image": "pagoda"}]},
@@ -83,11 +126,20 @@ def fake_pod(instance: str, name: str, *, ready: bool, created: str, ip: str = "
 
 
 def pod_status(ready: bool, ip: str = "10.0.0.1") -> dict[str, Any]:
-    return {"phase": "Running", "podIP": ip,
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    return {
+        "phase": "Running",
+        "podIP": ip,
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+    }
 
 
 def posted_events(kube: Any, reason: str) -> list[dict[str, Any]]:
     """Events the operator posted with this reason (kopf POSTs them to the core events API)."""
-    return [r.data for r in list(kube) if r.method == kmock.method.POST and r.path.endswith("/events")
-            and isinstance(r.data, dict) and r.data.get("reason") == reason]
+    return [
+        r.data
+        for r in list(kube)
+        if r.method == kmock.method.POST
+        and r.url.path.endswith("/events")
+        and isinstance(r.data, dict)
+        and r.data.get("reason") == reason
+    ]

@@ -40,9 +40,15 @@ vllm:time_to_first_token_seconds_count{engine="0",model_name="Qwen/Qwen2.5-0.5B-
 vllm:time_to_first_token_seconds_sum{engine="0",model_name="Qwen/Qwen2.5-0.5B-Instruct"} 3.2
 """
 
-POLICY = AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=10, target_waiting_requests=4,
-                         target_kv_cache_usage=0.8, scale_up_stabilization_seconds=0,
-                         scale_down_stabilization_seconds=300)
+POLICY = AutoscalingSpec(
+    enabled=True,
+    min_replicas=1,
+    max_replicas=10,
+    target_waiting_requests=4,
+    target_kv_cache_usage=0.8,
+    scale_up_stabilization_seconds=0,
+    scale_down_stabilization_seconds=300,
+)
 
 
 def test_parses_a_vllm_metrics_page() -> None:
@@ -55,7 +61,9 @@ def test_parses_what_prometheus_client_exposes() -> None:
     waiting = Gauge("vllm:num_requests_waiting", "waiting", ["model_name"], registry=registry)
     kv_cache = Gauge("vllm:kv_cache_usage_perc", "kv", ["model_name"], registry=registry)
     Counter("vllm:prompt_tokens", "prompt tokens", ["model_name"], registry=registry).labels("a").inc(7)
-    Histogram("vllm:e2e_request_latency_seconds", "latency", ["model_name"], registry=registry).labels("a").observe(1)
+    Histogram("vllm:e2e_request_latency_seconds", "latency", ["model_name"], registry=registry).labels(
+        "a"
+    ).observe(1)
     waiting.labels("a").set(2)
     waiting.labels("b").set(1)
     kv_cache.labels("a").set(0.25)
@@ -73,26 +81,31 @@ def test_a_page_without_the_engine_gauges_is_an_error() -> None:
         parse_metrics("process_cpu_seconds_total 12.0\n")
 
 
-@pytest.mark.parametrize(("loads", "expected"), [
-    ([PodLoad(0, 0.0)], 1),  # idle: the minimum
-    ([PodLoad(9, 0.1)], 3),  # ceil(9 / 4) by the queue
-    ([PodLoad(0, 0.7), PodLoad(0, 0.9)], 2),  # ceil(1.6 / 0.8) by the KV cache, no float creep to 3
-    ([PodLoad(2, 0.9), PodLoad(2, 0.9), PodLoad(2, 0.9)], 4),  # ceil(2.7 / 0.8) beats ceil(6 / 4)
-    ([PodLoad(400, 1.0)], 10),  # clamped to the maximum
-])
+@pytest.mark.parametrize(
+    ("loads", "expected"),
+    [
+        ([PodLoad(0, 0.0)], 1),  # idle: the minimum
+        ([PodLoad(9, 0.1)], 3),  # ceil(9 / 4) by the queue
+        ([PodLoad(0, 0.7), PodLoad(0, 0.9)], 2),  # ceil(1.6 / 0.8) by the KV cache, no float creep to 3
+        ([PodLoad(2, 0.9), PodLoad(2, 0.9), PodLoad(2, 0.9)], 4),  # ceil(2.7 / 0.8) beats ceil(6 / 4)
+        ([PodLoad(400, 1.0)], 10),  # clamped to the maximum
+    ],
+)
 def test_recommendation(loads: list[PodLoad], expected: int) -> None:
     assert recommend_replicas(loads, POLICY) == expected
 
 
 def test_scales_up_at_once_when_every_serving_pod_is_ready() -> None:
-    decision = decide_scale(current=2, ready_serving=2, recommendation=5, policy=POLICY, window=ScalingWindow(),
-                            now=1000.0)
+    decision = decide_scale(
+        current=2, ready_serving=2, recommendation=5, policy=POLICY, window=ScalingWindow(), now=1000.0
+    )
     assert (decision.replicas, decision.reason) == (5, "ScaleUp")
 
 
 def test_never_scales_up_again_while_the_last_new_pods_are_not_ready() -> None:
-    decision = decide_scale(current=5, ready_serving=3, recommendation=8, policy=POLICY, window=ScalingWindow(),
-                            now=1000.0)
+    decision = decide_scale(
+        current=5, ready_serving=3, recommendation=8, policy=POLICY, window=ScalingWindow(), now=1000.0
+    )
     assert (decision.replicas, decision.reason) == (5, "WaitingForPods")
 
 

@@ -21,8 +21,13 @@ EXAMPLE_SPECS = {p.name: yaml.safe_load(p.read_text())["spec"] for p in sorted(E
 
 def all_manifests(name: str, raw_spec: dict[str, Any]) -> list[dict[str, Any]]:
     spec = parse_spec(raw_spec)
-    return [builders.build_deployment(name, NS, spec), builders.build_service(name, NS), builders.build_pdb(name, NS),
-            builders.build_hpa(name, NS, spec), builders.build_cache_pvc(name, NS, spec)]
+    return [
+        builders.build_deployment(name, NS, spec),
+        builders.build_service(name, NS),
+        builders.build_pdb(name, NS),
+        builders.build_hpa(name, NS, spec),
+        builders.build_cache_pvc(name, NS, spec),
+    ]
 
 
 def engine(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -53,13 +58,26 @@ def test_the_validator_catches_a_broken_manifest() -> None:
 
 
 def test_engine_runs_pagoda_serve_with_flags_from_the_spec() -> None:
-    spec = parse_spec({
-        "model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct", "revision": "v1.0", "servedModelName": "qwen"},
-        "engine": {"tensorParallelSize": 2, "maxModelLen": 8192, "quantization": "awq", "gpuMemoryUtilization": 0.85,
-                   "kvCacheMemory": "4Gi", "maxNumSeqs": 64, "shutdownTimeoutSeconds": 90,
-                   "extraArgs": ["--max-num-batched-tokens", "4096"]},
-        "resources": {"limits": {"nvidia.com/gpu": 2}},
-    })
+    spec = parse_spec(
+        {
+            "model": {
+                "source": "hf://Qwen/Qwen2.5-7B-Instruct",
+                "revision": "v1.0",
+                "servedModelName": "qwen",
+            },
+            "engine": {
+                "tensorParallelSize": 2,
+                "maxModelLen": 8192,
+                "quantization": "awq",
+                "gpuMemoryUtilization": 0.85,
+                "kvCacheMemory": "4Gi",
+                "maxNumSeqs": 64,
+                "shutdownTimeoutSeconds": 90,
+                "extraArgs": ["--max-num-batched-tokens", "4096"],
+            },
+            "resources": {"limits": {"nvidia.com/gpu": 2}},
+        }
+    )
     container = engine(builders.build_deployment("qwen", NS, spec))
     args = container["args"]
     assert container["command"] == ["pagoda", "serve"]
@@ -78,22 +96,32 @@ def test_engine_runs_pagoda_serve_with_flags_from_the_spec() -> None:
 
 
 def test_builtin_model_runs_pagoda_serve_without_a_model_argument_or_download() -> None:
-    deployment = builders.build_deployment("smol", NS, parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"}}))
+    deployment = builders.build_deployment(
+        "smol", NS, parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"}})
+    )
     args = engine(deployment)["args"]
     assert args[0] == "--host"
     assert flag(args, "--served-model-name") == "smol"  # defaults to the LLMDeployment's name
     assert "initContainers" not in deployment["spec"]["template"]["spec"]
 
 
-@pytest.mark.parametrize(("source", "revision"), [
-    ("hf://Qwen/Qwen2.5-0.5B-Instruct", "main"),
-    ("https://example.com/m/tiny.Q4_0.gguf", None),
-    ("s3://bucket/models/qwen", None),
-])
+@pytest.mark.parametrize(
+    ("source", "revision"),
+    [
+        ("hf://Qwen/Qwen2.5-0.5B-Instruct", "main"),
+        ("https://example.com/m/tiny.Q4_0.gguf", None),
+        ("s3://bucket/models/qwen", None),
+    ],
+)
 def test_downloaded_sources_get_a_fetch_init_container(source: str, revision: str | None) -> None:
     model = {"source": source, **({"revision": revision} if revision else {})}
     deployment = builders.build_deployment(
-        "m", NS, parse_spec({"model": model, "engine": {"image": "registry/pagoda:1", "env": [{"name": "X", "value": "1"}]}}))
+        "m",
+        NS,
+        parse_spec(
+            {"model": model, "engine": {"image": "registry/pagoda:1", "env": [{"name": "X", "value": "1"}]}}
+        ),
+    )
     (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
     assert init["image"] == "registry/pagoda:1" == engine(deployment)["image"]
     assert init["command"][:3] == ["pagoda-fetch", "--source", source]
@@ -105,10 +133,15 @@ def test_downloaded_sources_get_a_fetch_init_container(source: str, revision: st
 
 
 def test_pvc_source_mounts_the_claim_read_only_where_the_fetcher_layout_expects_it() -> None:
-    deployment = builders.build_deployment("m", NS, parse_spec({"model": {"source": "pvc://weights/llama/8b"}}))
+    deployment = builders.build_deployment(
+        "m", NS, parse_spec({"model": {"source": "pvc://weights/llama/8b"}})
+    )
     pod = deployment["spec"]["template"]["spec"]
     assert "initContainers" not in pod
-    assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in pod["volumes"]
+    assert {
+        "name": "model-source",
+        "persistentVolumeClaim": {"claimName": "weights", "readOnly": True},
+    } in pod["volumes"]
     mount = next(m for m in engine(deployment)["volumeMounts"] if m["name"] == "model-source")
     assert engine(deployment)["args"][0] == local_model_path("pvc://weights/llama/8b", None, "/models")
     assert engine(deployment)["args"][0].startswith(mount["mountPath"] + "/")
@@ -116,7 +149,9 @@ def test_pvc_source_mounts_the_claim_read_only_where_the_fetcher_layout_expects_
 
 
 def test_pods_are_pre_warmed_and_drain_gracefully() -> None:
-    spec = parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"}, "engine": {"shutdownTimeoutSeconds": 45}})
+    spec = parse_spec(
+        {"model": {"source": "builtin://smollm2-135m-instruct"}, "engine": {"shutdownTimeoutSeconds": 45}}
+    )
     deployment = builders.build_deployment("m", NS, spec)
     pod = deployment["spec"]["template"]["spec"]
     container = engine(deployment)
@@ -132,8 +167,13 @@ def test_pods_are_pre_warmed_and_drain_gracefully() -> None:
 
 
 def test_pods_run_non_root_on_a_read_only_root_filesystem() -> None:
-    spec = parse_spec({"model": {"source": "hf://org/model"}, "engine": {"tensorParallelSize": 2},
-                       "resources": {"limits": {"nvidia.com/gpu": 2}}})
+    spec = parse_spec(
+        {
+            "model": {"source": "hf://org/model"},
+            "engine": {"tensorParallelSize": 2},
+            "resources": {"limits": {"nvidia.com/gpu": 2}},
+        }
+    )
     deployment = builders.build_deployment("m", NS, spec)
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -151,7 +191,9 @@ def test_no_shared_memory_volume_without_tensor_parallelism() -> None:
 
 
 def test_warm_pool_pods_start_outside_the_service_and_the_selector_ignores_the_serving_label() -> None:
-    spec = parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"}, "replicas": 3, "warmPool": {"size": 2}})
+    spec = parse_spec(
+        {"model": {"source": "builtin://smollm2-135m-instruct"}, "replicas": 3, "warmPool": {"size": 2}}
+    )
     deployment = builders.build_deployment("m", NS, spec)
     assert deployment["spec"]["replicas"] == 5
     selector = deployment["spec"]["selector"]["matchLabels"]
@@ -168,24 +210,44 @@ def test_warm_pool_pods_start_outside_the_service_and_the_selector_ignores_the_s
 def test_service_selects_only_serving_pods_on_port_8000() -> None:
     service = builders.build_service("qwen", NS)
     assert service["metadata"]["name"] == "qwen"
-    assert service["spec"]["selector"] == {labels.NAME: "pagoda", labels.INSTANCE: "qwen", labels.SERVING: "true"}
+    assert service["spec"]["selector"] == {
+        labels.NAME: "pagoda",
+        labels.INSTANCE: "qwen",
+        labels.SERVING: "true",
+    }
     (port,) = service["spec"]["ports"]
     assert port["port"] == 8000 and port["targetPort"] == "http"
     assert builders.endpoint_url("qwen", NS) == "http://qwen.ml.svc.cluster.local:8000/v1"
 
 
 def test_hpa_scales_the_llmdeployment_on_the_adapter_metrics() -> None:
-    spec = parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"},
-                       "autoscaling": {"enabled": True, "mode": "hpa", "minReplicas": 2, "maxReplicas": 9,
-                                       "targetWaitingRequests": 2.5, "targetKVCacheUsage": 0.75,
-                                       "scaleDownStabilizationSeconds": 120}})
+    spec = parse_spec(
+        {
+            "model": {"source": "builtin://smollm2-135m-instruct"},
+            "autoscaling": {
+                "enabled": True,
+                "mode": "hpa",
+                "minReplicas": 2,
+                "maxReplicas": 9,
+                "targetWaitingRequests": 2.5,
+                "targetKVCacheUsage": 0.75,
+                "scaleDownStabilizationSeconds": 120,
+            },
+        }
+    )
     hpa = builders.build_hpa("m", NS, spec)["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "pagoda.dev/v1alpha1", "kind": "LLMDeployment", "name": "m"}
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "pagoda.dev/v1alpha1",
+        "kind": "LLMDeployment",
+        "name": "m",
+    }
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 9)
     targets = {m["pods"]["metric"]["name"]: m["pods"]["target"] for m in hpa["metrics"]}
     assert all(m["type"] == "Pods" for m in hpa["metrics"])
-    assert targets == {"vllm_num_requests_waiting": {"type": "AverageValue", "averageValue": "2500m"},
-                       "vllm_kv_cache_usage_perc": {"type": "AverageValue", "averageValue": "750m"}}
+    assert targets == {
+        "vllm_num_requests_waiting": {"type": "AverageValue", "averageValue": "2500m"},
+        "vllm_kv_cache_usage_perc": {"type": "AverageValue", "averageValue": "750m"},
+    }
     assert hpa["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
     assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 120
 
@@ -202,20 +264,36 @@ def test_pdb_covers_all_engine_pods_one_at_a_time() -> None:
 
 
 def test_api_key_comes_from_the_secret_never_the_pod_spec() -> None:
-    spec = parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"},
-                       "apiKeySecretRef": {"name": "keys"}})
+    spec = parse_spec(
+        {"model": {"source": "builtin://smollm2-135m-instruct"}, "apiKeySecretRef": {"name": "keys"}}
+    )
     container = engine(builders.build_deployment("m", NS, spec))
-    assert {"name": "PAGODA_API_KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api-key"}}} in container["env"]
+    assert {
+        "name": "PAGODA_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api-key"}},
+    } in container["env"]
     assert "--api-key" not in container["args"]
 
 
 def test_cache_pvc_and_its_mount() -> None:
-    spec = parse_spec({"model": {"source": "hf://org/model"},
-                       "cache": {"enabled": True, "size": "80Gi", "storageClassName": "fast", "accessMode": "ReadWriteOnce"}})
+    spec = parse_spec(
+        {
+            "model": {"source": "hf://org/model"},
+            "cache": {
+                "enabled": True,
+                "size": "80Gi",
+                "storageClassName": "fast",
+                "accessMode": "ReadWriteOnce",
+            },
+        }
+    )
     pvc = builders.build_cache_pvc("m", NS, spec)
     assert pvc["metadata"]["name"] == "m-model-cache"
-    assert pvc["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "80Gi"}},
-                           "storageClassName": "fast"}
+    assert pvc["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "80Gi"}},
+        "storageClassName": "fast",
+    }
     volumes = builders.build_deployment("m", NS, spec)["spec"]["template"]["spec"]["volumes"]
     assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "m-model-cache"}} in volumes
 
@@ -226,5 +304,10 @@ def test_placement_is_passed_through() -> None:
     assert pod["nodeSelector"] == raw["nodeSelector"]
     assert pod["tolerations"] == raw["tolerations"]
     assert pod["affinity"] == raw["affinity"]
-    spec = parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"}, "priorityClassName": "llm-high"})
-    assert builders.build_deployment("m", NS, spec)["spec"]["template"]["spec"]["priorityClassName"] == "llm-high"
+    spec = parse_spec(
+        {"model": {"source": "builtin://smollm2-135m-instruct"}, "priorityClassName": "llm-high"}
+    )
+    assert (
+        builders.build_deployment("m", NS, spec)["spec"]["template"]["spec"]["priorityClassName"]
+        == "llm-high"
+    )

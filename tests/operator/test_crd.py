@@ -12,11 +12,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import celpy
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from llmd_testkit import EXAMPLES_DIR, crd_schema, load_crd
+from llmd_testkit import EXAMPLES_DIR, crd_schema, load_crd, schema_errors
 
 from pagoda_operator.spec import parse_spec
 
@@ -26,11 +25,6 @@ EXAMPLES = sorted(EXAMPLES_DIR.glob("llmdeployment*.yaml"))
 
 def load_example(path: Any) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
-
-
-def schema_errors(doc: dict[str, Any]) -> list[str]:
-    validator = jsonschema.Draft4Validator(crd_schema())
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
 
 
 def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
@@ -72,8 +66,12 @@ def cel_failures(doc: dict[str, Any]) -> list[str]:
 
 
 def custom_resource(spec: dict[str, Any], name: str = "demo") -> dict[str, Any]:
-    return {"apiVersion": "pagoda.dev/v1alpha1", "kind": "LLMDeployment",
-            "metadata": {"name": name, "namespace": "ml"}, "spec": spec}
+    return {
+        "apiVersion": "pagoda.dev/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name, "namespace": "ml"},
+        "spec": spec,
+    }
 
 
 BUILTIN = {"source": "builtin://smollm2-135m-instruct"}
@@ -94,10 +92,18 @@ def test_crd_names_and_subresources_follow_the_contract() -> None:
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert version["subresources"]["status"] == {}
-    assert version["subresources"]["scale"] == {"specReplicasPath": ".spec.replicas",
-                                                "statusReplicasPath": ".status.replicas",
-                                                "labelSelectorPath": ".status.selector"}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Model", "Ready", "Warm", "Endpoint", "Age"]
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Model",
+        "Ready",
+        "Warm",
+        "Endpoint",
+        "Age",
+    ]
 
 
 def schema_at(path: str) -> dict[str, Any]:
@@ -147,52 +153,68 @@ def test_examples_cover_cpu_gpu_and_autoscaling() -> None:
     assert specs["llmdeployment-autoscaling.yaml"]["autoscaling"]["enabled"] is True
 
 
-@pytest.mark.parametrize(("spec", "fragment"), [
-    ({"model": BUILTIN, "replicas": "two"}, "replicas: 'two' is not of type 'integer'"),
-    ({"model": BUILTIN, "replicas": -1}, "replicas: -1 is less than the minimum of 0"),
-    ({"model": BUILTIN, "engine": {"gpuMemoryUtilization": 1.5}}, "1.5 is greater than the maximum of 1"),
-    ({"model": BUILTIN, "engine": {"gpuMemoryUtilization": 0}}, "less than or equal to the minimum of 0"),
-    ({"model": BUILTIN, "engine": {"tensorParallelSize": 0}}, "0 is less than the minimum of 1"),
-    ({"model": BUILTIN, "engine": {"kvCacheMemory": "lots"}}, "does not match"),
-    ({"model": BUILTIN, "autoscaling": {"mode": "keda"}}, "'keda' is not one of ['hpa', 'builtin']"),
-    ({"model": BUILTIN, "autoscaling": {"targetKVCacheUsage": 2}}, "2 is greater than the maximum of 1"),
-    ({"model": BUILTIN, "warmPool": {"size": 1.5}}, "1.5 is not of type 'integer'"),
-    ({"model": BUILTIN, "apiKeySecretRef": {"key": "k"}}, "'name' is a required property"),
-    ({"model": {}}, "'source' is a required property"),
-    ({}, "'model' is a required property"),
-])
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"model": BUILTIN, "replicas": "two"}, "replicas: 'two' is not of type 'integer'"),
+        ({"model": BUILTIN, "replicas": -1}, "replicas: -1 is less than the minimum of 0"),
+        ({"model": BUILTIN, "engine": {"gpuMemoryUtilization": 1.5}}, "1.5 is greater than the maximum of 1"),
+        ({"model": BUILTIN, "engine": {"gpuMemoryUtilization": 0}}, "less than or equal to the minimum of 0"),
+        ({"model": BUILTIN, "engine": {"tensorParallelSize": 0}}, "0 is less than the minimum of 1"),
+        ({"model": BUILTIN, "engine": {"kvCacheMemory": "lots"}}, "does not match"),
+        ({"model": BUILTIN, "autoscaling": {"mode": "keda"}}, "'keda' is not one of ['hpa', 'builtin']"),
+        ({"model": BUILTIN, "autoscaling": {"targetKVCacheUsage": 2}}, "2 is greater than the maximum of 1"),
+        ({"model": BUILTIN, "warmPool": {"size": 1.5}}, "1.5 is not of type 'integer'"),
+        ({"model": BUILTIN, "apiKeySecretRef": {"key": "k"}}, "'name' is a required property"),
+        ({"model": {}}, "'source' is a required property"),
+        ({}, "'model' is a required property"),
+        ({"model": BUILTIN, "warmpool": {"size": 1}}, ".spec.warmpool: not declared in the CRD"),
+    ],
+)
 def test_schema_rejects_wrong_types_and_out_of_range_values(spec: dict[str, Any], fragment: str) -> None:
     errors = schema_errors(custom_resource(spec))
     assert any(fragment in e for e in errors), errors
 
 
-@pytest.mark.parametrize("source", [
-    "builtin://smollm2-135m-instruct",
-    "hf://Qwen/Qwen2.5-0.5B-Instruct",
-    "hf://HuggingFaceTB/SmolLM2-135M-Instruct",
-    "pvc://models/llama/8b",
-    "s3://my-bucket/models/qwen",
-    "https://example.com/models/tiny.Q4_K_M.gguf",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "builtin://smollm2-135m-instruct",
+        "hf://Qwen/Qwen2.5-0.5B-Instruct",
+        "hf://HuggingFaceTB/SmolLM2-135M-Instruct",
+        "pvc://models/llama/8b",
+        "s3://my-bucket/models/qwen",
+        "https://example.com/models/tiny.Q4_K_M.gguf",
+    ],
+)
 def test_cel_accepts_every_supported_model_source(source: str) -> None:
     assert cel_failures(custom_resource({"model": {"source": source}})) == []
 
 
-@pytest.mark.parametrize(("spec", "message_start"), [
-    ({"model": {"source": "ftp://host/model"}}, "model.source must start with"),
-    ({"model": {"source": "hf://just-a-name"}}, "an hf:// source names"),
-    ({"model": {"source": "hf://org/name/extra"}}, "an hf:// source names"),
-    ({"model": {"source": "pvc://Bad_Claim/x"}}, "a pvc:// source names"),
-    ({"model": {"source": "pvc://claim"}}, "a pvc:// source names"),
-    ({"model": {"source": "s3://bucket"}}, "an s3:// source names"),
-    ({"model": {"source": "https://example.com/model.safetensors"}}, "an https:// source must point"),
-    ({"model": {"source": "builtin://llama-70b"}}, "the only builtin model"),
-    ({"model": {"source": "pvc://models/x", "revision": "v1"}}, "model.revision applies"),
-    ({"model": BUILTIN, "autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "autoscaling.minReplicas must be"),
-    ({"model": BUILTIN, "autoscaling": {"minReplicas": 5}}, "autoscaling.minReplicas must be"),  # default max 4
-    ({"model": BUILTIN, "engine": {"extraArgs": ["--port=9000"]}}, "engine.extraArgs must not"),
-    ({"model": BUILTIN, "engine": {"extraArgs": ["--api-key", "secret"]}}, "engine.extraArgs must not"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message_start"),
+    [
+        ({"model": {"source": "ftp://host/model"}}, "model.source must start with"),
+        ({"model": {"source": "hf://just-a-name"}}, "an hf:// source names"),
+        ({"model": {"source": "hf://org/name/extra"}}, "an hf:// source names"),
+        ({"model": {"source": "pvc://Bad_Claim/x"}}, "a pvc:// source names"),
+        ({"model": {"source": "pvc://claim"}}, "a pvc:// source names"),
+        ({"model": {"source": "s3://bucket"}}, "an s3:// source names"),
+        ({"model": {"source": "https://example.com/model.safetensors"}}, "an https:// source must point"),
+        ({"model": {"source": "builtin://llama-70b"}}, "the only builtin model"),
+        ({"model": {"source": "pvc://models/x", "revision": "v1"}}, "model.revision applies"),
+        (
+            {"model": BUILTIN, "autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
+            "autoscaling.minReplicas must be",
+        ),
+        (
+            {"model": BUILTIN, "autoscaling": {"minReplicas": 5}},
+            "autoscaling.minReplicas must be",
+        ),  # default max 4
+        ({"model": BUILTIN, "engine": {"extraArgs": ["--port=9000"]}}, "engine.extraArgs must not"),
+        ({"model": BUILTIN, "engine": {"extraArgs": ["--api-key", "secret"]}}, "engine.extraArgs must not"),
+    ],
+)
 def test_cel_rules_reject_specs_the_operator_cannot_serve(spec: dict[str, Any], message_start: str) -> None:
     failures = cel_failures(custom_resource(spec))
     assert any(f.startswith(message_start) for f in failures), failures
@@ -211,6 +233,13 @@ def test_operator_defaults_match_the_crd_defaults() -> None:
     assert parse_spec(defaulted) == parse_spec({"model": BUILTIN})
     # and the defaulted spec really holds a value for each defaulted knob
     assert defaulted["engine"]["gpuMemoryUtilization"] == 0.9
-    assert defaulted["autoscaling"] == {"enabled": False, "mode": "builtin", "minReplicas": 1, "maxReplicas": 4,
-                                        "targetWaitingRequests": 4, "targetKVCacheUsage": 0.8,
-                                        "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 300}
+    assert defaulted["autoscaling"] == {
+        "enabled": False,
+        "mode": "builtin",
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "targetWaitingRequests": 4,
+        "targetKVCacheUsage": 0.8,
+        "scaleUpStabilizationSeconds": 0,
+        "scaleDownStabilizationSeconds": 300,
+    }

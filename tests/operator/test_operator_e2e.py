@@ -7,6 +7,8 @@ kmock runs no controllers: the tests create the pods a Deployment would create a
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +27,7 @@ from llmd_testkit import (
     llmd_object,
     pod_status,
     posted_events,
+    schema_errors,
     wait_for,
 )
 
@@ -36,14 +39,16 @@ SERVICES = "v1/services"
 PDBS = "policy/v1/poddisruptionbudgets"
 HPAS = "autoscaling/v2/horizontalpodautoscalers"
 PODS = "v1/pods"
+PVCS = "v1/persistentvolumeclaims"
 SERVING = "pagoda.dev/serving"
 
 
 def obj(kube: kmock.KubernetesEmulator, resource: str, name: str) -> dict[str, Any] | None:
-    key = (resource, NAMESPACE, name)
-    if key not in kube.objects or kube.objects[key].deleted:
+    try:
+        stored = kube.objects[resource, NAMESPACE, name]
+    except KeyError:
         return None
-    return kube.objects[key].raw
+    return None if stored.deleted else stored.raw
 
 
 def status(kube: kmock.KubernetesEmulator, name: str) -> dict[str, Any]:
@@ -55,7 +60,11 @@ def condition(kube: kmock.KubernetesEmulator, name: str, type_: str) -> dict[str
 
 
 def serving_pods(kube: kmock.KubernetesEmulator, names: list[str]) -> set[str]:
-    return {n for n in names if ((obj(kube, PODS, n) or {}).get("metadata", {}).get("labels") or {}).get(SERVING) == "true"}
+    return {
+        n
+        for n in names
+        if ((obj(kube, PODS, n) or {}).get("metadata", {}).get("labels") or {}).get(SERVING) == "true"
+    }
 
 
 async def create_llmd(kube: kmock.KubernetesEmulator, name: str, spec: dict[str, Any]) -> None:
@@ -66,49 +75,67 @@ async def create_pods(kube: kmock.KubernetesEmulator, instance: str, count: int,
     names = []
     for i in range(count):
         name = f"{instance}-pod-{i}"
-        await api_call(kube, "POST", api_path("pods"),
-                       fake_pod(instance, name, created=f"2026-01-01T00:00:{i:02d}Z", **kwargs))
+        await api_call(
+            kube,
+            "POST",
+            api_path("pods"),
+            fake_pod(instance, name, created=f"2026-01-01T00:00:{i:02d}Z", **kwargs),
+        )
         names.append(name)
     return names
 
 
 async def test_creates_owned_children_and_reports_status(operator: kmock.KubernetesEmulator) -> None:
     kube = operator
-    await create_llmd(kube, "demo", {"model": BUILTIN, "warmPool": {"size": 1}})
+    await create_llmd(kube, "demo", {"model": BUILTIN, "warmPool": {"size": 1}, "cache": {"enabled": True}})
     deployment = await wait_for(lambda: obj(kube, DEPLOYMENTS, "demo"))
     service = await wait_for(lambda: obj(kube, SERVICES, "demo"))
     pdb = await wait_for(lambda: obj(kube, PDBS, "demo"))
-    for child in (deployment, service, pdb):
+    pvc = await wait_for(lambda: obj(kube, PVCS, "demo-model-cache"))
+    for child in (deployment, service, pdb, pvc):
         (owner,) = child["metadata"]["ownerReferences"]
-        assert owner == {"apiVersion": "pagoda.dev/v1alpha1", "kind": "LLMDeployment", "name": "demo",
-                         "uid": "uid-demo", "controller": True, "blockOwnerDeletion": True}
+        assert owner == {
+            "apiVersion": "pagoda.dev/v1alpha1",
+            "kind": "LLMDeployment",
+            "name": "demo",
+            "uid": "uid-demo",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
         kubernetes_validate.validate(child, "1.32.0", strict=True)  # what was applied, after adoption
     assert deployment["spec"]["replicas"] == 2  # 1 serving + 1 warm
     assert service["spec"]["selector"][SERVING] == "true"
     assert obj(kube, HPAS, "demo") is None
     current = await wait_for(lambda: status(kube, "demo").get("endpoint") and status(kube, "demo"))
     assert current["endpoint"] == "http://demo.ml.svc.cluster.local:8000/v1"
-    assert current["selector"] == "app.kubernetes.io/instance=demo,app.kubernetes.io/name=pagoda,pagoda.dev/serving=true"
+    assert (
+        current["selector"]
+        == "app.kubernetes.io/instance=demo,app.kubernetes.io/name=pagoda,pagoda.dev/serving=true"
+    )
     assert current["observedGeneration"] == 1
     assert condition(kube, "demo", "Ready")["status"] == "False"  # no pod is ready yet
     assert condition(kube, "demo", "Degraded")["status"] == "False"
     assert condition(kube, "demo", "ScalingActive")["reason"] == "AutoscalingDisabled"
-    assert posted_events(kube, "Created")
+    await wait_for(lambda: posted_events(kube, "Created"))
 
 
 async def test_spec_change_rolls_out_and_the_scale_subresource_drives_the_deployment(
-        operator: kmock.KubernetesEmulator) -> None:
+    operator: kmock.KubernetesEmulator,
+) -> None:
     kube = operator
     await create_llmd(kube, "roll", {"model": BUILTIN, "warmPool": {"size": 1}})
     await wait_for(lambda: obj(kube, DEPLOYMENTS, "roll"))
 
-    await api_call(kube, "PATCH", api_path("llmdeployments", "roll"), {"spec": {"engine": {"maxModelLen": 4096}}})
+    await api_call(
+        kube, "PATCH", api_path("llmdeployments", "roll"), {"spec": {"engine": {"maxModelLen": 4096}}}
+    )
 
     def engine_args() -> list[str]:
         return obj(kube, DEPLOYMENTS, "roll")["spec"]["template"]["spec"]["containers"][0]["args"]
+
     await wait_for(lambda: "--max-model-len" in engine_args())
     assert engine_args()[engine_args().index("--max-model-len") + 1] == "4096"
-    assert posted_events(kube, "Updated")
+    await wait_for(lambda: posted_events(kube, "Updated"))
 
     # `kubectl scale llmd roll --replicas=3` / an HPA write the scale subresource.
     await api_call(kube, "PATCH", api_path("llmdeployments", "roll", "scale"), {"spec": {"replicas": 3}})
@@ -130,8 +157,11 @@ async def test_invalid_spec_sets_degraded_once_and_recovers(operator: kmock.Kube
     kube = operator
     # tensorParallelSize 2 without GPUs: the schema cannot see it, the operator can.
     await create_llmd(kube, "bad", {"model": BUILTIN, "engine": {"tensorParallelSize": 2}})
-    degraded = await wait_for(lambda: condition(kube, "bad", "Degraded").get("status") == "True"
-                              and condition(kube, "bad", "Degraded"))
+    degraded = await wait_for(
+        lambda: (
+            condition(kube, "bad", "Degraded").get("status") == "True" and condition(kube, "bad", "Degraded")
+        )
+    )
     assert degraded["reason"] == "InvalidSpec"
     assert "tensorParallelSize is 2, but each pod gets 0 GPU(s)" in degraded["message"]
     assert obj(kube, DEPLOYMENTS, "bad") is None
@@ -139,23 +169,30 @@ async def test_invalid_spec_sets_degraded_once_and_recovers(operator: kmock.Kube
     assert len(posted_events(kube, "InvalidSpec")) == 1
     assert obj(kube, DEPLOYMENTS, "bad") is None
 
-    await api_call(kube, "PATCH", api_path("llmdeployments", "bad"), {"spec": {"engine": {"tensorParallelSize": 1}}})
+    await api_call(
+        kube, "PATCH", api_path("llmdeployments", "bad"), {"spec": {"engine": {"tensorParallelSize": 1}}}
+    )
     await wait_for(lambda: obj(kube, DEPLOYMENTS, "bad"))
     await wait_for(lambda: condition(kube, "bad", "Degraded").get("status") == "False")
 
 
 async def test_hpa_follows_the_autoscaling_mode(operator: kmock.KubernetesEmulator) -> None:
     kube = operator
-    await create_llmd(kube, "auto", {"model": BUILTIN, "autoscaling": {"enabled": True, "mode": "hpa",
-                                                                      "maxReplicas": 6}})
+    await create_llmd(
+        kube, "auto", {"model": BUILTIN, "autoscaling": {"enabled": True, "mode": "hpa", "maxReplicas": 6}}
+    )
     hpa = await wait_for(lambda: obj(kube, HPAS, "auto"))
     assert hpa["spec"]["scaleTargetRef"]["kind"] == "LLMDeployment" and hpa["spec"]["maxReplicas"] == 6
     assert hpa["metadata"]["ownerReferences"][0]["uid"] == "uid-auto"
-    await wait_for(lambda: condition(kube, "auto", "ScalingActive").get("reason") == "HorizontalPodAutoscaler")
+    await wait_for(
+        lambda: condition(kube, "auto", "ScalingActive").get("reason") == "HorizontalPodAutoscaler"
+    )
 
-    await api_call(kube, "PATCH", api_path("llmdeployments", "auto"), {"spec": {"autoscaling": {"mode": "builtin"}}})
+    await api_call(
+        kube, "PATCH", api_path("llmdeployments", "auto"), {"spec": {"autoscaling": {"mode": "builtin"}}}
+    )
     await wait_for(lambda: obj(kube, HPAS, "auto") is None)
-    assert posted_events(kube, "Deleted")
+    await wait_for(lambda: posted_events(kube, "Deleted"))
 
 
 async def test_warm_pool_promotion_and_demotion(operator: kmock.KubernetesEmulator) -> None:
@@ -168,8 +205,10 @@ async def test_warm_pool_promotion_and_demotion(operator: kmock.KubernetesEmulat
     await wait_for(lambda: status(kube, "pool").get("warmReplicas") == 1)
     assert status(kube, "pool")["readySummary"] == "1/1"
     await wait_for(lambda: condition(kube, "pool", "Ready").get("status") == "True")
-    costs = {n: obj(kube, PODS, n)["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"]
-             for n in pods}
+    costs = {
+        n: obj(kube, PODS, n)["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"]
+        for n in pods
+    }
     assert int(costs[pods[0]]) > int(costs[pods[1]])
 
     # Scale up: the warm pod joins the Service by a label flip, and the pool is refilled behind it.
@@ -178,9 +217,9 @@ async def test_warm_pool_promotion_and_demotion(operator: kmock.KubernetesEmulat
     await wait_for(lambda: serving_pods(kube, pods) == set(pods), interval=0.01)
     promotion_seconds = time.perf_counter() - started
     print(f"\nwarm-pool promotion took {promotion_seconds * 1000:.0f} ms")
-    assert promotion_seconds < 2.0
+    assert promotion_seconds < 5.0  # a label flip, not a cold start (which takes minutes)
     await wait_for(lambda: obj(kube, DEPLOYMENTS, "pool")["spec"]["replicas"] == 3)
-    assert posted_events(kube, "Promoted")
+    await wait_for(lambda: posted_events(kube, "Promoted"))
 
     # A serving pod turns unready: it leaves the Service, a freshly loaded warm pod takes its place.
     (spare,) = await create_pods_named(kube, "pool", ["pool-pod-9"])
@@ -193,13 +232,17 @@ async def test_warm_pool_promotion_and_demotion(operator: kmock.KubernetesEmulat
     await api_call(kube, "PATCH", api_path("llmdeployments", "pool", "scale"), {"spec": {"replicas": 1}})
     await wait_for(lambda: len(serving_pods(kube, pods + [spare])) == 1)
     await wait_for(lambda: obj(kube, DEPLOYMENTS, "pool")["spec"]["replicas"] == 2)
-    assert posted_events(kube, "Demoted")
+    await wait_for(lambda: posted_events(kube, "Demoted"))
 
 
 async def create_pods_named(kube: kmock.KubernetesEmulator, instance: str, names: list[str]) -> list[str]:
     for name in names:
-        await api_call(kube, "POST", api_path("pods"), fake_pod(instance, name, ready=True,
-                                                                created="2026-01-01T00:01:00Z"))
+        await api_call(
+            kube,
+            "POST",
+            api_path("pods"),
+            fake_pod(instance, name, ready=True, created="2026-01-01T00:01:00Z"),
+        )
     return names
 
 
@@ -213,11 +256,14 @@ class FakeEngineMetrics:
 
     async def handle(self, request: web.Request) -> web.Response:
         self.scrapes += 1
-        return web.Response(text=(
-            "# TYPE vllm:num_requests_waiting gauge\n"
-            f'vllm:num_requests_waiting{{model_name="auto"}} {self.waiting}\n'
-            "# TYPE vllm:kv_cache_usage_perc gauge\n"
-            f'vllm:kv_cache_usage_perc{{model_name="auto"}} {self.kv_cache_usage}\n'))
+        return web.Response(
+            text=(
+                "# TYPE vllm:num_requests_waiting gauge\n"
+                f'vllm:num_requests_waiting{{model_name="auto"}} {self.waiting}\n'
+                "# TYPE vllm:kv_cache_usage_perc gauge\n"
+                f'vllm:kv_cache_usage_perc{{model_name="auto"}} {self.kv_cache_usage}\n'
+            )
+        )
 
 
 @pytest_asyncio.fixture()
@@ -235,12 +281,27 @@ async def engine_metrics() -> AsyncIterator[tuple[FakeEngineMetrics, int]]:
 
 
 async def test_builtin_autoscaler_scales_on_scraped_metrics(
-        operator: kmock.KubernetesEmulator, engine_metrics: tuple[FakeEngineMetrics, int]) -> None:
+    operator: kmock.KubernetesEmulator, engine_metrics: tuple[FakeEngineMetrics, int]
+) -> None:
     kube = operator
     metrics, port = engine_metrics
-    await create_llmd(kube, "auto", {"model": BUILTIN, "replicas": 1, "autoscaling": {
-        "enabled": True, "mode": "builtin", "minReplicas": 1, "maxReplicas": 4, "targetWaitingRequests": 4,
-        "targetKVCacheUsage": 0.8, "scaleDownStabilizationSeconds": 2}})
+    await create_llmd(
+        kube,
+        "auto",
+        {
+            "model": BUILTIN,
+            "replicas": 1,
+            "autoscaling": {
+                "enabled": True,
+                "mode": "builtin",
+                "minReplicas": 1,
+                "maxReplicas": 4,
+                "targetWaitingRequests": 4,
+                "targetKVCacheUsage": 0.8,
+                "scaleDownStabilizationSeconds": 2,
+            },
+        },
+    )
     pods = await create_pods(kube, "auto", 1, ready=True, ip="127.0.0.1", metrics_port=port)
     await wait_for(lambda: serving_pods(kube, pods) == set(pods))
 
@@ -248,7 +309,7 @@ async def test_builtin_autoscaler_scales_on_scraped_metrics(
     metrics.waiting = 10
     await wait_for(lambda: obj(kube, LLMD_RESOURCE, "auto")["spec"]["replicas"] == 3)
     await wait_for(lambda: obj(kube, DEPLOYMENTS, "auto")["spec"]["replicas"] == 3)
-    assert posted_events(kube, "ScaledUp")
+    await wait_for(lambda: posted_events(kube, "ScaledUp"))
 
     # More load, but the two new pods are not ready: no second scale-up on top of pending pods.
     metrics.waiting = 20
@@ -261,8 +322,15 @@ async def test_builtin_autoscaler_scales_on_scraped_metrics(
     # The new pods turn ready and are promoted; now the queue (3 x 20 waiting) asks for the maximum.
     pods += await create_pods_named(kube, "auto", ["auto-pod-7", "auto-pod-8"])
     for name in pods[1:]:
-        await api_call(kube, "PATCH", api_path("pods", name), {
-            "metadata": {"annotations": {"prometheus.io/port": str(port)}}, "status": pod_status(True, "127.0.0.1")})
+        await api_call(
+            kube,
+            "PATCH",
+            api_path("pods", name),
+            {
+                "metadata": {"annotations": {"prometheus.io/port": str(port)}},
+                "status": pod_status(True, "127.0.0.1"),
+            },
+        )
     await wait_for(lambda: obj(kube, LLMD_RESOURCE, "auto")["spec"]["replicas"] == 4)
 
     # The queue drains: it scales down to the minimum, but only after the 2 s window.
@@ -271,4 +339,36 @@ async def test_builtin_autoscaler_scales_on_scraped_metrics(
     await wait_for(lambda: obj(kube, LLMD_RESOURCE, "auto")["spec"]["replicas"] == 1, timeout=15)
     assert time.monotonic() - drained >= 2.0
     await wait_for(lambda: len(serving_pods(kube, pods)) == 1)
-    assert posted_events(kube, "ScaledDown")
+    await wait_for(lambda: posted_events(kube, "ScaledDown"))
+    # Everything the operator wrote into the status is declared in the CRD (a real server would prune it).
+    assert status(kube, "auto")["autoscaler"]["lastScaleTime"]
+    assert schema_errors(obj(kube, LLMD_RESOURCE, "auto")) == []
+
+
+async def test_kopf_run_cli_serves_the_package(kube: kmock.KubernetesEmulator) -> None:
+    """What the chart's container runs: `kopf run -m pagoda_operator --all-namespaces --standalone`."""
+    await create_llmd(kube, "cli", {"model": BUILTIN})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kopf",
+        "run",
+        "-m",
+        "pagoda_operator",
+        "--all-namespaces",
+        "--standalone",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        deployment = await wait_for(lambda: obj(kube, DEPLOYMENTS, "cli"), timeout=30)
+        assert deployment["metadata"]["ownerReferences"][0]["uid"] == "uid-cli"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout=15)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+    stderr = (await process.stderr.read()).decode() if process.stderr else ""
+    assert "[ERROR" not in stderr and "[CRITICAL" not in stderr, stderr[-3000:]

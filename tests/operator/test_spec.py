@@ -12,11 +12,22 @@ from pagoda_operator.spec import InvalidSpecError, parse_quantity, parse_spec
 BUILTIN = {"source": "builtin://smollm2-135m-instruct"}
 
 
-@pytest.mark.parametrize(("quantity", "expected"), [
-    # Values from the Kubernetes resource.Quantity documentation.
-    ("4Gi", 4 * 2**30), ("1G", 10**9), ("500M", 5 * 10**8), ("128974848", 128974848), ("129e6", 129 * 10**6),
-    ("123Mi", 123 * 2**20), ("1.5Gi", 3 * 2**29), ("100m", Decimal("0.1")), (1073741824, 2**30), ("1Ki", 1024),
-])
+@pytest.mark.parametrize(
+    ("quantity", "expected"),
+    [
+        # Values from the Kubernetes resource.Quantity documentation.
+        ("4Gi", 4 * 2**30),
+        ("1G", 10**9),
+        ("500M", 5 * 10**8),
+        ("128974848", 128974848),
+        ("129e6", 129 * 10**6),
+        ("123Mi", 123 * 2**20),
+        ("1.5Gi", 3 * 2**29),
+        ("100m", Decimal("0.1")),
+        (1073741824, 2**30),
+        ("1Ki", 1024),
+    ],
+)
 def test_quantities(quantity: str | int, expected: int | Decimal) -> None:
     assert parse_quantity(quantity) == expected
 
@@ -35,20 +46,35 @@ def test_defaults() -> None:
     assert not spec.cache.enabled and spec.api_key_secret_ref is None
 
 
-@pytest.mark.parametrize(("raw", "message"), [
-    ({"model": BUILTIN, "engine": {"tensorParallelSize": 4}, "resources": {"limits": {"nvidia.com/gpu": 2}}},
-     "tensorParallelSize is 4, but each pod gets 2 GPU(s)"),
-    ({"model": BUILTIN, "engine": {"tensorParallelSize": 2}}, "tensorParallelSize is 2, but each pod gets 0 GPU(s)"),
-    ({"model": BUILTIN, "engine": {"extraArgs": ["--port", "9000"]}}, "extraArgs must not set --port"),
-    ({"model": BUILTIN, "engine": {"extraArgs": ["--api-key=abc"]}}, "extraArgs must not set --api-key"),
-    ({"model": {"source": "hf://org/name/too/deep"}}, "spec.model.source"),
-    ({"model": {"source": "ftp://x/y"}}, "must start with one of"),
-    ({"model": BUILTIN, "autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "minReplicas (3) must be less"),
-    ({"model": BUILTIN, "replicas": "3"}, "spec.replicas must be an integer"),
-    ({"model": BUILTIN, "engine": {"kvCacheMemory": "lots"}}, "is not a Kubernetes quantity"),
-    ({"model": BUILTIN, "apiKeySecretRef": {"key": "k"}}, "apiKeySecretRef needs the Secret's name"),
-    ({}, "spec.model.source is required"),
-])
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {
+                "model": BUILTIN,
+                "engine": {"tensorParallelSize": 4},
+                "resources": {"limits": {"nvidia.com/gpu": 2}},
+            },
+            "tensorParallelSize is 4, but each pod gets 2 GPU(s)",
+        ),
+        (
+            {"model": BUILTIN, "engine": {"tensorParallelSize": 2}},
+            "tensorParallelSize is 2, but each pod gets 0 GPU(s)",
+        ),
+        ({"model": BUILTIN, "engine": {"extraArgs": ["--port", "9000"]}}, "extraArgs must not set --port"),
+        ({"model": BUILTIN, "engine": {"extraArgs": ["--api-key=abc"]}}, "extraArgs must not set --api-key"),
+        ({"model": {"source": "hf://org/name/too/deep"}}, "spec.model.source"),
+        ({"model": {"source": "ftp://x/y"}}, "must start with one of"),
+        (
+            {"model": BUILTIN, "autoscaling": {"minReplicas": 3, "maxReplicas": 2}},
+            "minReplicas (3) must be less",
+        ),
+        ({"model": BUILTIN, "replicas": "3"}, "spec.replicas must be an integer"),
+        ({"model": BUILTIN, "engine": {"kvCacheMemory": "lots"}}, "is not a Kubernetes quantity"),
+        ({"model": BUILTIN, "apiKeySecretRef": {"key": "k"}}, "apiKeySecretRef needs the Secret's name"),
+        ({}, "spec.model.source is required"),
+    ],
+)
 def test_invalid_specs_say_what_to_fix(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidSpecError, match=None) as err:
         parse_spec(raw)
@@ -56,5 +82,11 @@ def test_invalid_specs_say_what_to_fix(raw: dict[str, Any], message: str) -> Non
 
 
 def test_tensor_parallelism_with_enough_gpus_is_fine() -> None:
-    spec = parse_spec({"model": BUILTIN, "engine": {"tensorParallelSize": 2}, "resources": {"limits": {"nvidia.com/gpu": "2"}}})
+    spec = parse_spec(
+        {
+            "model": BUILTIN,
+            "engine": {"tensorParallelSize": 2},
+            "resources": {"limits": {"nvidia.com/gpu": "2"}},
+        }
+    )
     assert spec.gpu_count == 2

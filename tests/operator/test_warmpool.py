@@ -1,4 +1,4 @@
-"""plan_pod_roles: exactly `replicas` ready pods serve; the rest wait warm; deletion cost steers scale-down."""
+"""plan_pod_roles: exactly `replicas` ready pods serve, the rest wait warm, deletion cost steers shrinking."""
 
 from __future__ import annotations
 
@@ -8,31 +8,52 @@ from pagoda_operator import labels
 from pagoda_operator.warmpool import plan_pod_roles, summarize_pool
 
 
-def pod(name: str, ready: bool = True, serving: bool = False, created: str = "2026-01-01T00:00:00Z",
-        terminating: bool = False, cost: int | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "creationTimestamp": created,
-                            "labels": {labels.SERVING: "true" if serving else "false"}}
+def pod(
+    name: str,
+    ready: bool = True,
+    serving: bool = False,
+    created: str = "2026-01-01T00:00:00Z",
+    terminating: bool = False,
+    cost: int | None = None,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "creationTimestamp": created,
+        "labels": {labels.SERVING: "true" if serving else "false"},
+    }
     if cost is not None:
         meta["annotations"] = {labels.DELETION_COST: str(cost)}
     if terminating:
         meta["deletionTimestamp"] = "2026-01-01T01:00:00Z"
-    return {"metadata": meta, "status": {"phase": "Running" if ready else "Pending",
-                                         "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+    return {
+        "metadata": meta,
+        "status": {
+            "phase": "Running" if ready else "Pending",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
 
 
 def roles_after(pods: list[dict[str, Any]], desired: int) -> dict[str, tuple[bool, int]]:
     """Each pod's (serving, deletion cost) once the planned patches are applied."""
-    result = {p["metadata"]["name"]: (p["metadata"]["labels"][labels.SERVING] == "true",
-                                      int((p["metadata"].get("annotations") or {}).get(labels.DELETION_COST, 0)))
-              for p in pods}
+    result = {
+        p["metadata"]["name"]: (
+            p["metadata"]["labels"][labels.SERVING] == "true",
+            int((p["metadata"].get("annotations") or {}).get(labels.DELETION_COST, 0)),
+        )
+        for p in pods
+    }
     for patch in plan_pod_roles(pods, desired):
         result[patch.name] = (patch.serving, patch.deletion_cost)
     return result
 
 
 def test_new_ready_pods_fill_the_serving_slots_oldest_first() -> None:
-    pods = [pod("b", created="2026-01-01T00:00:02Z"), pod("a", created="2026-01-01T00:00:01Z"),
-            pod("c", created="2026-01-01T00:00:03Z")]
+    pods = [
+        pod("b", created="2026-01-01T00:00:02Z"),
+        pod("a", created="2026-01-01T00:00:01Z"),
+        pod("c", created="2026-01-01T00:00:03Z"),
+    ]
     roles = roles_after(pods, desired=2)
     assert [name for name, (serving, _) in sorted(roles.items()) if serving] == ["a", "b"]
     assert roles["a"][1] > roles["c"][1]  # warm pod goes first when the Deployment shrinks
@@ -45,12 +66,15 @@ def test_unready_pods_never_serve_and_are_deleted_first() -> None:
 
 
 def test_scale_up_promotes_a_warm_pod_and_keeps_the_serving_ones() -> None:
-    pods = [pod("s1", serving=True, cost=1000, created="2026-01-01T00:00:05Z"),
-            pod("w1", cost=0, created="2026-01-01T00:00:01Z")]
+    pods = [
+        pod("s1", serving=True, cost=1000, created="2026-01-01T00:00:05Z"),
+        pod("w1", cost=0, created="2026-01-01T00:00:01Z"),
+    ]
     patches = plan_pod_roles(pods, desired_serving=2)
     assert [(p.name, p.promotes) for p in patches] == [("w1", True)]
-    assert patches[0].body == {"metadata": {"labels": {labels.SERVING: "true"},
-                                            "annotations": {labels.DELETION_COST: "1000"}}}
+    assert patches[0].body == {
+        "metadata": {"labels": {labels.SERVING: "true"}, "annotations": {labels.DELETION_COST: "1000"}}
+    }
 
 
 def test_scale_down_demotes_serving_pods_before_anything_is_deleted() -> None:

@@ -36,6 +36,7 @@ class LiveServer:
     base_url: str
     log_path: Path
     api_key: str | None
+    answered_503_while_loading: bool = False
 
     @property
     def headers(self) -> dict[str, str]:
@@ -68,8 +69,9 @@ class LiveServer:
         raise AssertionError("the engine did not return to idle")
 
     def client(self, **options: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key or "none", max_retries=0,
-                             **options)
+        return openai.OpenAI(
+            base_url=f"{self.base_url}/v1", api_key=self.api_key or "none", max_retries=0, **options
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.process.poll() is None:
@@ -97,8 +99,10 @@ def start_server(log_dir: Path, *args: str, api_key: str | None = None) -> LiveS
         if process.poll() is not None:
             raise RuntimeError(f"pagoda serve exited with {process.returncode}:\n{server.log()[-4000:]}")
         try:
-            if httpx.get(f"{server.base_url}/ready", timeout=2).status_code == 200:
+            status = httpx.get(f"{server.base_url}/ready", timeout=2).status_code
+            if status == 200:
                 return server
+            server.answered_503_while_loading |= status == 503
         except httpx.TransportError:
             pass
         time.sleep(0.2)
@@ -117,8 +121,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """`pagoda serve` on the tiny model behind an API key, shared by the session."""
-    live = start_server(tmp_path_factory.mktemp("server"), str(tiny_model), "--served-model-name", MODEL_NAME,
-                        "--max-num-seqs", "32", api_key=API_KEY)
+    live = start_server(
+        tmp_path_factory.mktemp("server"),
+        str(tiny_model),
+        "--served-model-name",
+        MODEL_NAME,
+        "--max-num-seqs",
+        "32",
+        api_key=API_KEY,
+    )
     yield live
     assert live.stop() == 0, live.log()[-4000:]
 

@@ -35,7 +35,10 @@ def assert_error(response: httpx.Response, status: int) -> dict:
         (COMPLETIONS, {"prompt": "x", "logprobs": 50}),
         (COMPLETIONS, {"prompt": [], "max_tokens": 1}),
         (COMPLETIONS, {"prompt": [100000], "max_tokens": 1}),  # not a token of this vocabulary
-        (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+        (
+            CHAT,
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        ),
         (CHAT, {"messages": MESSAGES, "min_tokens": 9, "max_tokens": 2}),
         ("/detokenize", {"tokens": [100000]}),
         ("/tokenize", {}),
@@ -61,8 +64,9 @@ def test_too_long_requests_are_400(server: LiveServer, body: dict) -> None:
 
 
 def test_unknown_model_is_404(server: LiveServer) -> None:
-    response = httpx.post(server.base_url + CHAT, json={"model": "gpt-9", "messages": MESSAGES},
-                          headers=server.headers)
+    response = httpx.post(
+        server.base_url + CHAT, json={"model": "gpt-9", "messages": MESSAGES}, headers=server.headers
+    )
     assert assert_error(response, 404)["code"] == "model_not_found"
     assert_error(httpx.get(server.base_url + "/v1/nothing-here", headers=server.headers), 404)
 
@@ -77,14 +81,22 @@ def test_a_missing_or_wrong_key_is_401_and_probes_stay_open(server: LiveServer, 
 
 
 def test_an_oversized_body_is_413(server: LiveServer) -> None:
-    response = httpx.post(server.base_url + COMPLETIONS, content=b"{" + b" " * (33 * 2**20) + b"}",
-                          headers={**server.headers, "Content-Type": "application/json"}, timeout=60)
+    response = httpx.post(
+        server.base_url + COMPLETIONS,
+        content=b"{" + b" " * (33 * 2**20) + b"}",
+        headers={**server.headers, "Content-Type": "application/json"},
+        timeout=60,
+    )
     assert_error(response, 413)
 
 
 def test_the_server_still_serves_after_bad_input(server: LiveServer) -> None:
-    response = httpx.post(server.base_url + CHAT, headers=server.headers, timeout=60,
-                          json={"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 3})
+    response = httpx.post(
+        server.base_url + CHAT,
+        headers=server.headers,
+        timeout=60,
+        json={"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 3},
+    )
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1
     assert httpx.get(server.base_url + "/health").status_code == 200
     server.wait_idle()

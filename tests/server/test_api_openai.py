@@ -35,8 +35,9 @@ def test_greedy_completion_and_logprobs_equal_transformers(client: openai.OpenAI
     prompt = "The paged cache"
     prompt_ids = tokenizer.encode(prompt)
     expected_ids, logits = reference_greedy(model, prompt_ids, 12)
-    result = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=3,
-                                       extra_body=FIXED_LENGTH)
+    result = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=3, extra_body=FIXED_LENGTH
+    )
     choice = result.choices[0]
     assert choice.text == tokenizer.decode(expected_ids, skip_special_tokens=True)
     assert choice.finish_reason == "length"
@@ -57,8 +58,9 @@ def test_greedy_completion_and_logprobs_equal_transformers(client: openai.OpenAI
 def test_chat_prompt_is_the_chat_template(client: openai.OpenAI, reference) -> None:
     _, tokenizer = reference
     text = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
-    result = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_completion_tokens=5,
-                                            extra_body=FIXED_LENGTH)
+    result = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_completion_tokens=5, extra_body=FIXED_LENGTH
+    )
     assert result.usage.prompt_tokens == len(tokenizer.encode(text, add_special_tokens=False))
     assert result.usage.completion_tokens == 5 and result.choices[0].finish_reason == "length"
     assert result.choices[0].message.role == "assistant" and result.object == "chat.completion"
@@ -66,10 +68,18 @@ def test_chat_prompt_is_the_chat_template(client: openai.OpenAI, reference) -> N
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_streamed_chat_concatenates_to_the_non_streamed_text(client: openai.OpenAI, n: int) -> None:
-    options = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 24, "n": n, "seed": 11,
-               "temperature": 0.9}
+    options = {
+        "model": MODEL_NAME,
+        "messages": MESSAGES,
+        "max_tokens": 24,
+        "n": n,
+        "seed": 11,
+        "temperature": 0.9,
+    }
     whole = client.chat.completions.create(**options)
-    chunks = list(client.chat.completions.create(**options, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(**options, stream=True, stream_options={"include_usage": True})
+    )
     texts, finish = [""] * n, [None] * n
     first_delta = {}
     for chunk in chunks[:-1]:
@@ -85,8 +95,14 @@ def test_streamed_chat_concatenates_to_the_non_streamed_text(client: openai.Open
 
 
 def test_streamed_completion_concatenates_to_the_non_streamed_text(client: openai.OpenAI) -> None:
-    options = {"model": MODEL_NAME, "prompt": ["one", "two"], "max_tokens": 20, "n": 2, "seed": 5,
-               "temperature": 1.0}
+    options = {
+        "model": MODEL_NAME,
+        "prompt": ["one", "two"],
+        "max_tokens": 20,
+        "n": 2,
+        "seed": 5,
+        "temperature": 1.0,
+    }
     whole = client.completions.create(**options)
     chunks = list(client.completions.create(**options, stream=True, stream_options={"include_usage": True}))
     texts = [""] * 4
@@ -100,8 +116,14 @@ def test_streamed_completion_concatenates_to_the_non_streamed_text(client: opena
 
 
 def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
-    options = {"model": MODEL_NAME, "prompt": "seed", "max_tokens": 16, "temperature": 1.0, "n": 2,
-               "extra_body": FIXED_LENGTH}
+    options = {
+        "model": MODEL_NAME,
+        "prompt": "seed",
+        "max_tokens": 16,
+        "temperature": 1.0,
+        "n": 2,
+        "extra_body": FIXED_LENGTH,
+    }
     first = client.completions.create(seed=1, **options)
     again = client.completions.create(seed=1, **options)
     other = client.completions.create(seed=2, **options)
@@ -111,8 +133,13 @@ def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
 
 
 def test_stop_string_cuts_the_greedy_text(client: openai.OpenAI) -> None:
-    options = {"model": MODEL_NAME, "prompt": "stop here", "max_tokens": 30, "temperature": 0,
-               "extra_body": FIXED_LENGTH}
+    options = {
+        "model": MODEL_NAME,
+        "prompt": "stop here",
+        "max_tokens": 30,
+        "temperature": 0,
+        "extra_body": FIXED_LENGTH,
+    }
     full = client.completions.create(**options).choices[0].text
     position, stop = next((i, ch) for i, ch in enumerate(full) if i >= 2 and ch.isascii() and ch.isalnum())
     cut = client.completions.create(stop=[stop], **options).choices[0]
@@ -135,8 +162,15 @@ def test_prompt_forms_and_echo(client: openai.OpenAI, reference) -> None:
 
 
 def test_chat_logprobs(client: openai.OpenAI) -> None:
-    result = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=6, temperature=0,
-                                            logprobs=True, top_logprobs=2, extra_body=FIXED_LENGTH)
+    result = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body=FIXED_LENGTH,
+    )
     content = result.choices[0].logprobs.content
     assert len(content) == result.usage.completion_tokens == 6
     for entry in content:
@@ -146,8 +180,9 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
 
 
 def test_max_tokens_defaults_to_the_rest_of_the_context(client: openai.OpenAI) -> None:
-    result = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=0,
-                                            extra_body=FIXED_LENGTH)
+    result = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, temperature=0, extra_body=FIXED_LENGTH
+    )
     assert result.choices[0].finish_reason == "length"
     assert result.usage.total_tokens == 256
 
@@ -156,8 +191,12 @@ def test_tokenize_detokenize_version(server: LiveServer, reference) -> None:
     import httpx
 
     _, tokenizer = reference
-    tokens = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "héllo"}, headers=server.headers).json()
+    tokens = httpx.post(
+        f"{server.base_url}/tokenize", json={"prompt": "héllo"}, headers=server.headers
+    ).json()
     assert tokens["tokens"] == tokenizer.encode("héllo") and tokens["count"] == len(tokens["tokens"])
-    text = httpx.post(f"{server.base_url}/detokenize", json={"tokens": tokens["tokens"]}, headers=server.headers)
+    text = httpx.post(
+        f"{server.base_url}/detokenize", json={"tokens": tokens["tokens"]}, headers=server.headers
+    )
     assert text.json() == {"prompt": "héllo"}
     assert httpx.get(f"{server.base_url}/version").json()["version"]

@@ -4,6 +4,9 @@ Caches are [num_blocks, block_size, num_kv_heads, head_dim]. A sequence's contex
 blocks through its block table, then attended with torch SDPA (or explicit math when the logits are
 soft-capped, which SDPA cannot do). Decodes in a batch share one padded SDPA call; each prefill chunk gets
 its own call, since its query length differs from the others'. Everything is computed in float32.
+
+An fp8 (e4m3) cache holds K/V divided by a per-layer `k_scale` / `v_scale`: quantized as they are
+written, dequantized as they are gathered. Other caches ignore the scales.
 """
 
 from __future__ import annotations
@@ -20,11 +23,19 @@ def write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Store each token's key/value at its cache slot (block * block_size + offset); slots < 0 are skipped."""
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    if k_cache.dtype == torch.float8_e4m3fn:
+        # The cast saturates at +-448, so a value past the calibrated range clips instead of turning NaN.
+        # index_copy_ has no fp8 kernel on the CPU: the bytes are copied as uint8.
+        key = (key.float() / k_scale).to(k_cache.dtype).view(torch.uint8)
+        value = (value.float() / v_scale).to(v_cache.dtype).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     # view (not reshape): the write must land in the cache itself, never in a copy
     k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
@@ -39,8 +50,11 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens (query [N, H, D]) over its cached context."""
+    cache_scales = (k_scale, v_scale)
     out = torch.empty_like(query)
     decode_rows: list[int] = []
     decode_seqs: list[int] = []
@@ -59,6 +73,7 @@ def paged_attention(
                 scale,
                 sliding_window,
                 softcap,
+                cache_scales,
             )
         start += query_len
     if decode_seqs:
@@ -73,6 +88,7 @@ def paged_attention(
             scale,
             sliding_window,
             softcap,
+            cache_scales,
         )
     return out
 
@@ -86,6 +102,7 @@ def _prefill_attention(
     scale: float,
     sliding_window: int | None,
     softcap: float | None,
+    cache_scales: tuple[float, float],
 ) -> torch.Tensor:
     """One sequence's chunk of query_len new tokens, the last ones of its seq_len-token context."""
     query_len = query.shape[0]
@@ -96,8 +113,9 @@ def _prefill_attention(
     first_block = first_key // block_size
     blocks = block_table[first_block : -(-seq_len // block_size)].long()
     skip = first_key - first_block * block_size
-    keys = k_cache[blocks].flatten(0, 1)[skip : seq_len - first_block * block_size]
-    values = v_cache[blocks].flatten(0, 1)[skip : seq_len - first_block * block_size]
+    context = slice(skip, seq_len - first_block * block_size)
+    keys = _gather(k_cache, blocks, cache_scales[0]).flatten(0, 1)[context]
+    values = _gather(v_cache, blocks, cache_scales[1]).flatten(0, 1)[context]
 
     query_pos = torch.arange(first_query_pos, seq_len, device=query.device)
     key_pos = torch.arange(first_key, seq_len, device=query.device)
@@ -114,19 +132,27 @@ def _decode_attention(
     scale: float,
     sliding_window: int | None,
     softcap: float | None,
+    cache_scales: tuple[float, float],
 ) -> torch.Tensor:
     """One new token per sequence (query [B, H, D]), contexts padded to the longest and masked."""
     block_size = k_cache.shape[1]
     num_blocks = -(-max(seq_lens) // block_size)
     tables = block_tables[:, :num_blocks].long()
-    keys = k_cache[tables].flatten(1, 2)  # [B, num_blocks * block_size, Hkv, D]
-    values = v_cache[tables].flatten(1, 2)
+    keys = _gather(k_cache, tables, cache_scales[0]).flatten(1, 2)  # [B, num_blocks * block_size, Hkv, D]
+    values = _gather(v_cache, tables, cache_scales[1]).flatten(1, 2)
 
     lens = torch.tensor(seq_lens, device=query.device)
     key_pos = torch.arange(keys.shape[1], device=query.device)
     # the padding past each context is masked by causality: its positions exceed the query's
     mask = _visible((lens - 1)[:, None, None], key_pos[None, None, :], sliding_window)
     return _attend(query[:, None], keys, values, mask, scale, softcap)[:, 0]
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, scale: float) -> torch.Tensor:
+    """The cache blocks `blocks` index, as float32 values when the cache holds scaled fp8."""
+    if cache.dtype != torch.float8_e4m3fn:
+        return cache[blocks]
+    return cache[blocks].float() * scale
 
 
 def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:

@@ -140,10 +140,13 @@ class AsyncLLM:
 
     @property
     def num_waiting_requests(self) -> int:
-        """Requests not yet in the running batch, including ones the engine thread has not picked up."""
+        """Requests waiting for a batch slot: the engine's queue plus handed-in requests that will not fit."""
         with self._wakeup:
             pending = len(self._new)
-        return pending + (self._stats.num_waiting if self._stats else 0)
+        stats = self._stats
+        if stats is None:
+            return pending
+        return stats.num_waiting + max(0, pending + stats.num_running - self.config.max_num_seqs)
 
     def get_stats(self) -> EngineStats | None:
         return self._stats

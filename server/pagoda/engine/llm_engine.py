@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from pagoda.config import EngineConfig
+from pagoda.distributed.workers import start_workers
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.request import Request
@@ -42,7 +43,13 @@ class LLMEngine:
                 f"{spec.max_position_embeddings}"
             )
         self.max_model_len = config.max_model_len or spec.max_position_embeddings
-        self.runner = ModelRunner(config, checkpoint, self.max_model_len)
+        workers = start_workers(config, spec, self.max_model_len)  # None unless tensor-parallel
+        try:
+            self.runner = ModelRunner(config, checkpoint, self.max_model_len, workers)
+        except BaseException:
+            if workers is not None:
+                workers.close()
+            raise
         self.load_seconds = time.perf_counter() - start
         self._reset_scheduler()
         self.requests: dict[str, Request] = {}
@@ -149,6 +156,10 @@ class LLMEngine:
             if output.finished:
                 del self.requests[output.request_id]
         return outputs
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes now (garbage collection or exit would, later)."""
+        self.runner.close()
 
     def get_stats(self) -> EngineStats:
         bm = self.block_manager

@@ -1,19 +1,31 @@
-"""Loads the model, owns the KV cache tensors, and runs one flat forward + sampling per step."""
+"""Loads the model, owns the KV cache tensors, and runs one flat forward + sampling per step.
+
+Under tensor parallelism every rank has a ModelRunner over its shard of the model and of the KV pool;
+rank 0's turns the scheduler's batch into `StepInputs`, has its workers run them too, and samples.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pagoda.attention.metadata import AttentionMetadata, attention_metadata
 from pagoda.config import EngineConfig
+from pagoda.distributed.parallel_state import all_reduce_min, model_shard
 from pagoda.engine.scheduler import ScheduledSequence
+from pagoda.engine.sequence import Sequence
 from pagoda.layers.attention import Attention
 from pagoda.layers.sampler import Sampler, SamplerOutput
 from pagoda.loader import Checkpoint
 from pagoda.models.registry import build_model
 from pagoda.models.spec import ModelSpec
+from pagoda.quantization import kv_cache_dtype, process_weights_after_loading, quantized_layers
+
+if TYPE_CHECKING:
+    from pagoda.distributed.workers import TensorParallelWorkers
 
 logger = logging.getLogger(__name__)
 
@@ -36,28 +48,65 @@ def resolve_dtype(name: str, checkpoint_dtype: torch.dtype | None, device: torch
     return torch.bfloat16
 
 
+@dataclass
+class StepInputs:
+    """One step's flat batch: all that a rank needs to run the forward (rank 0 sends it to the others)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    # rows of the flat batch whose logits the step needs: prompt positions to score, then sampled rows
+    logit_rows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PromptScoring:
+    """Prompt positions lo..hi-1 of `seq` to score this step: position p's logits score token p + 1."""
+
+    seq: Sequence
+    lo: int
+    hi: int
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint, max_model_len: int) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        checkpoint: Checkpoint,
+        max_model_len: int,
+        workers: TensorParallelWorkers | None = None,
+    ) -> None:
+        """`workers` (rank 0 of a tensor-parallel group only): the other ranks, which run each step too."""
         self.config = config
+        self.workers = workers
         self.device = config.torch_device
         self.dtype = resolve_dtype(config.dtype, checkpoint.torch_dtype, self.device)
         self.spec = ModelSpec.from_hf_config(checkpoint.config)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         torch.manual_seed(config.seed)
-        self.model = build_model(checkpoint.config, self.dtype, self.device)
-        self.model.load_weights(checkpoint.weights())
+        self.kv_cache_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        with model_shard(config.tensor_parallel_size), quantized_layers(config.quantization):
+            self.model = build_model(checkpoint.config, self.dtype, self.device)
+        gguf = config.quantization == "gguf"
+        self.model.load_weights(checkpoint.quantized_weights() if gguf else checkpoint.weights())
+        process_weights_after_loading(self.model)
         self.model.eval()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.sampler = Sampler(checkpoint.eos_token_ids)
+        if workers is not None:
+            workers.wait_until_ready()
 
     @property
     def block_bytes(self) -> int:
         """Bytes one block takes across all layers, keys and values."""
         per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attention_layers)
-        return per_token * self.block_size * self.dtype.itemsize
+        return per_token * self.block_size * self.kv_cache_dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_gpu_blocks_override is not None:
@@ -68,7 +117,11 @@ class ModelRunner:
             budget = self.config.kv_cache_memory or CPU_DEFAULT_KV_CACHE_BYTES
         else:
             budget = self._profile_free_gpu_memory()
-        return max(1, min(useful, budget // self.block_bytes))
+        num_blocks = max(1, min(useful, budget // self.block_bytes))
+        if self.config.tensor_parallel_size > 1 and self.device.type == "cuda":
+            # every rank must hold the same block tables; profiled free memory differs between GPUs
+            num_blocks = all_reduce_min(num_blocks, self.device)
+        return num_blocks
 
     def _profile_free_gpu_memory(self) -> int:
         """Bytes left for the KV cache after weights and the peak activations of the largest step."""
@@ -86,8 +139,9 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         for layer in self.attention_layers:
             shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.k_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            layer.kv_scales = None  # an fp8 cache calibrates its scales on the first batch it stores
 
     @torch.inference_mode()
     def _forward_dummy_prefill(self, num_tokens: int) -> None:
@@ -138,49 +192,79 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSequence]) -> SamplerOutput:
         """Forward the batch's new tokens; sample for each sequence whose whole context is now computed."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        logit_rows: list[int] = []
-        for item in batch:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(self._slots(seq.block_table, start, end))
-            query_lens.append(item.num_new_tokens)
-            seq_lens.append(end)
-            if item.samples:
-                logit_rows.append(len(input_ids) - 1)
-        md = self._metadata(slots, query_lens, seq_lens, [item.seq.block_table for item in batch])
-        with attention_metadata(md):
-            hidden = self.model(
-                self._to_device(input_ids, torch.long), self._to_device(positions, torch.long)
-            )
-        self._record_prompt_logprobs(batch, hidden)
+        inputs, scorings = self._prepare_inputs(batch)
+        logits = self.run(inputs) if self.workers is None else self.workers.run_step(self.run, inputs)
+        num_scored = self._record_prompt_logprobs(scorings, logits)
         sampling = [item.seq for item in batch if item.samples]
         if not sampling:
             return SamplerOutput(token_ids=[], logprobs=[])
-        logits = self.model.compute_logits(hidden[self._to_device(logit_rows, torch.long)])
-        return self.sampler.sample(logits, sampling)
+        return self.sampler.sample(logits[num_scored:], sampling)
 
-    def _record_prompt_logprobs(self, batch: list[ScheduledSequence], hidden: torch.Tensor) -> None:
-        """For sequences that asked for prompt logprobs, score each prompt token this step computes.
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The forward every rank runs. Returns the logits of `inputs.logit_rows` on rank 0 (None when there
+        are none), None on the other ranks."""
+        md = self._metadata(inputs.slots, inputs.query_lens, inputs.seq_lens, inputs.block_tables)
+        with attention_metadata(md):
+            hidden = self.model(
+                self._to_device(inputs.input_ids, torch.long), self._to_device(inputs.positions, torch.long)
+            )
+        if not inputs.logit_rows:
+            return None
+        return self.model.compute_logits(hidden[self._to_device(inputs.logit_rows, torch.long)])
 
-        Position p's logits score token p + 1. A recomputed (preempted) prompt is not scored twice.
-        """
-        row = 0
+    def _prepare_inputs(self, batch: list[ScheduledSequence]) -> tuple[StepInputs, list[PromptScoring]]:
+        inputs = StepInputs()
+        scorings: list[PromptScoring] = []
+        sampled_rows: list[int] = []
         for item in batch:
-            seq, k = item.seq, item.seq.params.prompt_logprobs
-            start = seq.num_computed_tokens
-            if k is not None and start < seq.num_prompt_tokens:
-                if not seq.prompt_logprobs:
-                    seq.prompt_logprobs.append(None)  # the first token has no context to score it
-                lo = max(start, len(seq.prompt_logprobs) - 1)
-                hi = min(start + item.num_new_tokens, seq.num_prompt_tokens - 1)
-                if hi > lo:
-                    logits = self.model.compute_logits(hidden[row + lo - start : row + hi - start])
-                    seq.prompt_logprobs.extend(Sampler.prompt_logprobs(logits, seq.token_ids[lo + 1 : hi + 1], k))
-            row += item.num_new_tokens
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            row = len(inputs.input_ids)  # of position `start`
+            inputs.input_ids.extend(seq.token_ids[start:end])
+            inputs.positions.extend(range(start, end))
+            inputs.slots.extend(self._slots(seq.block_table, start, end))
+            inputs.query_lens.append(item.num_new_tokens)
+            inputs.seq_lens.append(end)
+            inputs.block_tables.append(seq.block_table)
+            scoring = self._prompt_scoring(item)
+            if scoring is not None:
+                scorings.append(scoring)
+                inputs.logit_rows.extend(range(row + scoring.lo - start, row + scoring.hi - start))
+            if item.samples:
+                sampled_rows.append(row + item.num_new_tokens - 1)
+        inputs.logit_rows.extend(sampled_rows)
+        return inputs, scorings
+
+    @staticmethod
+    def _prompt_scoring(item: ScheduledSequence) -> PromptScoring | None:
+        """For a sequence that asked for prompt logprobs, the prompt positions this step computes that
+        score a next prompt token. A recomputed (preempted) prompt is not scored twice."""
+        seq, start = item.seq, item.seq.num_computed_tokens
+        if seq.params.prompt_logprobs is None or start >= seq.num_prompt_tokens:
+            return None
+        # prompt_logprobs[0] is the first token's None, so entries up to position len - 2 are scored
+        lo = max(start, max(len(seq.prompt_logprobs), 1) - 1)
+        hi = max(lo, min(start + item.num_new_tokens, seq.num_prompt_tokens - 1))
+        return PromptScoring(seq, lo, hi)
+
+    @staticmethod
+    def _record_prompt_logprobs(scorings: list[PromptScoring], logits: torch.Tensor | None) -> int:
+        """Append each scoring's prompt logprobs from its leading rows of `logits`; returns the rows used."""
+        row = 0
+        for scoring in scorings:
+            seq, lo, hi = scoring.seq, scoring.lo, scoring.hi
+            if not seq.prompt_logprobs:
+                seq.prompt_logprobs.append(None)  # the first token has no context to score it
+            if hi > lo and logits is not None:  # logits exist whenever some scoring has rows
+                entries = Sampler.prompt_logprobs(
+                    logits[row : row + hi - lo], seq.token_ids[lo + 1 : hi + 1], seq.params.prompt_logprobs
+                )
+                seq.prompt_logprobs.extend(entries)
+                row += hi - lo
+        return row
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any."""
+        if self.workers is not None:
+            self.workers.close()

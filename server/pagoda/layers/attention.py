@@ -7,8 +7,9 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from pagoda.attention import get_backend
+from pagoda.attention import get_backend, torch_backend
 from pagoda.attention.metadata import get_attention_metadata
+from pagoda.quantization.kv_cache import calibrate_scale, is_fp8
 
 
 class Attention(nn.Module):
@@ -16,7 +17,8 @@ class Attention(nn.Module):
 
     `k_cache` / `v_cache` ([num_blocks, block_size, Hkv, D]) are plain attributes the model runner
     assigns once it has sized the KV pool. The whole batch's K/V is written before anyone attends, so
-    sequences in one step can share freshly written prefix blocks.
+    sequences in one step can share freshly written prefix blocks. An fp8 cache stores K/V divided by
+    `kv_scales` (one per tensor, calibrated on the first batch) and runs on the torch backend.
     """
 
     def __init__(
@@ -39,19 +41,33 @@ class Attention(nn.Module):
         self.softcap = softcap
         self.k_cache = torch.tensor([])
         self.v_cache = torch.tensor([])
+        self.kv_scales: tuple[float, float] | None = None  # fp8 caches only
         self._backend: ModuleType | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.k_cache.numel() == 0:
             raise RuntimeError("the KV cache of this attention layer has not been assigned")
-        if self._backend is None:
-            self._backend = get_backend(q.device)
         md = get_attention_metadata()
         query = q.view(-1, self.num_heads, self.head_dim)
         key = k.view(-1, self.num_kv_heads, self.head_dim)
         value = v.view(-1, self.num_kv_heads, self.head_dim)
+        if is_fp8(self.k_cache):
+            return self._forward_fp8_cache(query, key, value).view(-1, self.num_heads * self.head_dim)
+        if self._backend is None:
+            self._backend = get_backend(q.device)
         self._backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping)
         out = self._backend.paged_attention(
             query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap
         )
         return out.view(-1, self.num_heads * self.head_dim)
+
+    def _forward_fp8_cache(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        md = get_attention_metadata()
+        if self.kv_scales is None:
+            self.kv_scales = (calibrate_scale(key), calibrate_scale(value))
+        k_scale, v_scale = self.kv_scales
+        torch_backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping, k_scale, v_scale)
+        return torch_backend.paged_attention(
+            query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap,
+            k_scale, v_scale,
+        )

@@ -11,6 +11,20 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 
 @dataclass
+class QuantizedBlocks:
+    """A weight kept in its file's block-quantized encoding (GGUF): each row of `data` holds the blocks of
+    one output row, so row slices of `data` are row slices of the weight."""
+
+    data: torch.Tensor  # uint8 [rows, row_bytes]
+    ggml_type: int  # gguf.GGMLQuantizationType
+    shape: tuple[int, int]  # of the float weight, (rows, columns)
+
+
+WeightIterator = Iterator[tuple[str, torch.Tensor]]
+QuantizedWeightIterator = Iterator[tuple[str, "torch.Tensor | QuantizedBlocks"]]
+
+
+@dataclass
 class Checkpoint:
     """A model's config, tokenizer and weights under Hugging Face names.
 
@@ -23,8 +37,19 @@ class Checkpoint:
     chat_template: str | None  # also set on the tokenizer, so apply_chat_template works
     eos_token_ids: list[int]  # every id that ends generation, the primary EOS first
     torch_dtype: torch.dtype  # the weights' own dtype, what dtype="auto" means
-    weight_loader: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+    weight_loader: Callable[[], WeightIterator] = field(repr=False)
+    # block-quantized files only: the same weights, linear layers' ones left in their blocks
+    quantized_weight_loader: Callable[[], QuantizedWeightIterator] | None = field(default=None, repr=False)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self) -> WeightIterator:
         """`(hf_name, tensor)` pairs, e.g. `("model.layers.0.self_attn.q_proj.weight", tensor)`, on CPU."""
         return self.weight_loader()
+
+    def quantized_weights(self) -> QuantizedWeightIterator:
+        """Like `weights()`, but the linear layers' block-quantized weights come as `QuantizedBlocks`."""
+        if self.quantized_weight_loader is None:
+            raise ValueError(
+                f"{self.path} holds no block-quantized weights: quantization='gguf' needs a quantized "
+                "GGUF file (Q8_0, Q4_0, Q4_1, Q4_K, ...)"
+            )
+        return self.quantized_weight_loader()

@@ -30,7 +30,14 @@ def open_gguf(path: Path) -> Checkpoint:
         eos_token_ids=eos_token_ids_from_gguf(file),
         torch_dtype=_torch_dtype(file),
         weight_loader=lambda: iter_gguf_weights(file, arch, config),
+        quantized_weight_loader=(
+            lambda: iter_gguf_weights(file, arch, config, keep_quantized=True)
+        ) if _is_block_quantized(file) else None,
     )
+
+
+def _is_block_quantized(file: GGUFFile) -> bool:
+    return any(info.ggml_type not in _PLAIN_TYPES for info in file.tensors.values())
 
 
 def _torch_dtype(file: GGUFFile) -> torch.dtype:

@@ -14,8 +14,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 from transformers import PretrainedConfig
 
+from pagoda.loader.checkpoint import QuantizedBlocks
 from pagoda.loader.dequant import dequantize
 from pagoda.loader.gguf_config import GGUFArch
 from pagoda.loader.gguf_reader import GGUFFile, GGUFTensorInfo
@@ -49,6 +51,14 @@ _FUSED_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up"
 
 # Tensors llama.cpp adds that are not model parameters; the config carries what they say.
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+
+# The linear layers' weights, which quantization="gguf" keeps in their blocks; embeddings, the LM head and
+# norms are always expanded.
+_LINEAR_WEIGHT_KINDS = {
+    "attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv", "ffn_gate", "ffn_up", "ffn_down"
+}
+
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 
 _MAX_LOAD_THREADS = 8
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -91,32 +101,45 @@ def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def iter_gguf_weights(
-    file: GGUFFile, arch: GGUFArch, config: PretrainedConfig
-) -> Iterator[tuple[str, torch.Tensor]]:
+    file: GGUFFile, arch: GGUFArch, config: PretrainedConfig, keep_quantized: bool = False
+) -> Iterator[tuple[str, torch.Tensor | QuantizedBlocks]]:
     """Yield `(hf_name, tensor)` for every parameter in the file, in file order.
 
-    Quantized tensors come back as float32; F32/F16/BF16 ones in their stored dtype. Tensors are
-    dequantized a few at a time ahead of the consumer, one per core, so memory holds only that window.
+    Quantized tensors come back as float32 (with `keep_quantized`, the linear layers' ones as their raw
+    `QuantizedBlocks`); F32/F16/BF16 ones in their stored dtype. Tensors are dequantized a few at a time
+    ahead of the consumer, one per core, so memory holds only that window.
     """
     infos = [info for info in file.tensors.values() if info.name not in _CONFIG_ONLY_TENSORS]
     names = [hf_tensor_name(arch, info.name) for info in infos]  # fail on an unknown tensor before any work
     workers = min(_MAX_LOAD_THREADS, len(os.sched_getaffinity(0)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gguf-dequant") as pool:
-        pending: deque[Future[torch.Tensor]] = deque()
+        pending: deque[Future[torch.Tensor | QuantizedBlocks]] = deque()
         try:
             for index, name in enumerate(names):
                 while len(pending) < 2 * workers and index + len(pending) < len(infos):
-                    pending.append(pool.submit(_load_tensor, file, infos[index + len(pending)], arch, config))
+                    info = infos[index + len(pending)]
+                    pending.append(pool.submit(_load_tensor, file, info, arch, config, keep_quantized))
                 yield name, pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()
 
 
+def _is_linear_weight(info: GGUFTensorInfo) -> bool:
+    match = _LAYER_TENSOR.fullmatch(info.name)
+    return match is not None and match.group(2) in _LINEAR_WEIGHT_KINDS and match.group(3) == "weight"
+
+
 def _load_tensor(
-    file: GGUFFile, info: GGUFTensorInfo, arch: GGUFArch, config: PretrainedConfig
-) -> torch.Tensor:
-    tensor = dequantize(file.raw_bytes(info), info.ggml_type, info.shape)
+    file: GGUFFile, info: GGUFTensorInfo, arch: GGUFArch, config: PretrainedConfig, keep_quantized: bool
+) -> torch.Tensor | QuantizedBlocks:
+    blocks = keep_quantized and info.ggml_type not in _FLOAT_TYPES and _is_linear_weight(info)
+    if blocks:
+        rows, cols = info.shape
+        # blocks run along a row, so the rows are rows of bytes: the rope unpermute below moves them whole
+        tensor = file.raw_bytes(info).view(rows, -1)
+    else:
+        tensor = dequantize(file.raw_bytes(info), info.ggml_type, info.shape)
     if arch.rope_permuted:
         if ".attn_q." in info.name:
             tensor = unpermute_rope_rows(tensor, config.num_attention_heads)
@@ -125,4 +148,4 @@ def _load_tensor(
     if arch.norms_plus_one and info.name.endswith("norm.weight"):
         # norms are small (one row), so this torch op never fans out to threads
         tensor = tensor.float() - 1.0
-    return tensor
+    return QuantizedBlocks(tensor, int(info.ggml_type), (rows, cols)) if blocks else tensor

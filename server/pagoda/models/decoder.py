@@ -3,6 +3,8 @@
 They differ only by flags of the ModelSpec (biases, q/k norms, Gemma's norm flavour and sandwich norms,
 embedding scale, soft-caps, per-layer sliding windows and RoPE). Module names mirror the Hugging Face
 checkpoints, except that q/k/v are fused into `qkv_proj` and gate/up into `gate_up_proj` at load time.
+Under tensor parallelism each rank builds the same modules with its share of the heads and MLP features;
+the layers cut their slices out of the checkpoint tensors as they load.
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ from torch import nn
 
 from pagoda.layers.activation import GatedActivation
 from pagoda.layers.attention import Attention
-from pagoda.layers.embedding import VocabEmbedding
-from pagoda.layers.linear import Linear, MergedLinear, default_weight_loader
+from pagoda.layers.embedding import ParallelLMHead, VocabEmbedding
+from pagoda.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    default_weight_loader,
+)
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RopeConfig, RotaryEmbedding
 from pagoda.models.spec import ModelSpec
@@ -24,17 +31,20 @@ from pagoda.models.spec import ModelSpec
 class DecoderAttention(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.qkv_proj = MergedLinear(spec.hidden_size, [q_size, kv_size, kv_size], bias=spec.qkv_bias)
-        self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+        self.qkv_proj = QKVParallelLinear(
+            spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads, bias=spec.qkv_bias
+        )
+        # this rank's share of the heads
+        self.num_heads = spec.num_heads // self.qkv_proj.tp_size
+        self.num_kv_heads, self.head_dim = self.qkv_proj.num_kv_heads, spec.head_dim
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_unit_offset)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_unit_offset)
         self.rotary_emb = rotary_emb
         self.attn = Attention(
-            spec.num_heads,
-            spec.num_kv_heads,
+            self.num_heads,
+            self.num_kv_heads,
             spec.head_dim,
             spec.attention_scale,
             sliding_window=spec.sliding_windows[layer],
@@ -55,9 +65,11 @@ class DecoderAttention(nn.Module):
 class DecoderMLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(spec.hidden_size, [spec.intermediate_size] * 2, bias=spec.mlp_bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            spec.hidden_size, [spec.intermediate_size] * 2, bias=spec.mlp_bias
+        )
         self.act_fn = GatedActivation(spec.hidden_act)
-        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -124,7 +136,7 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = DecoderModel(spec)
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -132,9 +144,13 @@ class DecoderForCausalLM(nn.Module):
         """Flat batch of token ids [N] at their positions [N] -> final hidden states [N, hidden_size]."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states [M, hidden_size] -> float32 logits [M, vocab_size]."""
-        logits = self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Hidden states [M, hidden_size] -> float32 logits [M, vocab_size]; None on tensor-parallel ranks
+        other than 0, which only lend their vocabulary slices."""
+        logits = self.lm_head(hidden)
+        if logits is None:
+            return None
+        logits = logits.float()
         cap = self.spec.final_logit_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 

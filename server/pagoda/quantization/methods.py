@@ -1,0 +1,257 @@
+"""Quant methods: how a linear layer's weight is stored, loaded and multiplied (vLLM's LinearMethodBase).
+
+A Linear asks `get_linear_method()` for its method when it is built; the model runner builds the model
+inside `quantized_layers(config.quantization)`, so every linear layer of that model gets the configured
+method and everything else (embeddings, the LM head, norms) stays in full precision. The method creates
+the layer's weight parameter (its loader included), turns the loaded weight into its stored form in
+`process_weights_after_loading`, and computes the layer's product in `apply`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagoda.distributed.parallel_state import get_tp_size
+from pagoda.loader.checkpoint import QuantizedBlocks
+from pagoda.loader.dequant import dequantize
+from pagoda.quantization.cpu_kernels import CpuQuantizedWeight
+from pagoda.quantization.gguf_blocks import group_quantized_from_blocks, is_supported
+from pagoda.quantization.grouped import GroupQuantized, quantize_per_channel_int8, stack_rows
+
+QUANTIZATION_METHODS = ("int8", "fp8", "gguf")
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+
+
+class QuantizedWeight(Protocol):
+    def matmul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def tensors(self) -> list[torch.Tensor]: ...
+
+
+def pack_for_device(weight: GroupQuantized, device: torch.device) -> QuantizedWeight:
+    """The kernel-ready form of `weight` on `device`: the Triton layout on GPUs, torch's packed CPU one."""
+    if device.type == "cuda":
+        from pagoda.quantization.triton_kernels import TritonQuantizedWeight  # triton only where it runs
+
+        moved = GroupQuantized(
+            weight.q.to(device),
+            weight.scale.to(device),
+            None if weight.offset is None else weight.offset.to(device),
+            weight.bits,
+        )
+        return TritonQuantizedWeight(moved)
+    return CpuQuantizedWeight(weight)
+
+
+class LinearMethod:
+    """Full precision: the weight is a plain parameter and the product is F.linear."""
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        layer.weight.weight_loader = layer.weight_loader
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Turn the loaded weight into the stored form (nothing to do in full precision)."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+    def weight_tensors(self, layer: nn.Module) -> list[torch.Tensor]:
+        """What holds the layer's weight in memory, for accounting."""
+        return [layer.weight]
+
+
+class _PackedLinearMethod(LinearMethod):
+    """Common ground of the integer formats: the layer's `quantized` weight does the product."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if layer.quantized is None:  # a weight left in float (a format or shape without a kernel)
+            return super().apply(layer, x, bias)
+        out = layer.quantized.matmul(x.reshape(-1, x.shape[-1]))
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        return out if bias is None else out + bias
+
+    def weight_tensors(self, layer: nn.Module) -> list[torch.Tensor]:
+        return super().weight_tensors(layer) if layer.quantized is None else layer.quantized.tensors()
+
+
+class Int8LinearMethod(_PackedLinearMethod):
+    """W8A16: per-output-channel symmetric int8, quantized at load from the full-precision weight."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        weight = layer.weight.data
+        layer.quantized = pack_for_device(quantize_per_channel_int8(weight), weight.device)
+        layer.register_parameter("weight", None)
+
+
+class Fp8LinearMethod(LinearMethod):
+    """e4m3 weights with one float32 scale per output row. On GPUs with fp8 tensor cores (compute
+    capability 8.9+) activations are quantized per row on the fly and multiplied by torch._scaled_mm;
+    elsewhere the weight is dequantized inside the product."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        weight = layer.weight.data.float()
+        scale = (weight.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        layer.fp8_weight = (weight / scale[:, None]).to(FP8_DTYPE)
+        layer.fp8_scale = scale
+        layer.register_parameter("weight", None)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if _has_fp8_matmul(flat, layer.fp8_weight):
+            out = _scaled_fp8_matmul(flat, layer.fp8_weight, layer.fp8_scale, bias)
+        else:
+            weight = _e4m3_as_scaled_half(layer.fp8_weight).to(x.dtype)
+            out = F.linear(flat, weight) * (layer.fp8_scale * _E4M3_IN_HALF_FACTOR).to(x.dtype)
+            out = out if bias is None else out + bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def weight_tensors(self, layer: nn.Module) -> list[torch.Tensor]:
+        return [layer.fp8_weight, layer.fp8_scale]
+
+
+# e4m3's bits moved into a float16 stand for the same number times 2**-8, subnormals included:
+# the exponent biases differ by 8 (15 - 7) and the mantissa just gains zero bits
+_E4M3_IN_HALF_FACTOR = 256.0
+
+
+def _e4m3_as_scaled_half(weight: torch.Tensor) -> torch.Tensor:
+    """fp8 e4m3 -> float16 holding value / 256, by moving bits: on the CPU a plain fp8 -> float cast
+    runs ~40x slower than a float matmul of the same weight; these three integer ops ~5x."""
+    bits = weight.view(torch.uint8).to(torch.int16)
+    return (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).view(torch.float16)
+
+
+def _has_fp8_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # cuBLASLt's row-wise scaled fp8 GEMM: sm89+, bfloat16 output, dimensions in multiples of 16
+    return (
+        x.is_cuda
+        and torch.cuda.get_device_capability(x.device) >= (8, 9)
+        and x.dtype == torch.bfloat16
+        and weight.shape[0] % 16 == 0
+        and weight.shape[1] % 16 == 0
+    )
+
+
+def _scaled_fp8_matmul(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    x_scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    x_fp8 = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return torch._scaled_mm(
+        x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale[None, :], bias=bias, out_dtype=x.dtype
+    )
+
+
+class GGUFLinearMethod(_PackedLinearMethod):
+    """GGUF block-quantized weights kept in their integers and scales, multiplied by the fused kernels.
+
+    The checkpoint hands each linear weight over as `QuantizedBlocks`; fused projections (q/k/v,
+    gate/up) collect one part per shard and stack them after loading, whatever mix of formats they hold.
+    A weight in a format without a kernel (or a float one) is kept in float, whole layer.
+    """
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
+        if get_tp_size() > 1:
+            raise NotImplementedError("quantization='gguf' does not support tensor parallelism yet")
+        # a placeholder the loader never copies into: it records the parts, on the model's device
+        layer.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        layer.weight.weight_loader = self._weight_loader(layer)
+        layer.gguf_parts = {}
+        layer.input_size, layer.output_size = input_size, output_size
+        layer.params_dtype = torch.get_default_dtype()
+
+    @staticmethod
+    def _weight_loader(layer: nn.Module) -> Callable[..., None]:
+        def load(
+            param: nn.Parameter, loaded: torch.Tensor | QuantizedBlocks, shard: int | None = None
+        ) -> None:
+            rows = layer.output_size if shard is None else layer.output_sizes[shard]
+            if tuple(loaded.shape) != (rows, layer.input_size):
+                expected = (rows, layer.input_size)
+                raise ValueError(f"shape mismatch: parameter {expected}, checkpoint {tuple(loaded.shape)}")
+            if isinstance(loaded, QuantizedBlocks) and is_supported(loaded.ggml_type):
+                layer.gguf_parts[shard] = group_quantized_from_blocks(loaded)
+            elif isinstance(loaded, QuantizedBlocks):
+                flat = loaded.data.contiguous().view(-1)
+                layer.gguf_parts[shard] = dequantize(flat, loaded.ggml_type, loaded.shape)
+            else:
+                layer.gguf_parts[shard] = loaded
+
+        return load
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        # one whole tensor (shard None), or the parts of a fused projection in shard order
+        parts = [layer.gguf_parts[shard] for shard in sorted(layer.gguf_parts, key=lambda s: s or 0)]
+        device = layer.weight.device
+        del layer.gguf_parts
+        if all(isinstance(p, GroupQuantized) for p in parts):
+            layer.quantized = pack_for_device(stack_rows(parts), device)
+            layer.register_parameter("weight", None)
+            return
+        full = [p.dequantize() if isinstance(p, GroupQuantized) else p for p in parts]
+        weight = torch.cat(full).to(device=device, dtype=layer.params_dtype)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.quantized = None
+
+
+def linear_method(quantization: str | None) -> LinearMethod:
+    methods: dict[str | None, type[LinearMethod]] = {
+        None: LinearMethod,
+        "int8": Int8LinearMethod,
+        "fp8": Fp8LinearMethod,
+        "gguf": GGUFLinearMethod,
+    }
+    if quantization not in methods:
+        raise ValueError(
+            f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATION_METHODS)}"
+        )
+    return methods[quantization]()
+
+
+_current_method: LinearMethod = LinearMethod()
+
+
+def get_linear_method() -> LinearMethod:
+    """The method for a linear layer being built now (full precision outside `quantized_layers`)."""
+    return _current_method
+
+
+@contextmanager
+def quantized_layers(quantization: str | None) -> Iterator[None]:
+    """Build a model inside this to give its linear layers the `quantization` method."""
+    global _current_method
+    _current_method = linear_method(quantization)
+    try:
+        yield
+    finally:
+        _current_method = LinearMethod()
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """After `load_weights`: each linear layer turns its loaded weight into its method's stored form."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, LinearMethod):
+            method.process_weights_after_loading(module)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights take in memory, quantized layers counted in their stored form."""
+    tensors: dict[int, torch.Tensor] = {}  # by address: a tied weight counts once
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        held = list(module.parameters(recurse=False))
+        if isinstance(method, LinearMethod):
+            held = [p for p in held if p is not getattr(module, "weight", None)] + method.weight_tensors(
+                module
+            )
+        tensors.update((t.data_ptr(), t) for t in held)
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,134 @@
+"""The offline API's sampling features, checked against transformers and torch references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import EOS_ID, load_reference_model, make_tiny_model, reference_greedy
+
+from pagoda import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir: Path) -> LLM:
+    return LLM(model=str(model_dir), block_size=4, max_model_len=64)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> torch.nn.Module:
+    return load_reference_model(model_dir)
+
+
+def tokens(prompt: str) -> dict[str, list[int]]:
+    return {"prompt_token_ids": list(prompt.encode())}
+
+
+def test_n_samples_share_prompt_blocks_and_differ(llm: LLM) -> None:
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=6, ignore_eos=True, seed=3)
+    before = llm.engine.get_stats().prefix_cache_hits
+    [out] = llm.generate([tokens("a prompt long enough to fill blocks")], params, use_tqdm=False)
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    # samples 1..3 reuse the first sample's full prompt blocks (35 tokens: 8 full blocks of 4)
+    assert llm.engine.get_stats().prefix_cache_hits - before == 3 * 32
+
+
+def test_seeded_sampling_ignores_the_rest_of_the_batch(llm: LLM) -> None:
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, ignore_eos=True, seed=1234)
+    alone = llm.generate([tokens("hello")], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    noisy = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    batch = llm.generate([tokens("xyz"), tokens("hello"), tokens("other")], [noisy, seeded, noisy],
+                         use_tqdm=False)
+    assert batch[1].outputs[0].token_ids == alone
+
+
+def test_logprobs_match_the_reference_distribution(llm: LLM, reference: torch.nn.Module) -> None:
+    prompt = list(b"logprobs please")
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    [out] = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    completion = out.outputs[0]
+    full = prompt + completion.token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(torch.tensor([full])).logits[0].float(), dim=-1)
+    for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        row = ref[len(prompt) - 1 + step]
+        assert entry[token] == pytest.approx(row[token].item(), abs=1e-4)
+        top2 = row.topk(2).indices.tolist()
+        assert set(top2) <= set(entry)
+    assert out.prompt_logprobs[0] is None
+    for pos in range(1, len(prompt)):
+        expected = ref[pos - 1, prompt[pos]].item()
+        assert out.prompt_logprobs[pos][prompt[pos]] == pytest.approx(expected, abs=1e-4)
+
+
+def test_stop_strings_tokens_and_lengths(llm: LLM, reference: torch.nn.Module) -> None:
+    prompt = list(b"stop here")
+    greedy, _ = reference_greedy(reference, prompt, 12)
+    base = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    [plain] = llm.generate([{"prompt_token_ids": prompt}], base, use_tqdm=False)
+    assert plain.outputs[0].token_ids == greedy and plain.outputs[0].finish_reason == "length"
+
+    stop_token = greedy[4]
+    [by_id] = llm.generate([{"prompt_token_ids": prompt}],
+                           SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                          stop_token_ids=[stop_token]), use_tqdm=False)
+    first = greedy.index(stop_token)
+    assert by_id.outputs[0].token_ids == greedy[: first + 1]
+    assert by_id.outputs[0].finish_reason == "stop" and by_id.outputs[0].stop_reason == stop_token
+
+    plain_text = plain.outputs[0].text
+    # a stop string taken from the middle of the greedy text (avoiding replacement characters)
+    at = next(i for i in range(2, len(plain_text) - 1) if "\ufffd" not in plain_text[i : i + 2])
+    stop = plain_text[at : at + 2]
+    [by_str] = llm.generate([{"prompt_token_ids": prompt}],
+                            SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop]),
+                            use_tqdm=False)
+    assert by_str.outputs[0].text == plain_text[: plain_text.index(stop)]
+    assert by_str.outputs[0].finish_reason == "stop" and by_str.outputs[0].stop_reason == stop
+
+
+def test_min_tokens_and_eos(llm: LLM) -> None:
+    # forbid everything but EOS-prone behaviour: min_tokens must hold EOS back
+    params = SamplingParams(temperature=0.0, max_tokens=10, min_tokens=10)
+    [out] = llm.generate([tokens("eos test")], params, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 10 and EOS_ID not in out.outputs[0].token_ids
+
+
+def test_abort_frees_blocks_at_any_moment(llm: LLM) -> None:
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    engine.add_request("waiting-and-running", list(b"abort me please, I am long"), params)
+    engine.add_request("other", list(b"keep going"), params)
+    engine.step()
+    assert engine.get_stats().kv_cache_usage > 0
+    engine.abort_request("waiting-and-running")
+    engine.abort_request("unknown-id")  # a no-op
+    while engine.has_unfinished_requests():
+        engine.step()
+    stats = engine.get_stats()
+    assert stats.kv_cache_usage == 0.0 and stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_bad_requests_are_rejected_with_clear_errors(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([{"prompt_token_ids": []}], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 384\)"):
+        llm.generate([{"prompt_token_ids": [1, 99999]}], use_tqdm=False)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    assert llm.engine.get_stats().kv_cache_usage == 0.0
+
+
+def test_the_embedded_model_answers_a_factual_question() -> None:
+    llm = LLM(max_model_len=256, kv_cache_memory=64 << 20)
+    [out] = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                     SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop"
