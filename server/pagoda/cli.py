@@ -172,7 +172,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="GPUs to shard the model over. Default: %(default)s.",
     )
-    engine.add_argument("--quantization", default=None, help="Weight quantization method, if any.")
+    engine.add_argument(
+        "--quantization",
+        choices=["int8", "fp8", "gguf"],
+        default=None,
+        help="Weight quantization: int8 (W8A16), fp8 (e4m3), or gguf (keep a GGUF file's blocks). "
+        "Default: none.",
+    )
+    engine.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8", "fp8_e4m3"],
+        default="auto",
+        help="KV-cache element type; fp8 doubles the tokens that fit. Default: %(default)s.",
+    )
     engine.add_argument(
         "--enforce-eager",
         action=argparse.BooleanOptionalAction,
@@ -251,6 +263,7 @@ def serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
     )
     settings = ServerSettings(

@@ -132,3 +132,13 @@ def test_the_embedded_model_answers_a_factual_question() -> None:
                      SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"
+
+
+def test_prompt_logprobs_are_whole_when_the_prefix_is_cached(llm: LLM) -> None:
+    prompt = {"prompt_token_ids": list(b"a cached prefix, scored twice")}
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    first = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    assert first[0].prompt_logprobs is None
+    [scored] = llm.generate([prompt], params, use_tqdm=False)
+    assert len(scored.prompt_logprobs) == len(prompt["prompt_token_ids"])
+    assert all(entry is not None for entry in scored.prompt_logprobs[1:])

@@ -18,7 +18,7 @@ import torch
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block * block_size + offset) of each new token
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block * block_size + offset) per new token
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32: cumulative query lengths
     seq_lens: torch.Tensor  # [num_seqs] int32: context length after this step (cached + new tokens)
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0

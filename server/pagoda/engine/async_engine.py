@@ -223,6 +223,8 @@ class AsyncLLM:
             self._wakeup.notify()
         if self._thread.ident:
             self._thread.join(timeout)
+        if self.engine is not None:
+            self.engine.close()  # stops tensor-parallel workers now rather than at exit
         self._fail_all(EngineDeadError("the engine has shut down"))
 
     def _dispatch(self, result: _LoopPass) -> None:

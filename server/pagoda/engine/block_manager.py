@@ -57,7 +57,8 @@ class BlockManager:
 
         At least one token is always left to compute, since its logits are needed to sample.
         """
-        if not self.enable_prefix_caching:
+        # prompt logprobs need every prompt position's logits, so such a prompt is computed in full
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         hits: list[int] = []
         parent = None
