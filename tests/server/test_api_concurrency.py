@@ -75,6 +75,7 @@ def test_a_disconnected_non_streaming_request_is_aborted(server: LiveServer) -> 
     # the request is sent, then the client gives up waiting: the server must notice and abort
     hang_up = httpx.Timeout(5.0, read=0.1)
     with contextlib.suppress(httpx.ReadTimeout):
-        httpx.post(f"{server.base_url}/v1/chat/completions", json=body, headers=server.headers, timeout=hang_up)
+        url = f"{server.base_url}/v1/chat/completions"
+        httpx.post(url, json=body, headers=server.headers, timeout=hang_up)
     server.wait_idle(timeout=10)
     assert server.metric("vllm:request_success_total", finished_reason="abort") == aborted_before + 1
