@@ -18,7 +18,7 @@ from pagoda.entrypoints.protocol import (
     UsageInfo,
     random_id,
 )
-from pagoda.entrypoints.serving_engine import SSE_DONE, ServingEngine, sse, sse_error
+from pagoda.entrypoints.serving_engine import SSE_DONE, ServingEngine, sse, sse_chunk, sse_error
 from pagoda.outputs import CompletionOutput, RequestOutput
 
 
@@ -115,16 +115,7 @@ class ServingChat(ServingEngine):
                 "finish_reason": finish,
                 "stop_reason": stop_reason,
             }
-            body = {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-            }
-            if include_usage:
-                body["usage"] = None
-            return sse(body)
+            return sse_chunk(request_id, "chat.completion.chunk", created, model, choice, include_usage)
 
         try:
             for index in range(n):  # OpenAI sends the role first, on its own

@@ -16,7 +16,7 @@ from pagoda.entrypoints.protocol import (
     UsageInfo,
     random_id,
 )
-from pagoda.entrypoints.serving_engine import SSE_DONE, ServingEngine, sse, sse_error
+from pagoda.entrypoints.serving_engine import SSE_DONE, ServingEngine, sse, sse_chunk, sse_error
 from pagoda.outputs import CompletionOutput, RequestOutput
 
 
@@ -186,16 +186,7 @@ class ServingCompletion(ServingEngine):
                 "finish_reason": finish,
                 "stop_reason": stop_reason,
             }
-            body = {
-                "id": request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-            }
-            if include_usage:
-                body["usage"] = None
-            return sse(body)
+            return sse_chunk(request_id, "text_completion", created, model, choice, include_usage)
 
         try:
             if request.echo:

@@ -20,6 +20,22 @@ def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def sse_chunk(
+    request_id: str, object_name: str, created: int, model: str, choice: dict[str, Any], include_usage: bool
+) -> str:
+    """One streamed chunk holding one choice; `usage` is null on every chunk but the final usage one."""
+    body: dict[str, Any] = {
+        "id": request_id,
+        "object": object_name,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+    if include_usage:
+        body["usage"] = None
+    return sse(body)
+
+
 def sse_error(status: int, message: str) -> str:
     return sse(error_body(status, message))
 
