@@ -1,0 +1,201 @@
+"""On a CUDA GPU: the compiled Triton kernels at serving-sized shapes, and the whole engine on the GPU.
+
+CI has no GPU, so there every test here is reported as skipped (never as passed). On a GPU machine:
+`pytest tests/engine/test_cuda.py`. The kernels are checked against the same torch references as the
+interpreted tests; the engine's greedy tokens (float32, exact fp32 dots) against transformers on the CPU.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_quantization import gguf_weight, reference_weight
+from test_triton_attention import MIXED, PagedBatch, assert_matches_reference, make_batch
+from tiny_models import TINY_ARCHS, load_reference_model, make_tiny_model, reference_greedy
+
+from pagoda import LLM, SamplingParams
+from pagoda.quantization.gguf_blocks import group_quantized_from_blocks
+from pagoda.quantization.grouped import GroupQuantized
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CUDA = torch.device("cuda")
+
+
+def on_cuda(batch: PagedBatch) -> PagedBatch:
+    md = batch.md
+    md = replace(
+        md,
+        slot_mapping=md.slot_mapping.to(CUDA),
+        query_start_loc=md.query_start_loc.to(CUDA),
+        seq_lens=md.seq_lens.to(CUDA),
+        block_tables=md.block_tables.to(CUDA),
+    )
+    return replace(
+        batch,
+        query=batch.query.to(CUDA),
+        k_cache=batch.k_cache.to(CUDA),
+        v_cache=batch.v_cache.to(CUDA),
+        md=md,
+    )
+
+
+def on_cpu(batch: PagedBatch) -> PagedBatch:
+    return replace(batch, query=batch.query.cpu(), k_cache=batch.k_cache.cpu(), v_cache=batch.v_cache.cpu())
+
+
+def serving_lens(num_seqs: int, seed: int) -> tuple[list[int], list[int]]:
+    """A serving-like step: mostly decodes over long contexts, a few prefill chunks after cached tokens."""
+    rng = random.Random(seed)
+    query_lens, seq_lens = [], []
+    for _ in range(num_seqs):
+        q = 1 if rng.random() < 0.8 else rng.randint(2, 300)
+        query_lens.append(q)
+        seq_lens.append(q + rng.randint(0, 2000))
+    return query_lens, seq_lens
+
+
+@pytest.mark.parametrize(
+    ("num_seqs", "block_size", "num_heads", "num_kv_heads", "head_dim", "dtype"),
+    [
+        (24, 16, 32, 8, 128, torch.bfloat16),  # Llama-3-8B heads
+        (24, 16, 14, 2, 64, torch.float16),  # Qwen2-0.5B heads: a group of 7
+        (8, 32, 9, 3, 64, torch.float32),  # SmolLM2-135M heads, exact fp32 dots
+        (4, 16, 16, 1, 256, torch.bfloat16),  # MQA, Gemma's head dim
+    ],
+    ids=["llama3-bf16", "qwen2-fp16", "smollm2-fp32", "mqa-d256-bf16"],
+)
+def test_compiled_paged_attention_matches_reference(
+    num_seqs, block_size, num_heads, num_kv_heads, head_dim, dtype
+):
+    from pagoda.attention import triton_backend
+
+    batch = make_batch(
+        *serving_lens(num_seqs, seed=num_heads),
+        block_size=block_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+    )
+    gpu = on_cuda(batch)
+    scale = head_dim**-0.5
+    out = triton_backend.paged_attention(gpu.query, gpu.k_cache, gpu.v_cache, gpu.md, scale, None, None)
+    assert_matches_reference(out.cpu(), batch, scale)
+
+
+@pytest.mark.parametrize(("sliding_window", "softcap"), [(64, None), (None, 30.0), (300, 50.0)])
+def test_compiled_window_and_softcap(sliding_window, softcap):
+    from pagoda.attention import triton_backend
+
+    batch = make_batch(
+        *serving_lens(12, seed=3),
+        block_size=16,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=128,
+        dtype=torch.bfloat16,
+    )
+    gpu = on_cuda(batch)
+    out = triton_backend.paged_attention(
+        gpu.query, gpu.k_cache, gpu.v_cache, gpu.md, 0.1, sliding_window, softcap
+    )
+    assert_matches_reference(out.cpu(), batch, 0.1, sliding_window, softcap)
+
+
+def test_compiled_write_kv_then_attend():
+    from pagoda.attention import triton_backend
+
+    batch = make_batch(*MIXED, block_size=16, num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float16)
+    gpu = on_cuda(batch)
+    kv = torch.randn(gpu.query.shape[0], 4, 64, dtype=torch.float16, device=CUDA)  # fused K|V: strided
+    triton_backend.write_kv(kv[:, :2], kv[:, 2:], gpu.k_cache, gpu.v_cache, gpu.md.slot_mapping)
+    assert torch.equal(gpu.k_cache.view(-1, 2, 64)[gpu.md.slot_mapping], kv[:, :2])
+    assert torch.equal(gpu.v_cache.view(-1, 2, 64)[gpu.md.slot_mapping], kv[:, 2:])
+    out = triton_backend.paged_attention(gpu.query, gpu.k_cache, gpu.v_cache, gpu.md, 0.125, None, None)
+    assert_matches_reference(out.cpu(), on_cpu(gpu), 0.125)
+
+
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("num_tokens", [1, 37])
+def test_compiled_dequant_matmul_matches_reference(ggml_type, num_tokens):
+    from gguf import GGMLQuantizationType
+
+    from pagoda.quantization.triton_kernels import TritonQuantizedWeight
+
+    weight = gguf_weight(GGMLQuantizationType[ggml_type], 200, 512)
+    grouped = group_quantized_from_blocks(weight)
+    on_gpu = GroupQuantized(
+        grouped.q.to(CUDA),
+        grouped.scale.to(CUDA),
+        None if grouped.offset is None else grouped.offset.to(CUDA),
+        grouped.bits,
+    )
+    x = torch.randn(num_tokens, 512)
+    out = TritonQuantizedWeight(on_gpu).matmul(x.to(CUDA, torch.float16))
+    expected = F.linear(x, reference_weight(weight))
+    assert (out.float().cpu() - expected).norm() / expected.norm() < 5e-3  # fp16 operands
+
+
+# --- the engine on the GPU -------------------------------------------------------------------------------
+
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-cuda")
+    return {arch: make_tiny_model(arch, root / arch) for arch in TINY_ARCHS}
+
+
+def prompts(n: int, seed: int, shared_prefix: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, 256) for _ in range(shared_prefix)]
+    return [prefix + [rng.randrange(3, 256) for _ in range(rng.randint(1, 40))] for _ in range(n)]
+
+
+def greedy(llm: LLM, batch: list[list[int]]) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    return [
+        o.outputs[0].token_ids
+        for o in llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+    ]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_engine_on_cuda_equals_transformers(arch: str, model_dirs: dict[str, Path]) -> None:
+    batch = prompts(8, seed=TINY_ARCHS.index(arch), shared_prefix=20)
+    reference = load_reference_model(model_dirs[arch])
+    want = [reference_greedy(reference, p, MAX_NEW)[0] for p in batch]
+    # a tiny pool and token budget: prefix-cache hits, preemption and chunked prefill all on the GPU
+    llm = LLM(
+        model=str(model_dirs[arch]),
+        device="cuda",
+        dtype="float32",
+        block_size=16,
+        max_model_len=80,
+        num_gpu_blocks_override=12,
+        max_num_batched_tokens=48,
+    )
+    assert llm.engine.runner.device.type == "cuda"
+    assert greedy(llm, batch[:1]) == want[:1]
+    assert greedy(llm, batch) == want
+    stats = llm.engine.get_stats()
+    assert stats.prefix_cache_hits > 0 and stats.kv_cache_usage == 0.0
+
+
+def test_engine_on_cuda_profiles_memory_for_the_kv_pool(model_dirs: dict[str, Path]) -> None:
+    llm = LLM(model=str(model_dirs["llama"]), device="cuda", gpu_memory_utilization=0.3, max_model_len=64)
+    runner = llm.engine.runner
+    pool_bytes = runner.num_blocks * runner.block_bytes
+    # sized from the GPU's memory (or capped at what max_num_seqs full-length sequences can use)
+    useful = llm.engine.config.max_num_seqs * 64 // runner.block_size
+    assert runner.num_blocks == useful or pool_bytes > 0.1 * torch.cuda.get_device_properties(0).total_memory
+    assert runner.dtype == torch.bfloat16  # auto on a GPU: half precision
+    out = llm.generate(["hello world"], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5
