@@ -7,7 +7,8 @@ then all ranks run the same forward and meet in its collectives. The pipes carry
 collective broadcast so that an idle worker waits without a timeout, and so that a worker whose engine
 process is gone reads end-of-file and exits. A dead worker breaks the collectives of the step in flight
 (gloo reports the closed connection) or is seen before the next one; either way the step raises
-`WorkerFailedError`, and the engine stays failed.
+`WorkerFailedError`, and the engine stays failed. One that dies while the engine is idle is seen by the
+engine's idle watch (`check_alive`) and by the liveness probe (`all_alive`), without waiting for a step.
 """
 
 from __future__ import annotations
@@ -130,13 +131,25 @@ class TensorParallelWorkers:
             if kind != expected:
                 self._fail(WorkerFailedError(f"tensor-parallel worker {rank} failed to start:\n{message}"))
 
-    def run_step(self, run: Callable[[StepInputs], T], inputs: StepInputs) -> T:
-        """Send the step to every worker, then run rank 0's share of it with `run`."""
+    @property
+    def all_alive(self) -> bool:
+        """No worker has exited and no step has failed. Cheap, and safe from any thread even while a step
+        runs: it only polls the workers' exit sentinels, and neither reads a pipe nor reaps a process
+        (`check_alive`, on the engine's own thread, does that)."""
+        return self.error is None and not wait([proc.sentinel for proc in self._procs], timeout=0)
+
+    def check_alive(self) -> None:
+        """Raise `WorkerFailedError`, saying how the worker died, once one has; the engine's thread calls
+        this before each step, and while idle so that a death is noticed before the next request."""
         if self.error is not None:
             raise self.error
         dead = [rank for rank, proc in enumerate(self._procs, start=1) if not proc.is_alive()]
         if dead:
             self._fail(self._describe_death(dead[0]))
+
+    def run_step(self, run: Callable[[StepInputs], T], inputs: StepInputs) -> T:
+        """Send the step to every worker, then run rank 0's share of it with `run`."""
+        self.check_alive()
         payload = pickle.dumps(inputs, protocol=pickle.HIGHEST_PROTOCOL)
 
         def send_and_run() -> T:

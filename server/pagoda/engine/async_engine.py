@@ -5,6 +5,10 @@ warms it up, then repeats "take new requests and aborts, step, hand the outputs 
 Requests and aborts reach it through lists guarded by a condition variable, which the loop sleeps on
 when it has nothing to do (no busy spin, the GIL is free). Outputs go back in one
 `call_soon_threadsafe` per step to per-request asyncio queues.
+
+With tensor parallelism the engine also needs its worker processes: the liveness check looks at them on
+every call, and an idle loop wakes every `WORKER_WATCH_SECONDS` to fail the engine once one has died, so
+that a death between requests is reported at once, not by the next request.
 """
 
 from __future__ import annotations
@@ -16,13 +20,19 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagoda.config import EngineConfig
 from pagoda.engine.stats import EngineStats
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from pagoda.distributed.workers import TensorParallelWorkers
+
 logger = logging.getLogger(__name__)
+
+WORKER_WATCH_SECONDS = 0.5  # how often an idle tensor-parallel engine checks that its workers still run
 
 
 class EngineDeadError(RuntimeError):
@@ -111,6 +121,7 @@ class AsyncLLM:
         self._on_step = on_step
         self._on_fatal = on_fatal
         self.engine = None  # set by the engine thread once loaded; read-only elsewhere
+        self._workers: TensorParallelWorkers | None = None  # likewise; None unless tensor-parallel
         self.startup_times = StartupTimes()
         self.ready = asyncio.Event()
         self.dead_error: BaseException | None = None
@@ -132,7 +143,14 @@ class AsyncLLM:
 
     @property
     def is_alive(self) -> bool:
-        return self.dead_error is None and (self._thread.is_alive() or not self._thread.ident)
+        """Liveness: the engine thread runs (or has yet to start) and so does every tensor-parallel worker.
+        Cheap, and answers even while a step runs (or hangs in a collective with a dead worker)."""
+        workers = self._workers
+        return (
+            self.dead_error is None
+            and (self._thread.is_alive() or not self._thread.ident)
+            and (workers is None or workers.all_alive)
+        )
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -291,6 +309,7 @@ class AsyncLLM:
         start = time.perf_counter()
         logger.info("loading model %s", self.config.model or "(embedded SmolLM2-135M-Instruct)")
         engine = factory(self.config)
+        self._workers = _tensor_parallel_workers(engine)  # watched from here on, warm-up included
         self.startup_times.load_s = time.perf_counter() - start
         logger.info("model loaded in %.2f s; warming up", self.startup_times.load_s)
         start = time.perf_counter()
@@ -302,14 +321,24 @@ class AsyncLLM:
         self._call_in_loop(self.ready.set)
         return engine
 
+    def _has_work(self, engine) -> bool:  # noqa: ANN001 - LLMEngine, imported lazily
+        return bool(self._new or self._aborts or self._stopping or engine.has_unfinished_requests())
+
     def _serve(self, engine) -> None:  # noqa: ANN001 - LLMEngine, imported lazily
         arrivals: dict[str, float] = {}  # unfinished request id -> arrival time; engine-thread only
+        workers = self._workers
+        idle_wait = None if workers is None else WORKER_WATCH_SECONDS
         while True:
+            if workers is not None:
+                # outside the lock: failing stops the other workers, which takes a while
+                workers.check_alive()
             with self._wakeup:
-                while not (self._new or self._aborts or self._stopping or engine.has_unfinished_requests()):
-                    self._wakeup.wait()
+                if not self._has_work(engine):
+                    self._wakeup.wait(idle_wait)
                 if self._stopping:
                     return
+                if not self._has_work(engine):
+                    continue  # woke only to check the workers
                 new, self._new = self._new, []
                 aborts, self._aborts = self._aborts, []
             result = _LoopPass()
@@ -339,3 +368,8 @@ class AsyncLLM:
                 self._call_in_loop(
                     self._on_step, StepReport(result.outputs, self._stats, aborted, time.monotonic())
                 )
+
+
+def _tensor_parallel_workers(engine: object) -> TensorParallelWorkers | None:
+    """The engine's other tensor-parallel ranks; None for a single-process engine (or a test's stand-in)."""
+    return getattr(getattr(engine, "runner", None), "workers", None)

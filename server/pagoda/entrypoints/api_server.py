@@ -245,10 +245,12 @@ def build_app(config: EngineConfig, settings: ServerSettings, engine_factory: An
     install_error_handlers(app)
     app.add_middleware(GateMiddleware, state=state)
 
-    @app.get("/health", summary="Liveness: the process and the engine loop are alive")
+    @app.get("/health", summary="Liveness: the process, the engine loop and its workers are alive")
     async def health() -> Response:
-        if state.llm is None or not state.llm.is_alive:
-            return error_response(503, "the engine loop is not running", code="engine_dead")
+        llm = state.llm
+        if llm is None or not llm.is_alive:
+            why = f": {llm.dead_error}" if llm is not None and llm.dead_error is not None else ""
+            return error_response(503, f"the engine is not running{why}", code="engine_dead")
         return Response(status_code=200)
 
     @app.get("/ready", summary="Readiness: the model is loaded and warmed up, and the server is not draining")
