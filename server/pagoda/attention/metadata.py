@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,6 +28,9 @@ class AttentionMetadata:
     # host copies, so the torch backend never syncs with the device to read them
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # values derived from the above that every layer needs (gather indices, masks): computed by the first
+    # layer that attends, reused by the rest of the step's forward
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:

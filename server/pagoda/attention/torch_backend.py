@@ -1,15 +1,21 @@
 """Paged attention in plain torch: the CPU path, and the reference the Triton kernels are tested against.
 
 Caches are [num_blocks, block_size, num_kv_heads, head_dim]. A sequence's context is gathered from its
-blocks through its block table, then attended with torch SDPA (or explicit math when the logits are
-soft-capped, which SDPA cannot do). Decodes in a batch share one padded SDPA call; each prefill chunk gets
-its own call, since its query length differs from the others'. Everything is computed in float32.
+blocks through its block table (`index_select`, a row copy per block), then attended with torch SDPA (or
+explicit math when the logits are soft-capped, which SDPA cannot do). Decodes in a batch share one padded
+SDPA call; each prefill chunk gets its own call, since its query length differs from the others'.
+Everything is computed in float32.
+
+What to gather and the masks depend only on the step's metadata, not on the layer: a `_Plan` is built by
+the first layer that attends and reused by the others (one per sliding window, for Gemma's alternation).
 
 An fp8 (e4m3) cache holds K/V divided by a per-layer `k_scale` / `v_scale`: quantized as they are
 written, dequantized as they are gathered. Other caches ignore the scales.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,105 +60,105 @@ def paged_attention(
     v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens (query [N, H, D]) over its cached context."""
-    cache_scales = (k_scale, v_scale)
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    plan = _plan(md, k_cache.shape[1], group, sliding_window)
     out = torch.empty_like(query)
+    for part in plan.parts:
+        keys = _gather(k_cache, part.blocks, k_scale).view(part.num_seqs, -1, num_kv_heads, head_dim)
+        values = _gather(v_cache, part.blocks, v_scale).view(part.num_seqs, -1, num_kv_heads, head_dim)
+        if part.context is not None:
+            keys, values = keys[:, part.context], values[:, part.context]
+        q = query[part.rows]
+        if part.query_len == 1:  # decodes: [B, H, D] -> [B, Hkv, group, D]
+            q = q.view(part.num_seqs, num_kv_heads, group, head_dim)
+        else:  # one prefill chunk: [L, H, D] -> [1, Hkv, group * L, D], rows ordered (group, query)
+            q = q.view(part.query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+            q = q.reshape(1, num_kv_heads, group * part.query_len, head_dim)
+        attended = _attend(q, keys, values, part.bias, scale, softcap)
+        if part.query_len > 1:
+            attended = attended.view(num_kv_heads, group, part.query_len, head_dim).permute(2, 0, 1, 3)
+        out[part.rows] = attended.reshape(-1, num_heads, head_dim).to(out.dtype)
+    return out
+
+
+@dataclass
+class _Part:
+    """One SDPA call: all the step's decodes, or one prefill chunk."""
+
+    rows: slice | torch.Tensor  # of the flat batch
+    num_seqs: int
+    query_len: int  # 1 for the decodes
+    blocks: torch.Tensor  # [num_seqs * blocks_per_seq] int64: the cache blocks to gather, in order
+    context: slice | None  # the gathered keys the chunk sees (None: all of them)
+    bias: torch.Tensor  # additive mask, 0 where visible and -inf elsewhere: [num_seqs, 1, rows, keys]
+
+
+@dataclass
+class _Plan:
+    parts: list[_Part]
+
+
+def _plan(md: AttentionMetadata, block_size: int, group: int, sliding_window: int | None) -> _Plan:
+    key = ("torch", block_size, group, sliding_window)
+    if key not in md.memo:
+        md.memo[key] = _build_plan(md, block_size, group, sliding_window)
+    return md.memo[key]
+
+
+def _build_plan(md: AttentionMetadata, block_size: int, group: int, sliding_window: int | None) -> _Plan:
+    device = md.block_tables.device
+    parts: list[_Part] = []
     decode_rows: list[int] = []
     decode_seqs: list[int] = []
     start = 0
-    for seq, (query_len, seq_len) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu)):
+    for seq, query_len in enumerate(md.query_lens_cpu):
         if query_len == 1:
             decode_rows.append(start)
             decode_seqs.append(seq)
         elif query_len > 1:
-            out[start : start + query_len] = _prefill_attention(
-                query[start : start + query_len],
-                k_cache,
-                v_cache,
-                md.block_tables[seq],
-                seq_len,
-                scale,
-                sliding_window,
-                softcap,
-                cache_scales,
-            )
+            parts.append(_prefill_part(md, seq, start, block_size, group, sliding_window))
         start += query_len
     if decode_seqs:
-        all_decode = len(decode_rows) == query.shape[0]
-        rows = slice(None) if all_decode else torch.tensor(decode_rows, device=query.device)
-        out[rows] = _decode_attention(
-            query[rows],
-            k_cache,
-            v_cache,
-            md.block_tables[decode_seqs],
-            [md.seq_lens_cpu[s] for s in decode_seqs],
-            scale,
-            sliding_window,
-            softcap,
-            cache_scales,
-        )
-    return out
+        seq_lens = torch.tensor([md.seq_lens_cpu[s] for s in decode_seqs], device=device)
+        num_blocks = -(-max(md.seq_lens_cpu[s] for s in decode_seqs) // block_size)
+        blocks = md.block_tables[decode_seqs, :num_blocks].flatten().long()
+        key_pos = torch.arange(num_blocks * block_size, device=device)
+        # the padding past each context is masked by causality: its positions exceed the query's
+        visible = _visible((seq_lens - 1)[:, None], key_pos[None, :], sliding_window)
+        rows = slice(None) if len(decode_rows) == start else torch.tensor(decode_rows, device=device)
+        parts.append(_Part(rows, len(decode_seqs), 1, blocks, None, _bias(visible)[:, None, None, :]))
+    return _Plan(parts)
 
 
-def _prefill_attention(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_len: int,
-    scale: float,
-    sliding_window: int | None,
-    softcap: float | None,
-    cache_scales: tuple[float, float],
-) -> torch.Tensor:
+def _prefill_part(
+    md: AttentionMetadata, seq: int, start: int, block_size: int, group: int, sliding_window: int | None
+) -> _Part:
     """One sequence's chunk of query_len new tokens, the last ones of its seq_len-token context."""
-    query_len = query.shape[0]
-    block_size = k_cache.shape[1]
+    query_len, seq_len = md.query_lens_cpu[seq], md.seq_lens_cpu[seq]
+    device = md.block_tables.device
     first_query_pos = seq_len - query_len
     # keys before the first query's window are never seen: skip gathering them
     first_key = 0 if sliding_window is None else max(0, first_query_pos - sliding_window + 1)
     first_block = first_key // block_size
-    blocks = block_table[first_block : -(-seq_len // block_size)].long()
+    blocks = md.block_tables[seq, first_block : -(-seq_len // block_size)].long()
     skip = first_key - first_block * block_size
     context = slice(skip, seq_len - first_block * block_size)
-    keys = _gather(k_cache, blocks, cache_scales[0]).flatten(0, 1)[context]
-    values = _gather(v_cache, blocks, cache_scales[1]).flatten(0, 1)[context]
 
-    query_pos = torch.arange(first_query_pos, seq_len, device=query.device)
-    key_pos = torch.arange(first_key, seq_len, device=query.device)
-    mask = _visible(query_pos[:, None], key_pos[None, :], sliding_window)
-    return _attend(query[None], keys[None], values[None], mask[None], scale, softcap)[0]
-
-
-def _decode_attention(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: list[int],
-    scale: float,
-    sliding_window: int | None,
-    softcap: float | None,
-    cache_scales: tuple[float, float],
-) -> torch.Tensor:
-    """One new token per sequence (query [B, H, D]), contexts padded to the longest and masked."""
-    block_size = k_cache.shape[1]
-    num_blocks = -(-max(seq_lens) // block_size)
-    tables = block_tables[:, :num_blocks].long()
-    keys = _gather(k_cache, tables, cache_scales[0]).flatten(1, 2)  # [B, num_blocks * block_size, Hkv, D]
-    values = _gather(v_cache, tables, cache_scales[1]).flatten(1, 2)
-
-    lens = torch.tensor(seq_lens, device=query.device)
-    key_pos = torch.arange(keys.shape[1], device=query.device)
-    # the padding past each context is masked by causality: its positions exceed the query's
-    mask = _visible((lens - 1)[:, None, None], key_pos[None, None, :], sliding_window)
-    return _attend(query[:, None], keys, values, mask, scale, softcap)[:, 0]
+    query_pos = torch.arange(first_query_pos, seq_len, device=device)
+    key_pos = torch.arange(first_key, seq_len, device=device)
+    visible = _visible(query_pos[:, None], key_pos[None, :], sliding_window)  # [L, S]
+    bias = _bias(visible).repeat(group, 1)  # the rows of each KV head are (group, query) pairs
+    return _Part(slice(start, start + query_len), 1, query_len, blocks, context, bias[None, None])
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, scale: float) -> torch.Tensor:
     """The cache blocks `blocks` index, as float32 values when the cache holds scaled fp8."""
     if cache.dtype != torch.float8_e4m3fn:
-        return cache[blocks]
-    return cache[blocks].float() * scale
+        return cache.index_select(0, blocks)
+    # index_select has no fp8 kernel on the CPU: gather the bytes
+    return cache.view(torch.uint8).index_select(0, blocks).view(cache.dtype).float() * scale
 
 
 def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -163,32 +169,26 @@ def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int
     return mask
 
 
+def _bias(visible: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
 def _attend(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    mask: torch.Tensor,
+    bias: torch.Tensor,
     scale: float,
     softcap: float | None,
 ) -> torch.Tensor:
-    """query [B, L, H, D], keys/values [B, S, Hkv, D], mask [B, L, S] -> [B, L, H, D], in float32.
-
-    Query heads that share a KV head are stacked along the query axis, so K/V are never repeated.
-    """
-    batch, query_len, num_heads, head_dim = query.shape
-    num_kv_heads, key_len = keys.shape[2], keys.shape[1]
-    group = num_heads // num_kv_heads
-    q = query.float().view(batch, query_len, num_kv_heads, group, head_dim)
-    q = q.permute(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, group * query_len, head_dim)
+    """query [B, Hkv, R, D] (the R query rows of each KV head), keys/values [B, S, Hkv, D], additive mask
+    broadcastable to [B, 1, R, S] -> [B, Hkv, R, D] in float32. Query heads that share a KV head are rows
+    of one matrix, so K/V are never repeated."""
+    q = query.float()
     k = keys.float().transpose(1, 2)
     v = values.float().transpose(1, 2)
-    m = mask[:, None, None].expand(batch, 1, group, query_len, key_len).reshape(batch, 1, -1, key_len)
     if softcap is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
-    else:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        scores = softcap * torch.tanh(scores / softcap)
-        scores = scores.masked_fill(~m, float("-inf"))
-        out = torch.matmul(scores.softmax(dim=-1), v)
-    out = out.view(batch, num_kv_heads, group, query_len, head_dim).permute(0, 3, 1, 2, 4)
-    return out.reshape(batch, query_len, num_heads, head_dim).to(query.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap) + bias
+    return torch.matmul(scores.softmax(dim=-1), v)
