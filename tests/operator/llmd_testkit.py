@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ CRD_PATH = REPO_ROOT / "crds" / "llmdeployments.pagoda.dev.yaml"
 EXAMPLES_DIR = REPO_ROOT / "examples"
 NAMESPACE = "ml"
 LLMD_RESOURCE = "pagoda.dev/v1alpha1/llmdeployments"
+PODS = "v1/pods"
+SERVING = "pagoda.dev/serving"
 
 
 def load_crd() -> dict[str, Any]:
@@ -54,11 +57,14 @@ def undeclared_fields(schema: dict[str, Any], value: Any, path: str = "") -> lis
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll until `predicate()` is truthy (and return it), or fail after `timeout` seconds."""
+    """Poll until `predicate()` (awaited if it returns an awaitable) is truthy and return it, or fail after
+    `timeout` seconds."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         try:
             value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
         except (KeyError, IndexError, TypeError):
             value = None
         if value:
@@ -97,6 +103,34 @@ async def api_call(kube: Any, method: str, path: str, body: dict[str, Any] | Non
     async with kube.request(method, path, json=body, headers={"Content-Type": content_type}) as response:
         assert response.status < 300, (response.status, await response.text())
         return await response.json()
+
+
+def obj(kube: kmock.KubernetesEmulator, resource: str, name: str) -> dict[str, Any] | None:
+    try:
+        stored = kube.objects[resource, NAMESPACE, name]
+    except KeyError:
+        return None
+    return None if stored.deleted else stored.raw
+
+
+def status(kube: kmock.KubernetesEmulator, name: str) -> dict[str, Any]:
+    return (obj(kube, LLMD_RESOURCE, name) or {}).get("status") or {}
+
+
+def condition(kube: kmock.KubernetesEmulator, name: str, type_: str) -> dict[str, Any]:
+    return next((c for c in status(kube, name).get("conditions") or [] if c["type"] == type_), {})
+
+
+def serving_pods(kube: kmock.KubernetesEmulator, names: list[str]) -> set[str]:
+    return {
+        n
+        for n in names
+        if ((obj(kube, PODS, n) or {}).get("metadata", {}).get("labels") or {}).get(SERVING) == "true"
+    }
+
+
+async def create_llmd(kube: kmock.KubernetesEmulator, name: str, spec: dict[str, Any]) -> None:
+    await api_call(kube, "POST", api_path("llmdeployments"), llmd_object(name, spec))
 
 
 def fake_pod(

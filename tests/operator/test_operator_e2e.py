@@ -21,13 +21,19 @@ from aiohttp import web
 from llmd_testkit import (
     LLMD_RESOURCE,
     NAMESPACE,
+    PODS,
+    SERVING,
     api_call,
     api_path,
+    condition,
+    create_llmd,
     fake_pod,
-    llmd_object,
+    obj,
     pod_status,
     posted_events,
     schema_errors,
+    serving_pods,
+    status,
     wait_for,
 )
 
@@ -38,37 +44,7 @@ DEPLOYMENTS = "apps/v1/deployments"
 SERVICES = "v1/services"
 PDBS = "policy/v1/poddisruptionbudgets"
 HPAS = "autoscaling/v2/horizontalpodautoscalers"
-PODS = "v1/pods"
 PVCS = "v1/persistentvolumeclaims"
-SERVING = "pagoda.dev/serving"
-
-
-def obj(kube: kmock.KubernetesEmulator, resource: str, name: str) -> dict[str, Any] | None:
-    try:
-        stored = kube.objects[resource, NAMESPACE, name]
-    except KeyError:
-        return None
-    return None if stored.deleted else stored.raw
-
-
-def status(kube: kmock.KubernetesEmulator, name: str) -> dict[str, Any]:
-    return (obj(kube, LLMD_RESOURCE, name) or {}).get("status") or {}
-
-
-def condition(kube: kmock.KubernetesEmulator, name: str, type_: str) -> dict[str, Any]:
-    return next((c for c in status(kube, name).get("conditions") or [] if c["type"] == type_), {})
-
-
-def serving_pods(kube: kmock.KubernetesEmulator, names: list[str]) -> set[str]:
-    return {
-        n
-        for n in names
-        if ((obj(kube, PODS, n) or {}).get("metadata", {}).get("labels") or {}).get(SERVING) == "true"
-    }
-
-
-async def create_llmd(kube: kmock.KubernetesEmulator, name: str, spec: dict[str, Any]) -> None:
-    await api_call(kube, "POST", api_path("llmdeployments"), llmd_object(name, spec))
 
 
 async def create_pods(kube: kmock.KubernetesEmulator, instance: str, count: int, **kwargs: Any) -> list[str]:
