@@ -114,8 +114,10 @@ class Reconciler:
             )
             await self.write_autoscaler_status(body, decision, loads)
             if decision.replicas != spec.replicas:
+                # through the scale subresource, as an HPA would: RBAC can grant it apart from the spec
                 await self.client.patch(
-                    kube.LLMDEPLOYMENTS, namespace, name, {"spec": {"replicas": decision.replicas}}
+                    kube.LLMDEPLOYMENTS, namespace, name, {"spec": {"replicas": decision.replicas}},
+                    subresource="scale",
                 )
                 announce(
                     body,
