@@ -110,7 +110,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16"],
-        help="Weights and activations dtype. auto: bfloat16 on GPU, float32 on CPU.",
+        help="Weights and activations dtype. auto: the checkpoint's half type (bfloat16 for a quantized "
+        "GGUF file) on a GPU and on CPUs with native bfloat16 (AVX512-BF16, AMX); float32 otherwise, and "
+        "for float32 checkpoints on the CPU.",
     )
     engine.add_argument(
         "--device",
@@ -174,10 +176,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     engine.add_argument(
         "--quantization",
-        choices=["int8", "fp8", "gguf"],
+        choices=["none", "int8", "fp8", "gguf"],
         default=None,
-        help="Weight quantization: int8 (W8A16), fp8 (e4m3), or gguf (keep a GGUF file's blocks). "
-        "Default: none.",
+        help="Weight quantization: none (full precision; expands a GGUF file's blocks), int8 (W8A16), "
+        "fp8 (e4m3), or gguf (keep a GGUF file's blocks). Default: gguf for a quantized GGUF file "
+        "(without tensor parallelism), none otherwise.",
     )
     engine.add_argument(
         "--kv-cache-dtype",

@@ -24,7 +24,9 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     seed: int = 0
     tensor_parallel_size: int = 1
-    quantization: str | None = None  # None | int8 | fp8 | gguf (see docs/quantization.md)
+    # None (auto: a quantized GGUF file keeps its blocks, anything else full precision) | none | int8 | fp8 |
+    # gguf; see docs/quantization.md
+    quantization: str | None = None
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (e4m3, a scale per layer)
     enforce_eager: bool = False
 
@@ -43,8 +45,8 @@ class EngineConfig:
             raise ValueError(f"unknown device {self.device!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
-        if self.quantization not in (None, "int8", "fp8", "gguf"):
-            raise ValueError(f"unknown quantization {self.quantization!r}: expected int8, fp8 or gguf")
+        if self.quantization not in (None, "none", "int8", "fp8", "gguf"):
+            raise ValueError(f"unknown quantization {self.quantization!r}: expected none, int8, fp8 or gguf")
         if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
             raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}: expected auto or fp8")
 

@@ -20,7 +20,10 @@ def test_embedded_model_knows_the_capital_of_france(tmp_path: Path) -> None:
             "model": "SmolLM2-135M-Instruct",
             "max_tokens": 12,
             "temperature": 0,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            # a sentence, not a bare question: see test_the_embedded_model_answers_a_factual_question
+            "messages": [
+                {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
+            ],
         }
         answer = client.chat.completions.create(**question)
         assert "Paris" in answer.choices[0].message.content

@@ -6,10 +6,14 @@ rank 0's turns the scheduler's batch into `StepInputs`, has its workers run them
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pagoda.attention.metadata import AttentionMetadata, attention_metadata
@@ -38,14 +42,40 @@ _DTYPES = {
 }
 
 
-def resolve_dtype(name: str, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, checkpoint: Checkpoint, device: torch.device) -> torch.dtype:
+    """dtype="auto": the checkpoint's half type (a block-quantized GGUF file, which has no float type of
+    its own, counts as bfloat16) where the device computes in it fast; float32 checkpoints stay float32
+    on the CPU, so they match transformers exactly, and run in bfloat16 on a GPU, as vLLM does."""
     if name != "auto":
         return _DTYPES[name]
+    half = checkpoint.torch_dtype if checkpoint.torch_dtype in (torch.float16, torch.bfloat16) else None
+    if checkpoint.is_block_quantized:
+        half = torch.bfloat16
     if device.type == "cpu":
-        return torch.float32  # half-precision matmuls are slow on most CPUs
-    if checkpoint_dtype in (torch.float16, torch.bfloat16):
-        return checkpoint_dtype
-    return torch.bfloat16
+        # bfloat16 doubles float32's matmul rate where the CPU multiplies it natively; elsewhere half
+        # precision (and float16 anywhere) runs slower than float32
+        return torch.bfloat16 if half is not None and cpu_has_native_bfloat16() else torch.float32
+    return half or torch.bfloat16
+
+
+@functools.cache
+def cpu_has_native_bfloat16() -> bool:
+    """AVX512-BF16 or AMX-BF16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_quantization(name: str | None, checkpoint: Checkpoint, tensor_parallel_size: int) -> str | None:
+    """quantization=None: a block-quantized GGUF file is served from its blocks (as llama.cpp and vLLM
+    do: a quarter of the memory traffic), except under tensor parallelism, which the GGUF kernels lack;
+    anything else runs unquantized. "none" always expands a GGUF file to floats."""
+    if name is None:
+        return "gguf" if checkpoint.is_block_quantized and tensor_parallel_size == 1 else None
+    return None if name == "none" else name
 
 
 @dataclass
@@ -83,15 +113,16 @@ class ModelRunner:
         self.config = config
         self.workers = workers
         self.device = config.torch_device
-        self.dtype = resolve_dtype(config.dtype, checkpoint.torch_dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, checkpoint, self.device)
+        self.quantization = resolve_quantization(config.quantization, checkpoint, config.tensor_parallel_size)
         self.spec = ModelSpec.from_hf_config(checkpoint.config)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         torch.manual_seed(config.seed)
         self.kv_cache_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
-        with model_shard(config.tensor_parallel_size), quantized_layers(config.quantization):
+        with model_shard(config.tensor_parallel_size), quantized_layers(self.quantization):
             self.model = build_model(checkpoint.config, self.dtype, self.device)
-        gguf = config.quantization == "gguf"
+        gguf = self.quantization == "gguf"
         self.model.load_weights(checkpoint.quantized_weights() if gguf else checkpoint.weights())
         process_weights_after_loading(self.model)
         self.model.eval()
@@ -139,9 +170,18 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         for layer in self.attention_layers:
             shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            layer.k_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            layer.k_cache = self._zeros(shape)
+            layer.v_cache = self._zeros(shape)
             layer.kv_scales = None  # an fp8 cache calibrates its scales on the first batch it stores
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A zeroed KV tensor. Zeros, not garbage: attention multiplies the masked padding of a block by a
+        zero weight, and 0 * NaN would poison it. On the CPU the zeros come from calloc (numpy), i.e. from
+        pages the kernel maps on first touch: the pool costs memory and start-up time only as it fills."""
+        if self.device.type != "cpu":
+            return torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+        num_bytes = math.prod(shape) * self.kv_cache_dtype.itemsize
+        return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(self.kv_cache_dtype).view(shape)
 
     @torch.inference_mode()
     def _forward_dummy_prefill(self, num_tokens: int) -> None:

@@ -41,6 +41,11 @@ class Checkpoint:
     # block-quantized files only: the same weights, linear layers' ones left in their blocks
     quantized_weight_loader: Callable[[], QuantizedWeightIterator] | None = field(default=None, repr=False)
 
+    @property
+    def is_block_quantized(self) -> bool:
+        """A GGUF file whose weights are in quantized blocks (Q4_1, Q8_0, ...), not floats."""
+        return self.quantized_weight_loader is not None
+
     def weights(self) -> WeightIterator:
         """`(hf_name, tensor)` pairs, e.g. `("model.layers.0.self_attn.q_proj.weight", tensor)`, on CPU."""
         return self.weight_loader()

@@ -1,0 +1,61 @@
+"""What the engine picks when the user leaves dtype, quantization and the KV pool to it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny_models import make_tiny_model
+
+from pagoda import LLM
+from pagoda.engine import model_runner
+from pagoda.engine.model_runner import resolve_dtype, resolve_quantization
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda")
+
+
+def checkpoint(dtype: torch.dtype, block_quantized: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(torch_dtype=dtype, is_block_quantized=block_quantized)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_dtype(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
+    monkeypatch.setattr(model_runner, "cpu_has_native_bfloat16", lambda: native_bf16)
+    half = torch.bfloat16 if native_bf16 else torch.float32
+    # float32 checkpoints stay float32 on the CPU: exactly transformers' numbers
+    assert resolve_dtype("auto", checkpoint(torch.float32), CPU) == torch.float32
+    assert resolve_dtype("auto", checkpoint(torch.bfloat16), CPU) == half
+    assert resolve_dtype("auto", checkpoint(torch.float32, block_quantized=True), CPU) == half
+    assert resolve_dtype("auto", checkpoint(torch.float16), CPU) == half  # CPUs have no fast float16
+    assert resolve_dtype("auto", checkpoint(torch.float32), GPU) == torch.bfloat16
+    assert resolve_dtype("auto", checkpoint(torch.float16), GPU) == torch.float16
+    assert resolve_dtype("float32", checkpoint(torch.bfloat16), CPU) == torch.float32
+
+
+def test_auto_quantization_serves_gguf_blocks_as_they_are() -> None:
+    gguf, hf = checkpoint(torch.float32, block_quantized=True), checkpoint(torch.bfloat16)
+    assert resolve_quantization(None, gguf, tensor_parallel_size=1) == "gguf"
+    assert resolve_quantization(None, gguf, tensor_parallel_size=2) is None  # no TP in the GGUF kernels
+    assert resolve_quantization("none", gguf, tensor_parallel_size=1) is None
+    assert resolve_quantization(None, hf, tensor_parallel_size=1) is None
+    assert resolve_quantization("int8", hf, tensor_parallel_size=1) == "int8"
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_a_large_cpu_kv_pool_costs_memory_only_as_it_fills(tmp_path: Path) -> None:
+    model = make_tiny_model("llama", tmp_path / "llama")
+    before = rss_bytes()
+    llm = LLM(model=str(model), kv_cache_memory=2 << 30, max_model_len=64, max_num_seqs=100_000)
+    runner = llm.engine.runner
+    assert runner.num_blocks * runner.block_bytes > (2 << 30) * 0.9  # the whole budget was allocated
+    assert rss_bytes() - before < 256 << 20  # ... but not touched
+    # untouched pages read as zeros: masked padding in a block must never be NaN garbage
+    assert not runner.attention_layers[0].k_cache[-1].any()
