@@ -4,7 +4,6 @@ Caches are [num_blocks, block_size, num_kv_heads, head_dim]. A sequence's contex
 blocks through its block table (`index_select`, a row copy per block), then attended with torch SDPA (or
 explicit math when the logits are soft-capped, which SDPA cannot do). Decodes in a batch share one padded
 SDPA call; each prefill chunk gets its own call, since its query length differs from the others'.
-Everything is computed in float32.
 
 What to gather and the masks depend only on the step's metadata, not on the layer: a `_Plan` is built by
 the first layer that attends and reused by the others (one per sliding window, for Gemma's alternation).
@@ -63,7 +62,10 @@ def paged_attention(
     num_heads, head_dim = query.shape[1:]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    plan = _plan(md, k_cache.shape[1], group, sliding_window)
+    # SDPA runs in the cache's dtype; soft-capped logits and dequantized fp8 in float32
+    exact = softcap is not None or k_cache.dtype == torch.float8_e4m3fn
+    dtype = torch.float32 if exact else k_cache.dtype
+    plan = _plan(md, k_cache.shape[1], group, sliding_window, dtype)
     out = torch.empty_like(query)
     for part in plan.parts:
         keys = _gather(k_cache, part.blocks, k_scale).view(part.num_seqs, -1, num_kv_heads, head_dim)
@@ -100,14 +102,18 @@ class _Plan:
     parts: list[_Part]
 
 
-def _plan(md: AttentionMetadata, block_size: int, group: int, sliding_window: int | None) -> _Plan:
-    key = ("torch", block_size, group, sliding_window)
+def _plan(
+    md: AttentionMetadata, block_size: int, group: int, sliding_window: int | None, dtype: torch.dtype
+) -> _Plan:
+    key = ("torch", block_size, group, sliding_window, dtype)
     if key not in md.memo:
-        md.memo[key] = _build_plan(md, block_size, group, sliding_window)
+        md.memo[key] = _build_plan(md, block_size, group, sliding_window, dtype)
     return md.memo[key]
 
 
-def _build_plan(md: AttentionMetadata, block_size: int, group: int, sliding_window: int | None) -> _Plan:
+def _build_plan(
+    md: AttentionMetadata, block_size: int, group: int, sliding_window: int | None, dtype: torch.dtype
+) -> _Plan:
     device = md.block_tables.device
     parts: list[_Part] = []
     decode_rows: list[int] = []
@@ -118,7 +124,7 @@ def _build_plan(md: AttentionMetadata, block_size: int, group: int, sliding_wind
             decode_rows.append(start)
             decode_seqs.append(seq)
         elif query_len > 1:
-            parts.append(_prefill_part(md, seq, start, block_size, group, sliding_window))
+            parts.append(_prefill_part(md, seq, start, block_size, group, sliding_window, dtype))
         start += query_len
     if decode_seqs:
         seq_lens = torch.tensor([md.seq_lens_cpu[s] for s in decode_seqs], device=device)
@@ -128,12 +134,18 @@ def _build_plan(md: AttentionMetadata, block_size: int, group: int, sliding_wind
         # the padding past each context is masked by causality: its positions exceed the query's
         visible = _visible((seq_lens - 1)[:, None], key_pos[None, :], sliding_window)
         rows = slice(None) if len(decode_rows) == start else torch.tensor(decode_rows, device=device)
-        parts.append(_Part(rows, len(decode_seqs), 1, blocks, None, _bias(visible)[:, None, None, :]))
+        parts.append(_Part(rows, len(decode_seqs), 1, blocks, None, _bias(visible, dtype)[:, None, None, :]))
     return _Plan(parts)
 
 
 def _prefill_part(
-    md: AttentionMetadata, seq: int, start: int, block_size: int, group: int, sliding_window: int | None
+    md: AttentionMetadata,
+    seq: int,
+    start: int,
+    block_size: int,
+    group: int,
+    sliding_window: int | None,
+    dtype: torch.dtype,
 ) -> _Part:
     """One sequence's chunk of query_len new tokens, the last ones of its seq_len-token context."""
     query_len, seq_len = md.query_lens_cpu[seq], md.seq_lens_cpu[seq]
@@ -149,7 +161,7 @@ def _prefill_part(
     query_pos = torch.arange(first_query_pos, seq_len, device=device)
     key_pos = torch.arange(first_key, seq_len, device=device)
     visible = _visible(query_pos[:, None], key_pos[None, :], sliding_window)  # [L, S]
-    bias = _bias(visible).repeat(group, 1)  # the rows of each KV head are (group, query) pairs
+    bias = _bias(visible, dtype).repeat(group, 1)  # the rows of each KV head are (group, query) pairs
     return _Part(slice(start, start + query_len), 1, query_len, blocks, context, bias[None, None])
 
 
@@ -169,8 +181,9 @@ def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int
     return mask
 
 
-def _bias(visible: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf"))
+def _bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return bias.masked_fill_(~visible, float("-inf"))
 
 
 def _attend(
@@ -182,13 +195,16 @@ def _attend(
     softcap: float | None,
 ) -> torch.Tensor:
     """query [B, Hkv, R, D] (the R query rows of each KV head), keys/values [B, S, Hkv, D], additive mask
-    broadcastable to [B, 1, R, S] -> [B, Hkv, R, D] in float32. Query heads that share a KV head are rows
-    of one matrix, so K/V are never repeated."""
+    broadcastable to [B, 1, R, S] -> [B, Hkv, R, D]. Query heads that share a KV head are rows of one
+    matrix, so K/V are never repeated. SDPA runs in the cache's dtype (its CPU kernel accumulates half
+    precision in float32, as transformers' SDPA path does): converting the gathered K/V to float32 would
+    cost more than the attention itself. Soft-capped logits are computed in float32."""
+    if softcap is None:
+        q, k, v = query.to(keys.dtype), keys.transpose(1, 2), values.transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     q = query.float()
     k = keys.float().transpose(1, 2)
     v = values.float().transpose(1, 2)
-    if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = softcap * torch.tanh(scores / softcap) + bias
     return torch.matmul(scores.softmax(dim=-1), v)

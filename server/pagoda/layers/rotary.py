@@ -57,16 +57,25 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = config.rotary_dim
         # non-persistent: never in the checkpoint; float32 even when the model is half precision
         self.register_buffer("inv_freq", config.inv_freq(), persistent=False)
+        # every layer of a forward rotates the same positions: (positions, dtype, cos, sin) of the last one
+        self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [N], query [N, H, D], key [N, Hkv, D] -> rotated query and key."""
+        cos, sin = self._cos_sin(positions, query.dtype)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._last is not None and self._last[0] is positions and self._last[1] == dtype:
+            return self._last[2], self._last[3]
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         # like transformers: cos/sin in float32, then the rotation in the activations' dtype
-        cos, sin = angles.cos().to(query.dtype), angles.sin().to(query.dtype)
-        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        self._last = (positions, dtype, cos, sin)
+        return cos, sin
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
