@@ -27,14 +27,16 @@ import torch
 from pagoda import LLM, SamplingParams
 from pagoda.quantization import weight_bytes
 
-# name -> engine options; "full" is the reference (float32 on the CPU)
+# name -> engine options; "full" is the reference: the file's float32 expansion
+FULL: dict[str, Any] = {"quantization": "none", "dtype": "float32"}
 FORMATS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "int8": {"quantization": "int8"},
-    "fp8": {"quantization": "fp8"},
-    "gguf-q4_1": {"quantization": "gguf"},  # the file's own Q4_1 blocks, multiplied without expanding
-    "kv-fp8": {"kv_cache_dtype": "fp8"},
-    "int8+kv-fp8": {"quantization": "int8", "kv_cache_dtype": "fp8"},
+    "full": FULL,
+    "int8": {**FULL, "quantization": "int8"},
+    "fp8": {**FULL, "quantization": "fp8"},
+    "gguf-q4_1": {**FULL, "quantization": "gguf"},  # the file's own Q4_1 blocks, multiplied without expanding
+    "kv-fp8": {**FULL, "kv_cache_dtype": "fp8"},
+    "int8+kv-fp8": {**FULL, "quantization": "int8", "kv_cache_dtype": "fp8"},
+    "default": {},  # what LLM() picks: the GGUF blocks, bfloat16 where the CPU multiplies it natively
 }
 KV_CACHE_BYTES = 64 << 20  # the same pool for all, so the token capacities compare
 

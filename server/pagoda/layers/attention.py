@@ -13,7 +13,8 @@ from pagoda.quantization.kv_cache import calibrate_scale, is_fp8
 
 
 class Attention(nn.Module):
-    """q [N, H*D], k/v [N, Hkv*D] -> [N, H*D], for the flat batch described by the attention metadata.
+    """q [N, H*D] or [N, H, D], k/v [N, Hkv*D] or [N, Hkv, D] -> [N, H*D], for the flat batch described by
+    the attention metadata.
 
     `k_cache` / `v_cache` ([num_blocks, block_size, Hkv, D]) are plain attributes the model runner
     assigns once it has sized the KV pool. The whole batch's K/V is written before anyone attends, so
@@ -48,9 +49,10 @@ class Attention(nn.Module):
         if self.k_cache.numel() == 0:
             raise RuntimeError("the KV cache of this attention layer has not been assigned")
         md = get_attention_metadata()
-        query = q.view(-1, self.num_heads, self.head_dim)
-        key = k.view(-1, self.num_kv_heads, self.head_dim)
-        value = v.view(-1, self.num_kv_heads, self.head_dim)
+        # views wherever the layout allows (q and k may be head slices of one rotated tensor)
+        query = q.reshape(-1, self.num_heads, self.head_dim)
+        key = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        value = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if is_fp8(self.k_cache):
             return self._forward_fp8_cache(query, key, value).view(-1, self.num_heads * self.head_dim)
         if self._backend is None:

@@ -60,26 +60,27 @@ class RotaryEmbedding(nn.Module):
         # every layer of a forward rotates the same positions: (positions, dtype, cos, sin) of the last one
         self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
-    def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N], query [N, H, D], key [N, Hkv, D] -> rotated query and key."""
-        cos, sin = self._cos_sin(positions, query.dtype)
-        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+    def forward(self, positions: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """positions [N], heads [N, H, D] (query and key heads together: one rotation for both) -> rotated."""
+        cos, signed_sin = self._cos_sin(positions, heads.dtype)
+        if self.rotary_dim == heads.shape[-1]:
+            return self._rotate(heads, cos, signed_sin)
+        rot, rest = heads[..., : self.rotary_dim], heads[..., self.rotary_dim :]
+        return torch.cat((self._rotate(rot, cos, signed_sin), rest), dim=-1)
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._last is not None and self._last[0] is positions and self._last[1] == dtype:
             return self._last[2], self._last[3]
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         # like transformers: cos/sin in float32, then the rotation in the activations' dtype
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-        self._last = (positions, dtype, cos, sin)
-        return cos, sin
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        cos = torch.cat((cos, cos), dim=-1)[:, None, :]
+        signed_sin = torch.cat((-sin, sin), dim=-1)[:, None, :]
+        self._last = (positions, dtype, cos, signed_sin)
+        return cos, signed_sin
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        half = self.rotary_dim // 2
-        rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        out = rot * cos + rotated_half * sin
-        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        # transformers' x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]: rolling x by half gives
+        # [x2, x1], and the sign moves into sin exactly (negation never rounds)
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

@@ -52,14 +52,17 @@ class DecoderAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.flatten(1), k.flatten(1), v)
-        return self.o_proj(out)
+        qkv = self.qkv_proj(hidden)
+        q, k, v = self.qkv_proj.split(qkv)
+        heads = [self.num_heads, self.num_kv_heads]
+        if hasattr(self, "q_norm"):  # Qwen3 normalises each head before the rotation
+            q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
+            qk = torch.cat((q, k), dim=1)
+        else:  # q and k sit side by side in the fused output: one view holds both
+            qk = qkv[:, : q.shape[-1] + k.shape[-1]].view(-1, sum(heads), self.head_dim)
+        q, k = self.rotary_emb(positions, qk).split(heads, dim=1)  # both rotated in one go
+        return self.o_proj(self.attn(q, k, v))
 
 
 class DecoderMLP(nn.Module):
