@@ -66,7 +66,7 @@ PROFILES = {
     "full": Profile(
         "full", LengthSpec(scale=0.5, max_prompt=512, max_output=512), max_model_len=1024,
         num_requests=128, hf_static_requests=32, hf_single_requests=8, concurrencies=[1, 4, 16, 32, 64],
-        overhead_concurrencies=[1, 32], shared_prefix_requests=64, shared_prefix_system_len=512,
+        overhead_concurrencies=[1, 8, 16, 32], shared_prefix_requests=64, shared_prefix_system_len=512,
         shared_prefix_concurrency=16, poisson_rate=1.0, kv_budget_sequences=4,
         gemm_batches=[1, 8, 32, 64, 128, 256], gemm_seconds=1.0, cold_start_runs=3,
     ),
