@@ -13,6 +13,6 @@ export PYTHONPATH=$PWD/server:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts= tests/engine/test_cuda.py 2>&1 \
   | tee "$OUT/pytest-cuda.log" | tail -40
-timeout 150 python3 bench/attention_kernels.py --batch 1 16 64 --context 512 4096 --num-heads 32 \
+[ -n "${SKIP_ATTENTION:-}" ] || timeout 150 python3 bench/attention_kernels.py --batch 1 16 64 --context 512 4096 --num-heads 32 \
   --num-kv-heads 8 --head-dim 128 2>&1 | tee "$OUT/attention-kernels.txt"
 timeout "${OFFLINE_TIMEOUT:-240}" python3 -m bench.gpu_offline --out "$OUT/bench-gpu.json" 2>&1 | tail -40

@@ -4,7 +4,8 @@ The model has Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 query / 2 KV heads
 random weights in bfloat16 (no hub access). Requests are random token ids with prompt lengths uniform in
 [64, 512] and output lengths uniform in [64, 256], ignore_eos, greedy, fixed seed. transformers runs
 static batches (`generate` on left-padded batches of `--hf-batch`, each until its longest request ends);
-Pagoda takes all requests at once (continuous batching) and, for reference, one at a time. Needs CUDA.
+Pagoda takes all requests at once (continuous batching) and, for reference, one at a time; with its
+CUDA graphs and again with `enforce_eager`. Needs CUDA.
 
     python -m bench.gpu_offline --requests 256 --hf-requests 64 --out docs/bench-gpu.json
 """
@@ -53,11 +54,16 @@ def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
     ]
 
 
-def run_pagoda(path: Path, requests: list[tuple[list[int], int]], single: int) -> dict[str, Any]:
+def run_pagoda(
+    path: Path, requests: list[tuple[list[int], int]], single: int, enforce_eager: bool
+) -> dict[str, Any]:
     from pagoda import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model=str(path), max_model_len=1024, max_num_seqs=256, max_num_batched_tokens=8192)
+    llm = LLM(
+        model=str(path), max_model_len=1024, max_num_seqs=256, max_num_batched_tokens=8192,
+        enforce_eager=enforce_eager,
+    )
     load = time.perf_counter() - start
 
     def generate(batch: list[tuple[list[int], int]]) -> tuple[float, int]:
@@ -134,7 +140,9 @@ def main() -> None:
     requests = workload(args.requests)
     with tempfile.TemporaryDirectory() as tmp:
         params = make_model(Path(tmp))
-        pagoda = run_pagoda(Path(tmp), requests, args.single)
+        pagoda = run_pagoda(Path(tmp), requests, args.single, enforce_eager=False)
+        torch.cuda.empty_cache()
+        eager = run_pagoda(Path(tmp), requests, args.single, enforce_eager=True)
         torch.cuda.empty_cache()
         hf = run_transformers(Path(tmp), requests[: args.hf_requests], args.hf_batch)
     result = {
@@ -143,6 +151,7 @@ def main() -> None:
         "parameters": params,
         "requests": len(requests),
         "pagoda": pagoda,
+        "pagoda_enforce_eager": eager,
         "transformers": hf,
         "ratio_vs_static_batching": pagoda["batched_output_tokens_per_s"] / hf["output_tokens_per_s"],
     }

@@ -187,6 +187,24 @@ def test_engine_on_cuda_equals_transformers(arch: str, model_dirs: dict[str, Pat
     assert greedy(llm, batch) == want
     stats = llm.engine.get_stats()
     assert stats.prefix_cache_hits > 0 and stats.kv_cache_usage == 0.0
+    assert llm.engine.runner.graphs.replays > 0  # decode steps ran as CUDA graphs
+
+
+def test_cuda_graphs_equal_eager_steps(model_dirs: dict[str, Path]) -> None:
+    # 13 sequences of different lengths: decode batches pad to captured sizes (16, then smaller ones as
+    # sequences finish), contexts grow past several blocks while the graphs stay the same
+    rng = random.Random(3)
+    batch = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 60))] for _ in range(13)]
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(13)]
+    outputs = {}
+    for eager in (True, False):
+        llm = LLM(model=str(model_dirs["qwen2"]), device="cuda", dtype="float32", max_model_len=128,
+                  max_num_seqs=20, enforce_eager=eager)
+        assert (llm.engine.runner.graphs is None) == eager
+        result = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+        outputs[eager] = [o.outputs[0].token_ids for o in result]
+    assert outputs[False] == outputs[True]
+    assert llm.engine.runner.graphs.sizes == [1, 2, 4, 8, 16, 20]
 
 
 def test_engine_on_cuda_profiles_memory_for_the_kv_pool(model_dirs: dict[str, Path]) -> None:

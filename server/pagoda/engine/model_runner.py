@@ -19,6 +19,7 @@ import torch
 from pagoda.attention.metadata import AttentionMetadata, attention_metadata
 from pagoda.config import EngineConfig
 from pagoda.distributed.parallel_state import all_reduce_min, model_shard
+from pagoda.engine.cuda_graphs import DecodeGraphs
 from pagoda.engine.scheduler import ScheduledSequence
 from pagoda.engine.sequence import Sequence
 from pagoda.layers.attention import Attention
@@ -129,6 +130,7 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache(self.num_blocks)
+        self.graphs = self._capture_decode_graphs()
         self.sampler = Sampler(checkpoint.eos_token_ids)
         if workers is not None:
             workers.wait_until_ready()
@@ -153,6 +155,22 @@ class ModelRunner:
             # every rank must hold the same block tables; profiled free memory differs between GPUs
             num_blocks = all_reduce_min(num_blocks, self.device)
         return num_blocks
+
+    def _capture_decode_graphs(self) -> DecodeGraphs | None:
+        # Only on one GPU (no collectives inside a graph) and with a cache the Triton kernels use: an fp8
+        # cache goes through the torch backend, which reads values back to the host.
+        if (
+            self.device.type != "cuda"
+            or self.config.enforce_eager
+            or self.config.tensor_parallel_size > 1
+            or self.kv_cache_dtype == torch.float8_e4m3fn
+        ):
+            return None
+        graphs = DecodeGraphs(
+            self.model, self.config.max_num_seqs, self.max_model_len, self.block_size, self.device
+        )
+        graphs.capture()
+        return graphs
 
     def _profile_free_gpu_memory(self) -> int:
         """Bytes left for the KV cache after weights and the peak activations of the largest step."""
@@ -244,11 +262,15 @@ class ModelRunner:
     def run(self, inputs: StepInputs) -> torch.Tensor | None:
         """The forward every rank runs. Returns the logits of `inputs.logit_rows` on rank 0 (None when there
         are none), None on the other ranks."""
-        md = self._metadata(inputs.slots, inputs.query_lens, inputs.seq_lens, inputs.block_tables)
-        with attention_metadata(md):
-            hidden = self.model(
-                self._to_device(inputs.input_ids, torch.long), self._to_device(inputs.positions, torch.long)
+        if self.graphs is not None and self.graphs.fits(inputs.query_lens, inputs.block_tables):
+            hidden = self.graphs.forward(
+                inputs.input_ids, inputs.positions, inputs.slots, inputs.seq_lens, inputs.block_tables
             )
+        else:
+            md = self._metadata(inputs.slots, inputs.query_lens, inputs.seq_lens, inputs.block_tables)
+            with attention_metadata(md):
+                input_ids = self._to_device(inputs.input_ids, torch.long)
+                hidden = self.model(input_ids, self._to_device(inputs.positions, torch.long))
         if not inputs.logit_rows:
             return None
         return self.model.compute_logits(hidden[self._to_device(inputs.logit_rows, torch.long)])
