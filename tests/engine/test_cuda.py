@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_quantization import gguf_weight, reference_weight
+from test_quantization import build_linear, gguf_weight, reference_weight, relative_error
 from test_triton_attention import MIXED, PagedBatch, assert_matches_reference, make_batch
 from tiny_models import TINY_ARCHS, load_reference_model, make_tiny_model, reference_greedy
 
 from pagoda import LLM, SamplingParams
 from pagoda.quantization.gguf_blocks import group_quantized_from_blocks
 from pagoda.quantization.grouped import GroupQuantized
+from pagoda.quantization.methods import _has_fp8_matmul
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -142,6 +143,20 @@ def test_compiled_dequant_matmul_matches_reference(ggml_type, num_tokens):
     assert (out.float().cpu() - expected).norm() / expected.norm() < 5e-3  # fp16 operands
 
 
+@pytest.mark.parametrize("quantization", ["fp8", "int8"])
+def test_quantized_linear_on_cuda(quantization: str) -> None:
+    weight = torch.randn(256, 512) * torch.linspace(0.01, 3.0, 256)[:, None]
+    with torch.device(CUDA):
+        layer = build_linear(quantization, weight.to(CUDA))
+    x = torch.randn(33, 512)
+    xb = x.to(CUDA, torch.bfloat16)
+    if quantization == "fp8":  # the H100/H200 path: cuBLASLt's fp8 GEMM, activations scaled per row
+        assert _has_fp8_matmul(xb, layer.fp8_weight)
+    out = layer(xb).float().cpu()
+    # bf16 activations (and fp8 ones for fp8) on top of each format's own weight error
+    assert relative_error(out, F.linear(x, weight)) < (6e-2 if quantization == "fp8" else 2e-2)
+
+
 # --- the engine on the GPU -------------------------------------------------------------------------------
 
 MAX_NEW = 8
@@ -205,6 +220,20 @@ def test_cuda_graphs_equal_eager_steps(model_dirs: dict[str, Path]) -> None:
         outputs[eager] = [o.outputs[0].token_ids for o in result]
     assert outputs[False] == outputs[True]
     assert llm.engine.runner.graphs.sizes == [1, 2, 4, 8, 16, 20]
+
+
+@pytest.mark.parametrize(
+    "options", [{"quantization": "fp8"}, {"quantization": "int8"}, {"kv_cache_dtype": "fp8"}],
+    ids=["fp8", "int8", "kv-fp8"],
+)
+def test_quantized_engine_runs_on_cuda(options: dict, model_dirs: dict[str, Path]) -> None:
+    batch = prompts(6, seed=9)
+    path = str(model_dirs["llama"])
+    full = greedy(LLM(model=path, device="cuda", max_model_len=80), batch)
+    quantized = greedy(LLM(model=path, device="cuda", max_model_len=80, **options), batch)
+    assert all(len(q) == MAX_NEW for q in quantized)
+    # the first tokens mostly agree with bfloat16's (the layers' numbers are checked above)
+    assert sum(f[0] == q[0] for f, q in zip(full, quantized)) >= len(batch) // 2
 
 
 def test_engine_on_cuda_profiles_memory_for_the_kv_pool(model_dirs: dict[str, Path]) -> None:
