@@ -59,3 +59,17 @@ def test_a_large_cpu_kv_pool_costs_memory_only_as_it_fills(tmp_path: Path) -> No
     assert rss_bytes() - before < 256 << 20  # ... but not touched
     # untouched pages read as zeros: masked padding in a block must never be NaN garbage
     assert not runner.attention_layers[0].k_cache[-1].any()
+
+
+def test_a_quantized_model_scores_few_rows_with_an_8bit_head(tmp_path: Path) -> None:
+    head = LLM(max_model_len=128, kv_cache_memory=16 << 20).engine.runner.model.lm_head  # embedded GGUF
+    assert head.small_batch_weight is not None
+    hidden = torch.randn(3, head.weight.shape[1]).to(head.weight.dtype)
+    exact = torch.nn.functional.linear(hidden.float(), head.weight.float())
+    approx = head(hidden).float()
+    assert float((approx - exact).norm() / exact.norm()) < 0.01  # 8-bit groups of 32, bfloat16 products
+    wide = hidden.repeat(4, 1)  # past a few rows: the float head, exactly
+    assert torch.equal(head(wide), torch.nn.functional.linear(wide, head.weight))
+    # a float checkpoint keeps its float head whatever the batch
+    tiny = LLM(model=str(make_tiny_model("llama", tmp_path / "llama")), max_model_len=64)
+    assert tiny.engine.runner.model.lm_head.small_batch_weight is None

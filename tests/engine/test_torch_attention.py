@@ -106,7 +106,18 @@ CASES = [
     (4, 2, 16, 4, [(15, 15), (22, 1), (18, 3)], None, 5.0),  # soft-capping
     (4, 2, 16, 16, [(50, 50), (37, 1), (64, 9), (2, 2)], 10, 2.0),  # window and soft-capping together
     (2, 2, 64, 1, [(6, 6), (5, 1)], 3, None),  # one-token blocks
+    # decodes of very different lengths, interleaved with a prefill: split into several padded calls
+    (4, 2, 16, 16, [(900, 1), (40, 40), (1200, 1), *[(n, 1) for n in range(2, 10)], (650, 1)], None, None),
+    (4, 2, 16, 16, [(900, 1), *[(n, 1) for n in range(2, 10)], (1200, 1)], 100, 3.0),  # decodes, window
 ]
+
+
+def test_decodes_of_very_different_lengths_split_into_calls() -> None:
+    # the cases above exercise it: guard that they do split, and keep every sequence exactly once
+    lengths = [900, 3, 1200, 7, 650, 2, 1100, 5, 4, 6, 8, 9]
+    groups = torch_backend._length_groups(lengths)
+    assert [sorted(lengths[i] for i in g) for g in groups] == [list(range(2, 10)), [650, 900, 1100, 1200]]
+    assert torch_backend._length_groups([5, 9, 30, 17]) == [[0, 1, 2, 3]]  # short ones share one call
 
 
 @pytest.mark.parametrize("case", CASES)

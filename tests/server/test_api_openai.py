@@ -159,6 +159,15 @@ def test_prompt_forms_and_echo(client: openai.OpenAI, reference) -> None:
     assert echoed.text == "abc" + by_text
     assert echoed.logprobs.token_logprobs[0] is None and len(echoed.logprobs.tokens) == len(ids) + 6
     assert all(lp <= 0 for lp in echoed.logprobs.token_logprobs[1:])
+    # streamed, the echo (with the prompt's logprobs) comes first and the pieces add up to the same
+    chunks = [c.choices[0] for c in client.completions.create(
+        prompt="abc", echo=True, logprobs=1, stream=True, **options
+    )]
+    assert "".join(c.text for c in chunks) == echoed.text
+    streamed = [lp for c in chunks if c.logprobs for lp in c.logprobs.token_logprobs]
+    assert streamed == echoed.logprobs.token_logprobs
+    offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    assert offsets == echoed.logprobs.text_offset
 
 
 def test_chat_logprobs(client: openai.OpenAI) -> None:

@@ -126,16 +126,37 @@ def _build_plan(
         elif query_len > 1:
             parts.append(_prefill_part(md, seq, start, block_size, group, sliding_window, dtype))
         start += query_len
-    if decode_seqs:
-        seq_lens = torch.tensor([md.seq_lens_cpu[s] for s in decode_seqs], device=device)
-        num_blocks = -(-max(md.seq_lens_cpu[s] for s in decode_seqs) // block_size)
-        blocks = md.block_tables[decode_seqs, :num_blocks].flatten().long()
+    groups = _length_groups([md.seq_lens_cpu[s] for s in decode_seqs])
+    for group in groups:
+        seqs = [decode_seqs[i] for i in group]
+        seq_lens = torch.tensor([md.seq_lens_cpu[s] for s in seqs], device=device)
+        num_blocks = -(-max(md.seq_lens_cpu[s] for s in seqs) // block_size)
+        blocks = md.block_tables[seqs, :num_blocks].flatten().long()
         key_pos = torch.arange(num_blocks * block_size, device=device)
         # the padding past each context is masked by causality: its positions exceed the query's
         visible = _visible((seq_lens - 1)[:, None], key_pos[None, :], sliding_window)
-        rows = slice(None) if len(decode_rows) == start else torch.tensor(decode_rows, device=device)
-        parts.append(_Part(rows, len(decode_seqs), 1, blocks, None, _bias(visible, dtype)[:, None, None, :]))
+        whole_batch = len(groups) == 1 and len(decode_rows) == start
+        rows = slice(None) if whole_batch else torch.tensor([decode_rows[i] for i in group], device=device)
+        parts.append(_Part(rows, len(seqs), 1, blocks, None, _bias(visible, dtype)[:, None, None, :]))
     return _Plan(parts)
+
+
+# What one more SDPA call per layer costs, in padded keys x sequences (measured on 2 AVX-512 cores:
+# ~50 us against ~30 ns per padded key of one sequence)
+_GROUP_COST = 2048
+
+
+def _length_groups(seq_lens: list[int]) -> list[list[int]]:
+    """Decodes padded to the longest context of their call: split them, by length, into calls whose
+    padding costs more than the extra calls would. Greedy over the lengths in ascending order."""
+    order = sorted(range(len(seq_lens)), key=seq_lens.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) * (seq_lens[i] - seq_lens[groups[-1][-1]]) <= _GROUP_COST:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [sorted(group) for group in groups]  # batch order within a call: one call is the whole batch
 
 
 def _prefill_part(

@@ -188,16 +188,25 @@ class ServingCompletion(ServingEngine):
             }
             return sse_chunk(request_id, "text_completion", created, model, choice, include_usage)
 
+        # the echoed prompt goes first; with logprobs it waits for the first output, which carries the
+        # prompt's logprobs
+        echo_pending = [request.echo] * (len(prompts) * n)
         try:
-            if request.echo:
+            if request.echo and request.logprobs is None:
                 for p, prompt in enumerate(prompts):
-                    text = self._prompt_text(prompt)
                     for j in range(n):
-                        offsets[p * n + j] = len(text)
-                        yield chunk(p * n + j, text, None, None)
+                        echo_pending[p * n + j] = False
+                        yield chunk(p * n + j, self._prompt_text(prompt), None, None)
             async for p, output in _merge(self, streams):
                 for sample in output.outputs:
                     i = p * n + sample.index
+                    if echo_pending[i]:
+                        echo_pending[i] = False
+                        prompt_logprobs = self._logprobs(
+                            request.logprobs, prompts[p], output, sample, start=len(sample.token_ids)
+                        )
+                        offsets[i] = sum(len(t) for t in prompt_logprobs.tokens)
+                        yield chunk(i, self._prompt_text(prompts[p]), prompt_logprobs, None)
                     if done[i]:
                         continue
                     delta = sample.text[sent_text[i] :]

@@ -13,6 +13,8 @@ from torch import nn
 
 from pagoda.distributed.parallel_state import all_reduce, gather_last_dim, get_tp_rank, get_tp_size
 from pagoda.layers.linear import default_weight_loader
+from pagoda.quantization.grouped import quantize_int8
+from pagoda.quantization.methods import QuantizedWeight, pack_for_device
 
 
 class VocabEmbedding(nn.Module):
@@ -49,12 +51,27 @@ class VocabEmbedding(nn.Module):
         return all_reduce(hidden.masked_fill_(elsewhere.unsqueeze(-1), 0))
 
 
+# Rows up to which the 8-bit head beats the float one: reading the weight dominates a step of a few
+# sequences (measured on AVX-512, 49152 x 576: 1.8 against 4.2 ms at 1 row, 3.2 against 4.4 ms at 4)
+SMALL_BATCH_ROWS = 4
+
+
 class ParallelLMHead(VocabEmbedding):
     """Hidden states -> logits. Each rank scores its vocabulary slice; rank 0 gathers the full rows."""
 
+    small_batch_weight: QuantizedWeight | None = None
+
+    def quantize_for_small_batches(self) -> None:
+        """Also keep the head in 8-bit groups of 32 (Q8_0's recipe) for steps of a few sequences. For a
+        model that already runs quantized weights: its float head stays for larger batches."""
+        self.small_batch_weight = pack_for_device(quantize_int8(self.weight.data, 32), self.weight.device)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         """[M, hidden_size] -> [M, vocab_size] logits on rank 0; None on the other ranks."""
-        logits = F.linear(hidden, self.weight)
+        if self.small_batch_weight is not None and hidden.shape[0] <= SMALL_BATCH_ROWS:
+            logits = self.small_batch_weight.matmul(hidden)
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp_size == 1:
             return logits
         gathered = gather_last_dim(logits)

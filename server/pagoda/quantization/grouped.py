@@ -58,10 +58,16 @@ class GroupQuantized:
 
 def quantize_per_channel_int8(weight: torch.Tensor) -> GroupQuantized:
     """Symmetric int8 with one scale per output row (W8A16): scale = max|w| / 127, q = round(w / scale)."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+    return quantize_int8(weight, group_size=weight.shape[1])
+
+
+def quantize_int8(weight: torch.Tensor, group_size: int) -> GroupQuantized:
+    """Symmetric int8 with one scale per `group_size` inputs of a row (Q8_0's recipe for 32)."""
+    n, k = weight.shape
+    w = weight.float().view(n, k // group_size, group_size)
+    scale = (w.abs().amax(dim=2, keepdim=True) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
-    return GroupQuantized(q, scale, None, bits=8)
+    return GroupQuantized(q.view(n, k), scale[..., 0], None, bits=8)
 
 
 def stack_rows(parts: list[GroupQuantized]) -> GroupQuantized:
