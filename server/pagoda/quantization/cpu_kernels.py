@@ -75,13 +75,15 @@ class CpuQuantizedWeight:
         """x [M, K] -> x @ w.T [M, N], in x's dtype."""
         if self.fallback is not None:
             return F.linear(x, self.fallback.dequantize(x.dtype))
-        xk = x.to(_KERNEL_DTYPE)
+        # (a step of one sequence calls this ~120 times: skip the no-op casts of bfloat16 activations)
+        xk = x if x.dtype == _KERNEL_DTYPE else x.to(_KERNEL_DTYPE)
         if self.per_channel_int8 is not None:
-            return torch._weight_int8pack_mm(xk, *self.per_channel_int8).to(x.dtype)
-        out = self.int4_terms[0].matmul(xk).to(x.dtype)
-        for term in self.int4_terms[1:]:
-            out += term.matmul(xk)
-        return out
+            out = torch._weight_int8pack_mm(xk, *self.per_channel_int8)
+        else:
+            out = self.int4_terms[0].matmul(xk)
+            for term in self.int4_terms[1:]:
+                out += term.matmul(xk)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         if self.fallback is not None:
