@@ -5,10 +5,7 @@ int8 / fp8-KV engines against full precision on a tiny model, and perplexity on 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from pydoc_data.topics import topics
@@ -21,6 +18,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as reference_dequantize
 from gguf.quants import quantize as reference_quantize
+from interpreted_triton import interpreted
 from tiny_models import make_tiny_model
 
 from pagoda import LLM, SamplingParams
@@ -267,36 +265,10 @@ def test_embedded_model_perplexity_regression(
 # --- Triton dequant-matmul under the interpreter -----------------------------------------------------
 
 
-def _is_triton_python_module(name: str) -> bool:
-    # the compiled extension (triton._C) cannot be imported twice; it does not depend on the mode
-    return (name == "triton" or name.startswith("triton.")) and not name.startswith("triton._C")
-
-
 @pytest.fixture(scope="module")
 def tk() -> Iterator[ModuleType]:
-    """A private copy of pagoda.quantization.triton_kernels on a fresh triton imported with
-    TRITON_INTERPRET=1 (triton picks compiled or interpreted at import); restored afterwards."""
-    saved_env = os.environ.get("TRITON_INTERPRET")
-    saved_modules = {n: sys.modules.pop(n) for n in list(sys.modules) if _is_triton_python_module(n)}
-    name = "pagoda_triton_quant_kernels_interpreted"
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location(
-            name, importlib.util.find_spec("pagoda.quantization.triton_kernels").origin
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+    with interpreted("pagoda.quantization.triton_kernels") as module:
         yield module
-    finally:
-        interpreted = {n: sys.modules.pop(n) for n in list(sys.modules) if _is_triton_python_module(n)}
-        # kept under other names so interpreter shutdown tears them down before triton's extension
-        sys.modules.update({f"_interpreted_{n}": m for n, m in interpreted.items()})
-        sys.modules.update(saved_modules)
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
 
 
 @pytest.mark.parametrize("ggml_type", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)

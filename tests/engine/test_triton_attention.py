@@ -1,17 +1,11 @@
 """Triton attention kernels under TRITON_INTERPRET=1 (CPU) against torch SDPA on gathered, contiguous K/V.
 
-Triton decides between compiling and interpreting when `@triton.jit` runs, for its own library
-functions (tl.cdiv, tl.max, ...) as much as for ours, i.e. when triton is imported. So the fixture
-imports a fresh triton and a private copy of the backend with TRITON_INTERPRET=1, and puts the
-previous modules and environment back afterwards: nothing interpreted leaks into other tests.
+The fixture runs a private, interpreted copy of the backend (see interpreted_triton.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -19,39 +13,15 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreted_triton import interpreted
 
 from pagoda.attention.metadata import AttentionMetadata
 
 
-def _is_triton_python_module(name: str) -> bool:
-    # the compiled extension (triton._C) cannot be imported twice; it does not depend on the mode
-    return (name == "triton" or name.startswith("triton.")) and not name.startswith("triton._C")
-
-
 @pytest.fixture(scope="module")
 def tb() -> Iterator[ModuleType]:
-    saved_env = os.environ.get("TRITON_INTERPRET")
-    saved_modules = {n: sys.modules.pop(n) for n in list(sys.modules) if _is_triton_python_module(n)}
-    name = "pagoda_triton_backend_interpreted"
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location(
-            name, importlib.util.find_spec("pagoda.attention.triton_backend").origin
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
+    with interpreted("pagoda.attention.triton_backend") as module:
         yield module
-    finally:
-        interpreted = {n: sys.modules.pop(n) for n in list(sys.modules) if _is_triton_python_module(n)}
-        # Kept under other names, so interpreter shutdown tears them down before triton's extension
-        # (modules dropped from sys.modules outlive it, and nanobind reports their objects as leaks).
-        sys.modules.update({f"_interpreted_{n}": m for n, m in interpreted.items()})
-        sys.modules.update(saved_modules)
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
 
 
 @dataclass

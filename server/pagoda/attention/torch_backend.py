@@ -2,11 +2,13 @@
 
 Caches are [num_blocks, block_size, num_kv_heads, head_dim]. A sequence's context is gathered from its
 blocks through its block table (`index_select`, a row copy per block), then attended with torch SDPA (or
-explicit math when the logits are soft-capped, which SDPA cannot do). Decodes in a batch share one padded
-SDPA call; each prefill chunk gets its own call, since its query length differs from the others'.
+explicit math when the logits are soft-capped, which SDPA cannot do). Decodes share padded SDPA calls,
+grouped by context length (`_length_groups`); each prefill chunk gets its own call, since its query length
+differs from the others'.
 
-What to gather and the masks depend only on the step's metadata, not on the layer: a `_Plan` is built by
-the first layer that attends and reused by the others (one per sliding window, for Gemma's alternation).
+What to gather and the masks depend only on the step's metadata, not on the layer: the calls (`_Part`s)
+are planned by the first layer that attends and reused by the others (one plan per sliding window, for
+Gemma's alternation).
 
 An fp8 (e4m3) cache holds K/V divided by a per-layer `k_scale` / `v_scale`: quantized as they are
 written, dequantized as they are gathered. Other caches ignore the scales.
@@ -65,9 +67,9 @@ def paged_attention(
     # SDPA runs in the cache's dtype; soft-capped logits and dequantized fp8 in float32
     exact = softcap is not None or k_cache.dtype == torch.float8_e4m3fn
     dtype = torch.float32 if exact else k_cache.dtype
-    plan = _plan(md, k_cache.shape[1], group, sliding_window, dtype)
+    parts = _plan(md, k_cache.shape[1], group, sliding_window, dtype)
     out = torch.empty_like(query)
-    for part in plan.parts:
+    for part in parts:
         keys = _gather(k_cache, part.blocks, k_scale).view(part.num_seqs, -1, num_kv_heads, head_dim)
         values = _gather(v_cache, part.blocks, v_scale).view(part.num_seqs, -1, num_kv_heads, head_dim)
         if part.context is not None:
@@ -97,14 +99,9 @@ class _Part:
     bias: torch.Tensor  # additive mask, 0 where visible and -inf elsewhere: [num_seqs, 1, rows, keys]
 
 
-@dataclass
-class _Plan:
-    parts: list[_Part]
-
-
 def _plan(
     md: AttentionMetadata, block_size: int, group: int, sliding_window: int | None, dtype: torch.dtype
-) -> _Plan:
+) -> list[_Part]:
     key = ("torch", block_size, group, sliding_window, dtype)
     if key not in md.memo:
         md.memo[key] = _build_plan(md, block_size, group, sliding_window, dtype)
@@ -113,7 +110,7 @@ def _plan(
 
 def _build_plan(
     md: AttentionMetadata, block_size: int, group: int, sliding_window: int | None, dtype: torch.dtype
-) -> _Plan:
+) -> list[_Part]:
     device = md.block_tables.device
     parts: list[_Part] = []
     decode_rows: list[int] = []
@@ -138,7 +135,7 @@ def _build_plan(
         whole_batch = len(groups) == 1 and len(decode_rows) == start
         rows = slice(None) if whole_batch else torch.tensor([decode_rows[i] for i in group], device=device)
         parts.append(_Part(rows, len(seqs), 1, blocks, None, _bias(visible, dtype)[:, None, None, :]))
-    return _Plan(parts)
+    return parts
 
 
 # What one more SDPA call per layer costs, in padded keys x sequences (measured on 2 AVX-512 cores:
