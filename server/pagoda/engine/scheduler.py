@@ -15,15 +15,17 @@ from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
+    # whether this step computes the sequence's last token, so its logits give the next one; fixed when
+    # scheduled, as the engine moves `seq.num_computed_tokens` on before it reads the sample
+    samples: bool
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step computes the sequence's last token, so its logits give the next one."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
+        return cls(seq, num_new_tokens, seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
 
 
 class Scheduler:
@@ -58,7 +60,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                scheduled.append(ScheduledSequence(seq, num_new))
+                scheduled.append(ScheduledSequence.of(seq, num_new))
                 budget -= num_new
                 i += 1
 
@@ -72,7 +74,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSequence(seq, num_new))
+            scheduled.append(ScheduledSequence.of(seq, num_new))
             budget -= num_new
         return scheduled
 
