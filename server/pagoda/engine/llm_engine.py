@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from pagoda.config import EngineConfig
-from pagoda.distributed.workers import start_workers
+from pagoda.distributed.workers import TensorParallelWorkers, start_workers
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.request import Request
@@ -70,13 +70,17 @@ class LLMEngine:
         )
 
     @property
+    def workers(self) -> TensorParallelWorkers | None:
+        return self.runner.workers
+
+    @property
     def kv_cache_tokens(self) -> int:
         return self.runner.num_blocks * self.config.block_size
 
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer: pass token ids with skip_tokenizer_init")
-        return self.tokenizer.encode(prompt)
+        return list(self.tokenizer.encode(prompt))
 
     def add_request(
         self,
