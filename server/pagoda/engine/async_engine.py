@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagoda.config import EngineConfig
+from pagoda.engine.llm_engine import StepError
 from pagoda.engine.stats import EngineStats
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WORKER_WATCH_SECONDS = 0.5  # how often an idle tensor-parallel engine checks that its workers still run
+# a step that raises aborts the requests it scheduled and the loop goes on; this many failed steps in a row
+# mean the engine itself is broken (not one request), and it is declared dead
+MAX_FAILED_STEPS_IN_A_ROW = 3
 
 
 class EngineDeadError(RuntimeError):
@@ -41,6 +45,10 @@ class EngineDeadError(RuntimeError):
 
 class RequestAbortedError(RuntimeError):
     """The request was aborted (by the server draining, or by an explicit abort) before it finished."""
+
+
+class RequestFailedError(RuntimeError):
+    """An engine step failed while running this request: it was aborted, the engine serves on."""
 
 
 @dataclass
@@ -74,6 +82,7 @@ class _LoopPass:
     admitted: list[str] = field(default_factory=list)
     rejected: dict[str, BaseException] = field(default_factory=dict)
     aborted: list[str] = field(default_factory=list)
+    failed: dict[str, BaseException] = field(default_factory=dict)
     outputs: list[RequestOutput] = field(default_factory=list)
 
 
@@ -157,10 +166,11 @@ class AsyncLLM:
         return len(self._streams)
 
     @property
-    def num_waiting_requests(self) -> int:
-        """Requests waiting for a batch slot: the engine's queue plus handed-in requests that will not fit."""
+    def num_waiting_seqs(self) -> int:
+        """Sequences waiting for a batch slot: the engine's queue plus handed-in ones that will not fit
+        (a request with n samples counts n times)."""
         with self._wakeup:
-            pending = len(self._new)
+            pending = sum(request.params.n for request in self._new)
         stats = self._stats
         if stats is None:
             return pending
@@ -270,6 +280,11 @@ class AsyncLLM:
             if stream is not None:
                 stream.finished = True
                 stream.queue.put_nowait(_ABORTED)
+        for request_id, error in result.failed.items():
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.finished = True
+                stream.queue.put_nowait(RequestFailedError(f"the request failed in the engine: {error}"))
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in self._streams.values():
@@ -328,6 +343,7 @@ class AsyncLLM:
         arrivals: dict[str, float] = {}  # unfinished request id -> arrival time; engine-thread only
         workers = self._workers
         idle_wait = None if workers is None else WORKER_WATCH_SECONDS
+        failed_steps = 0
         while True:
             if workers is not None:
                 # outside the lock: failing stops the other workers, which takes a while
@@ -358,7 +374,18 @@ class AsyncLLM:
                     aborted[request_id] = arrivals.pop(request_id)
             result.aborted = list(aborted)
             if engine.has_unfinished_requests():
-                result.outputs = engine.step()
+                try:
+                    result.outputs = engine.step()
+                    failed_steps = 0
+                except StepError as error:
+                    failed_steps += 1
+                    if failed_steps >= MAX_FAILED_STEPS_IN_A_ROW:
+                        raise
+                    logger.exception("an engine step failed; aborting its requests %s", error.request_ids)
+                    for request_id in error.request_ids:
+                        engine.abort_request(request_id)  # frees their KV blocks
+                        arrivals.pop(request_id, None)
+                        result.failed[request_id] = error.__cause__ or error
                 for output in result.outputs:
                     if output.finished:
                         arrivals.pop(output.request_id, None)
