@@ -63,6 +63,12 @@ def test_token_ids_outside_the_vocabulary_are_400(
     assert httpx.get(f"{server.base_url}/health").status_code == 200
 
 
+def test_a_request_for_too_many_tokens_in_all_is_400(server: LiveServer) -> None:
+    # 32 samples of 200 tokens: more than 16 full contexts (of 256) of generation for one request
+    error = error_of(post(server, COMPLETIONS, {"prompt": "x", "n": 32, "max_tokens": 200}))
+    assert error["param"] == "max_tokens" and "4096" in error["message"]
+
+
 def test_the_culprit_param_is_named(server: LiveServer) -> None:
     too_long = error_of(post(server, COMPLETIONS, {"prompt": "x" * 300, "max_tokens": 1}))
     assert too_long["param"] == "prompt" and too_long["code"] == "context_length_exceeded"

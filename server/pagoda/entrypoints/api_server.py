@@ -142,7 +142,9 @@ class GateMiddleware:
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
-            return {}, error_response(408, f"the request body did not arrive within {timeout:g} s")
+            response = error_response(408, f"the request body did not arrive within {timeout:g} s")
+            response.headers["Connection"] = "close"  # the rest of the body may still come: not read
+            return {}, response
         return {"type": "http.request", "body": b"".join(chunks), "more_body": False}, None
 
     def _reject(self, scope: Scope) -> Response | None:

@@ -27,7 +27,7 @@ class ServingChat(ServingEngine):
         """Validate and submit; returns the response, or the SSE stream when streaming."""
         self.check_model(request.model)
         self.check_sampling(request)
-        self.check_queue(request.n)
+        self.check_num_seqs(request.n)
         prompt_ids = await self.chat_prompt_ids(
             request.messages,
             request.add_generation_prompt,
@@ -35,7 +35,7 @@ class ServingChat(ServingEngine):
             request.chat_template,
         )
         max_tokens = self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens, "messages")
-        self.check_size(request.n, [max_tokens])
+        self.check_generated_tokens(request.n, [max_tokens])
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = request.sampling_params(max_tokens, logprobs)
         request_id = random_id("chatcmpl")

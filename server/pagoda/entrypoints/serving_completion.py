@@ -32,12 +32,12 @@ class ServingCompletion(ServingEngine):
         """Validate and submit every prompt; returns the response, or the SSE stream when streaming."""
         self.check_model(request.model)
         self.check_sampling(request)
-        self.check_queue(len(request.prompts) * request.n)
+        self.check_num_seqs(len(request.prompts) * request.n)
         prompts = [await self._tokenize(p) for p in request.prompts]
         max_tokens = [
             self.resolve_max_tokens(len(p.token_ids), request.max_tokens, "prompt") for p in prompts
         ]
-        self.check_size(request.n, max_tokens)
+        self.check_generated_tokens(request.n, max_tokens)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         params = [request.sampling_params(m, request.logprobs, prompt_logprobs) for m in max_tokens]
         request_id = random_id("cmpl")

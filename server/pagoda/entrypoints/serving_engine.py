@@ -228,10 +228,8 @@ class ServingEngine:
             )
         return max_tokens
 
-    def check_size(self, n: int, max_tokens: list[int]) -> None:
-        """Bound what one request may ask of the engine: its sequences (n per prompt; `max_tokens` has one
-        entry per prompt) and the tokens they generate."""
-        num_seqs = n * len(max_tokens)
+    def check_num_seqs(self, num_seqs: int) -> None:
+        """Bound the sequences (prompts x n) of one request, and 429 if the queue cannot take them now."""
         if num_seqs > MAX_SEQS_PER_REQUEST:
             raise bad_request(
                 f"a request may run at most {MAX_SEQS_PER_REQUEST} sequences (prompts x n)", "n"
@@ -242,6 +240,10 @@ class ServingEngine:
                 f"{self.max_queue_len} (--max-queue-len)",
                 "n",
             )
+        self.check_queue(num_seqs)
+
+    def check_generated_tokens(self, n: int, max_tokens: list[int]) -> None:
+        """Bound the tokens one request may generate in all (`max_tokens` has one entry per prompt)."""
         limit = MAX_REQUEST_TOKENS_PER_CONTEXT * self.max_model_len
         total = n * sum(max_tokens)
         if total > limit:
