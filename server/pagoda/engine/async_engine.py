@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WORKER_WATCH_SECONDS = 0.5  # how often an idle tensor-parallel engine checks that its workers still run
-# a step that raises aborts the requests it scheduled and the loop goes on; this many failed steps in a row
-# mean the engine itself is broken (not one request), and it is declared dead
-MAX_FAILED_STEPS_IN_A_ROW = 3
 
 
 class EngineDeadError(RuntimeError):
@@ -284,7 +281,8 @@ class AsyncLLM:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
                 stream.finished = True
-                stream.queue.put_nowait(RequestFailedError(f"the request failed in the engine: {error}"))
+                failure = f"the request failed in the engine ({type(error).__name__}; see the server log)"
+                stream.queue.put_nowait(RequestFailedError(failure))
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in self._streams.values():
@@ -343,7 +341,6 @@ class AsyncLLM:
         arrivals: dict[str, float] = {}  # unfinished request id -> arrival time; engine-thread only
         workers = self._workers
         idle_wait = None if workers is None else WORKER_WATCH_SECONDS
-        failed_steps = 0
         while True:
             if workers is not None:
                 # outside the lock: failing stops the other workers, which takes a while
@@ -376,11 +373,9 @@ class AsyncLLM:
             if engine.has_unfinished_requests():
                 try:
                     result.outputs = engine.step()
-                    failed_steps = 0
                 except StepError as error:
-                    failed_steps += 1
-                    if failed_steps >= MAX_FAILED_STEPS_IN_A_ROW:
-                        raise
+                    # one bad request must not take the engine down: abort what the step scheduled and go on
+                    # (a dead tensor-parallel worker is caught by the liveness check above instead)
                     logger.exception("an engine step failed; aborting its requests %s", error.request_ids)
                     for request_id in error.request_ids:
                         engine.abort_request(request_id)  # frees their KV blocks
