@@ -47,6 +47,7 @@ from pagoda.entrypoints.protocol import (
 )
 from pagoda.entrypoints.serving_chat import ServingChat
 from pagoda.entrypoints.serving_completion import ServingCompletion
+from pagoda.entrypoints.serving_engine import Tokenizers
 
 logger = logging.getLogger("pagoda.server")
 
@@ -292,8 +293,9 @@ def build_app(config: EngineConfig, settings: ServerSettings, engine_factory: An
         names = settings.served_model_names or [engine.model_name]
         state.metrics = ServerMetrics(names[0], state.llm.get_stats)
         trust = settings.trust_request_chat_template
-        state.completion = ServingCompletion(state.llm, names, settings.max_queue_len, trust)
-        state.chat = ServingChat(state.llm, names, settings.max_queue_len, trust)
+        tokenizers = Tokenizers(engine.tokenizer)
+        state.completion = ServingCompletion(state.llm, names, settings.max_queue_len, trust, tokenizers)
+        state.chat = ServingChat(state.llm, names, settings.max_queue_len, trust, tokenizers)
         times = state.llm.startup_times
         total = settings.import_seconds + times.load_s + times.warmup_s
         logger.info(

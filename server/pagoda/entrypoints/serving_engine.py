@@ -60,11 +60,12 @@ def _call_with_deadline(fn: Callable[[], T], seconds: float) -> T:
         if event == "call" and time.monotonic() > deadline:
             raise TemplateTimeoutError(f"the chat template took longer than {seconds:g} s to render")
 
+    previous = sys.gettrace()  # e.g. a coverage tool's
     sys.settrace(tracer)
     try:
         return fn()
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
 
 
 # apply_chat_template's own parameters: a template variable with one of these names would change how it
@@ -75,6 +76,17 @@ _RESERVED_TEMPLATE_KWARGS = frozenset(
     "self",
     "kwargs",
 }
+
+
+class Tokenizers:
+    """The HTTP side's tokenizers, shared by the endpoints: the engine thread detokenizes with the engine's
+    own; the event loop (single tokens for logprobs, /detokenize) and the worker thread (prompts, chat
+    templates) each get a copy, so that no two threads share one Rust tokenizer object."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.on_loop = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        self.on_worker = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagoda-tokenize")
 
 
 @dataclass
@@ -99,6 +111,7 @@ class ServingEngine:
         served_model_names: list[str],
         max_queue_len: int | None,
         trust_request_chat_template: bool = False,
+        tokenizers: Tokenizers | None = None,
     ) -> None:
         engine = llm.engine
         assert engine is not None, "the engine must be loaded before serving"
@@ -107,12 +120,10 @@ class ServingEngine:
         self.max_model_len: int = engine.max_model_len
         self.max_queue_len = max_queue_len
         self.trust_request_chat_template = trust_request_chat_template
-        # the engine thread detokenizes with the engine's tokenizer; the event loop (single tokens for
-        # logprobs, /detokenize) and the tokenizing thread each get their own copy, so no two threads share
-        # one Rust tokenizer object
-        self.tokenizer = copy.deepcopy(engine.tokenizer) if engine.tokenizer is not None else None
-        self._worker_tokenizer = copy.deepcopy(engine.tokenizer) if engine.tokenizer is not None else None
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagoda-tokenize")
+        tokenizers = tokenizers or Tokenizers(engine.tokenizer)
+        self.tokenizer = tokenizers.on_loop
+        self._worker_tokenizer = tokenizers.on_worker
+        self._worker = tokenizers.worker
         self.vocab_size: int = getattr(engine, "vocab_size", len(self.tokenizer) if self.tokenizer else 0)
         self._token_text: dict[int, str] = {}
 
