@@ -96,7 +96,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=_non_negative_float,
         default=60.0,
         help="Seconds a client gets to send a request's headers, and then its body, before the "
-        "connection is dropped (408 for a body). Default: %(default)s.",
+        "connection is dropped (408 for a body); 0 waits forever. Default: %(default)s.",
     )
     server.add_argument(
         "--trust-request-chat-template",

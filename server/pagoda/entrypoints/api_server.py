@@ -131,7 +131,7 @@ class GateMiddleware:
         size = 0
         timeout = self.state.settings.http_read_timeout
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout or None):
                 while True:
                     message = await receive()
                     if message["type"] != "http.request":
@@ -211,7 +211,7 @@ class TimedH11Protocol(H11Protocol):
         return self.cycle is None or self.cycle.response_complete
 
     def _arm_head_timer(self) -> None:
-        if self._head_timer is None:
+        if self._head_timer is None and self.head_timeout > 0:
             self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
