@@ -110,7 +110,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-queue-len",
         type=_positive_int,
         default=None,
-        help="Answer 429 when this many requests are already waiting. Default: no limit.",
+        help="Answer 429 when this many sequences (n per prompt) would be waiting. Default: no limit.",
+    )
+    server.add_argument(
+        "--http-read-timeout",
+        type=_non_negative_float,
+        default=60.0,
+        help="Seconds a client gets to send a request's headers, and then its body, before the "
+        "connection is dropped (408 for a body); 0 waits forever. Default: %(default)s.",
+    )
+    server.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="Accept a chat template in the request (chat_template); without it such requests get 400.",
     )
     server.add_argument(
         "--shutdown-timeout",
@@ -184,6 +196,8 @@ def serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_queue_len=args.max_queue_len,
         shutdown_timeout=args.shutdown_timeout,
+        http_read_timeout=args.http_read_timeout,
+        trust_request_chat_template=args.trust_request_chat_template,
         import_seconds=import_seconds,
     )
     logging.getLogger("pagoda.server").info("imports done in %.2f s; loading the model", import_seconds)

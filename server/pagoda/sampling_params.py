@@ -24,6 +24,11 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled one is always included)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # OpenAI's logit_bias (token id -> bias in [-100, 100], added to the logits) and vLLM's token filters
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # sample only among these
+    bad_words: list[str] = field(default_factory=list)  # never complete one (the engine tokenizes them)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -46,10 +51,20 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              "prompt_logprobs must be in [0, 20]"),
+            (all(-100.0 <= b <= 100.0 for b in (self.logit_bias or {}).values()),
+             "logit_bias values must be in [-100, 100]"),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+             "allowed_token_ids must not be empty"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Every token id these parameters name: the engine checks them against the vocabulary."""
+        words = [t for ids in self.bad_words_token_ids for t in ids]
+        return [*self.stop_token_ids, *(self.logit_bias or {}), *(self.allowed_token_ids or []), *words]
 
     @property
     def greedy(self) -> bool:

@@ -71,11 +71,13 @@ def test_queue_limit_then_sigterm_lets_streams_finish(drain_server: LiveServer) 
         time.sleep(0.02)
     response = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "x", "max_tokens": 1})
     assert response.status_code == 429 and response.json()["error"]["code"] == "queue_full"
+    assert int(response.headers["Retry-After"]) >= 1
 
     server.process.send_signal(signal.SIGTERM)
     assert httpx.get(f"{server.base_url}/ready").status_code == 503  # at once, while streams still run
     refused = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "x", "max_tokens": 1})
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
+    assert int(refused.headers["Retry-After"]) >= 1
     assert server.process.wait(60) == 0
     for reader in readers:
         reader.join(10)

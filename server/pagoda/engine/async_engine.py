@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagoda.config import EngineConfig
-from pagoda.engine.interface import EngineCore
+from pagoda.engine.interface import EngineCore, StepError
 from pagoda.engine.stats import EngineStats
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -42,6 +42,10 @@ class EngineDeadError(RuntimeError):
 
 class RequestAbortedError(RuntimeError):
     """The request was aborted (by the server draining, or by an explicit abort) before it finished."""
+
+
+class RequestFailedError(RuntimeError):
+    """An engine step failed while running this request: it was aborted, the engine serves on."""
 
 
 @dataclass
@@ -75,6 +79,7 @@ class _LoopPass:
     admitted: list[str] = field(default_factory=list)
     rejected: dict[str, BaseException] = field(default_factory=dict)
     aborted: list[str] = field(default_factory=list)
+    failed: dict[str, BaseException] = field(default_factory=dict)
     outputs: list[RequestOutput] = field(default_factory=list)
 
 
@@ -158,10 +163,11 @@ class AsyncLLM:
         return len(self._streams)
 
     @property
-    def num_waiting_requests(self) -> int:
-        """Requests waiting for a batch slot: the engine's queue plus handed-in requests that will not fit."""
+    def num_waiting_seqs(self) -> int:
+        """Sequences waiting for a batch slot: the engine's queue plus handed-in ones that will not fit
+        (a request with n samples counts n times)."""
         with self._wakeup:
-            pending = len(self._new)
+            pending = sum(request.params.n for request in self._new)
         stats = self._stats
         if stats is None:
             return pending
@@ -268,6 +274,12 @@ class AsyncLLM:
             if stream is not None:
                 stream.finished = True
                 stream.queue.put_nowait(_ABORTED)
+        for request_id, error in result.failed.items():
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.finished = True
+                failure = f"the request failed in the engine ({type(error).__name__}; see the server log)"
+                stream.queue.put_nowait(RequestFailedError(failure))
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in self._streams.values():
@@ -356,7 +368,16 @@ class AsyncLLM:
                     aborted[request_id] = arrivals.pop(request_id)
             result.aborted = list(aborted)
             if engine.has_unfinished_requests():
-                result.outputs = engine.step()
+                try:
+                    result.outputs = engine.step()
+                except StepError as error:
+                    # one bad request must not take the engine down: abort what the step scheduled and go on
+                    # (a dead tensor-parallel worker is caught by the liveness check above instead)
+                    logger.exception("an engine step failed; aborting its requests %s", error.request_ids)
+                    for request_id in error.request_ids:
+                        engine.abort_request(request_id)  # frees their KV blocks
+                        arrivals.pop(request_id, None)
+                        result.failed[request_id] = error.__cause__ or error
                 for output in result.outputs:
                     if output.finished:
                         arrivals.pop(output.request_id, None)

@@ -12,6 +12,14 @@ if TYPE_CHECKING:
     from pagoda.sampling_params import SamplingParams
 
 
+class StepError(RuntimeError):
+    """A step failed; the requests it scheduled are named so that only they are aborted."""
+
+    def __init__(self, request_ids: list[str], error: BaseException) -> None:
+        super().__init__(f"the engine step failed: {error!r}")
+        self.request_ids = request_ids
+
+
 class EngineCore(Protocol):
     model_name: str
     max_model_len: int

@@ -14,9 +14,10 @@ from pathlib import Path
 from pagoda.config import EngineConfig
 from pagoda.distributed.workers import TensorParallelWorkers, start_workers
 from pagoda.engine.block_manager import BlockManager
+from pagoda.engine.interface import StepError
 from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.request import Request
-from pagoda.engine.scheduler import Scheduler
+from pagoda.engine.scheduler import ScheduledSequence, Scheduler
 from pagoda.engine.sequence import Sequence
 from pagoda.engine.stats import EngineStats
 from pagoda.loader import open_checkpoint, open_tokenizer
@@ -100,6 +101,11 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < self.vocab_size for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if params.bad_words:
+            words = self._bad_words_token_ids(params.bad_words)
+            params = dataclasses.replace(params, bad_words_token_ids=words)
+        if any(not 0 <= t < self.vocab_size for t in params.token_ids):
+            raise ValueError(f"token ids in the sampling parameters must be in [0, {self.vocab_size})")
         max_tokens = params.max_tokens or self.max_model_len - len(token_ids)
         total = len(token_ids) + max_tokens
         if max_tokens < 1 or total > self.max_model_len:
@@ -125,6 +131,14 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
 
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word as tokens, alone and after a space (how it appears mid-text), like vLLM."""
+        if self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer")
+        variants = {tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                    for word in words for text in (word, " " + word.lstrip())}
+        return [list(ids) for ids in sorted(variants) if ids]
+
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
         if request is None:
@@ -140,6 +154,12 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        try:
+            return self._run(batch)
+        except Exception as error:
+            raise StepError(sorted({item.seq.request_id for item in batch}), error) from error
+
+    def _run(self, batch: list[ScheduledSequence]) -> list[RequestOutput]:
         sampled = self.runner.execute(batch)
         now = time.monotonic()
         samples = iter(zip(sampled.token_ids, sampled.logprobs))

@@ -4,6 +4,8 @@ Each scheduled sequence gets some of its uncomputed tokens: a whole or partial p
 prefill) or the one token it sampled last step (decode); all of them run in one flat forward.
 When the KV pool runs dry the newest running sequence is preempted: its blocks go back to the pool
 and it returns to the front of the queue, to be recomputed later (its prefix is usually still cached).
+Admission is fair between requests: the next sequence admitted is the first waiting one of the request
+with the fewest running, so one request's n samples cannot hold every batch slot while others wait.
 """
 
 from __future__ import annotations
@@ -66,17 +68,31 @@ class Scheduler:
 
         # Admitting while preempting would only thrash the pool.
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             cached = self.block_manager.cached_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
             if not self.block_manager.allocate(seq, num_new, cached):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSequence.of(seq, num_new))
             budget -= num_new
         return scheduled
+
+    def _next_waiting(self) -> Sequence:
+        """The first waiting sequence of the request with the fewest running sequences."""
+        running: dict[str, int] = {}
+        for seq in self.running:
+            running[seq.request_id] = running.get(seq.request_id, 0) + 1
+        best, fewest = self.waiting[0], running.get(self.waiting[0].request_id, 0)
+        for seq in self.waiting:
+            if fewest == 0:
+                break  # no request has fewer than none
+            count = running.get(seq.request_id, 0)
+            if count < fewest:
+                best, fewest = seq, count
+        return best
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire a sequence (finished or aborted) and return its blocks at once."""

@@ -24,7 +24,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import pagoda
 from pagoda.config import EngineConfig
@@ -46,6 +47,7 @@ from pagoda.entrypoints.protocol import (
 )
 from pagoda.entrypoints.serving_chat import ServingChat
 from pagoda.entrypoints.serving_completion import ServingCompletion
+from pagoda.entrypoints.serving_engine import Tokenizers
 
 logger = logging.getLogger("pagoda.server")
 
@@ -71,6 +73,8 @@ class ServerSettings:
     api_key: str | None = None
     max_queue_len: int | None = None
     shutdown_timeout: float = 30.0
+    http_read_timeout: float = 60.0  # for a request's headers, and then for its body
+    trust_request_chat_template: bool = False
     import_seconds: float = 0.0  # measured by the CLI, reported in the cold-start line
 
 
@@ -100,7 +104,9 @@ class ServerState:
 
 
 class GateMiddleware:
-    """Runs before routing: 413 for oversized bodies, 503 unless ready, 401 without the API key."""
+    """Runs before routing: 413 for oversized bodies, 503 unless ready, 401 without the API key, and the
+    body read in full (408 if it does not come within the read timeout, 413 as soon as it is too large,
+    chunked or not) before the app sees the request."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
@@ -113,16 +119,40 @@ class GateMiddleware:
             await self.app(scope, receive, send)
             return
         rejection = self._reject(scope)
+        if rejection is None:
+            body, rejection = await self._read_body(receive)
         if rejection is not None:
             await rejection(scope, receive, send)
             return
-        await self.app(_as_json(scope), receive, send)
+        await self.app(_as_json(scope), _replay(body, receive), send)
+
+    async def _read_body(self, receive: Receive) -> tuple[Message, Response | None]:
+        chunks: list[bytes] = []
+        size = 0
+        timeout = self.state.settings.http_read_timeout
+        try:
+            async with asyncio.timeout(timeout or None):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return message, None  # the client left: the app sees it as such
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > MAX_BODY_BYTES:
+                        return message, _too_large()
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            response = error_response(408, f"the request body did not arrive within {timeout:g} s")
+            response.headers["Connection"] = "close"  # the rest of the body may still come: not read
+            return {}, response
+        return {"type": "http.request", "body": b"".join(chunks), "more_body": False}, None
 
     def _reject(self, scope: Scope) -> Response | None:
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return error_response(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+            return _too_large()
         if self._expected is not None and not hmac.compare_digest(
             headers.get(b"authorization", b""), self._expected
         ):
@@ -135,6 +165,59 @@ class GateMiddleware:
         if phase is Phase.DEAD:
             return error_response(503, "the engine has failed", code="engine_dead")
         return None
+
+
+def _too_large() -> Response:
+    return error_response(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    """A receive() that gives the body read ahead, then the connection's own messages (a disconnect)."""
+    pending = [first]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, with a deadline on each request's headers: a connection that opens (or
+    starts a request) and does not finish its headers within `head_timeout` seconds is closed, instead of
+    being held forever. Idle keep-alive connections keep uvicorn's own, shorter timeout."""
+
+    head_timeout = 60.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_head:
+            self._arm_head_timer()
+        super().data_received(data)
+        if not self._awaiting_head and self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    @property
+    def _awaiting_head(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None and self.head_timeout > 0:
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._awaiting_head and not self.transport.is_closing():
+            self.transport.close()
 
 
 def _as_json(scope: Scope) -> Scope:
@@ -209,8 +292,10 @@ def build_app(config: EngineConfig, settings: ServerSettings, engine_factory: An
         engine = state.llm.engine
         names = settings.served_model_names or [engine.model_name]
         state.metrics = ServerMetrics(names[0], state.llm.get_stats)
-        state.completion = ServingCompletion(state.llm, names, settings.max_queue_len)
-        state.chat = ServingChat(state.llm, names, settings.max_queue_len)
+        trust = settings.trust_request_chat_template
+        tokenizers = Tokenizers(engine.tokenizer)
+        state.completion = ServingCompletion(state.llm, names, settings.max_queue_len, trust, tokenizers)
+        state.chat = ServingChat(state.llm, names, settings.max_queue_len, trust, tokenizers)
         times = state.llm.startup_times
         total = settings.import_seconds + times.load_s + times.warmup_s
         logger.info(
@@ -293,9 +378,9 @@ def build_app(config: EngineConfig, settings: ServerSettings, engine_factory: An
         completion, _ = state.serving()
         completion.check_model(body.model)
         if body.messages is not None:
-            tokens = completion.chat_prompt_ids(body.messages, body.add_generation_prompt, None)
+            tokens = await completion.chat_prompt_ids(body.messages, body.add_generation_prompt, None)
         else:
-            tokens = completion.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+            tokens = await completion.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(tokens), max_model_len=completion.max_model_len, tokens=tokens)
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_RESPONSES)
@@ -372,8 +457,15 @@ def run_server(
     """Serve until a signal drains the server; returns the process exit code."""
     app = build_app(config, settings)
     state: ServerState = app.state.pagoda
+    protocol = type("TimedH11Protocol", (TimedH11Protocol,), {"head_timeout": settings.http_read_timeout})
     uv_config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on"
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+        http=protocol,
     )
     server = _Server(uv_config, state)
 

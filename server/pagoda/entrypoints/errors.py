@@ -18,11 +18,14 @@ _ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
 }
+# seconds a client should wait before retrying a 429 (queue full) or 503 (loading, draining, engine down)
+RETRY_AFTER = {429: "1", 503: "5"}
 
 
 class OpenAIError(Exception):
@@ -48,7 +51,9 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 def error_response(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if status in RETRY_AFTER:
+        headers["Retry-After"] = RETRY_AFTER[status]
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 

@@ -1,21 +1,38 @@
 """Request and response bodies of the OpenAI API (plus vLLM's sampling extras), as pydantic models.
 
 The bounds declared here are the validation (a violation is a 400) and also what the OpenAPI
-document advertises.
+document advertises. Types are strict, as in OpenAI's API: "logprobs": "yes" or "n": 1.0 is a 400,
+not a guess. Token ids are bounded here only by their type; the server checks them against the
+model's vocabulary, which this module does not know.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pagoda.sampling_params import SamplingParams
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+MAX_TEMPLATE_INPUT_BYTES = 64 * 2**10  # a request's own chat template, and its chat_template_kwargs as JSON
+MAX_BAD_WORDS = 128
+
+
+def _encodable(text: str) -> str:
+    """Reject lone UTF-16 surrogates ("\\ud800" is legal JSON but no Unicode text: tokenizers fail on it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError("the text is not valid Unicode (it holds a lone UTF-16 surrogate)") from error
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 def random_id(prefix: str) -> str:
@@ -24,7 +41,7 @@ def random_id(prefix: str) -> str:
 
 class OpenAIModel(BaseModel):
     # unknown fields are ignored like the OpenAI API does; NaN and infinities are never valid numbers here
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(OpenAIModel):
@@ -40,7 +57,7 @@ class SamplingRequest(OpenAIModel):
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="Up to 16 strings that end generation.")
+    stop: Text | list[Text] | None = Field(None, description="Up to 16 strings that end generation.")
     seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -53,6 +70,14 @@ class SamplingRequest(OpenAIModel):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit."
+    )
+    allowed_token_ids: list[TokenId] | None = Field(None, min_length=1)
+    bad_words: list[Annotated[Text, Field(min_length=1, max_length=1024)]] | None = Field(
+        None, max_length=MAX_BAD_WORDS
+    )
+    best_of: int | None = Field(None, ge=1, description="Only best_of == n is supported.")
 
     @model_validator(mode="after")
     def _check_stop(self) -> SamplingRequest:
@@ -61,7 +86,20 @@ class SamplingRequest(OpenAIModel):
             raise ValueError("stop must be a non-empty string or a list of at most 16 non-empty strings")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported (other than best_of == n)")
         return self
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is not None and not all(key.isdecimal() and key.isascii() for key in bias):
+            raise ValueError("logit_bias keys must be token ids (decimal integers as strings)")
+        return bias
+
+    @property
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        return {int(key): value for key, value in self.logit_bias.items()} if self.logit_bias else None
 
     @property
     def stop_strings(self) -> list[str]:
@@ -88,12 +126,15 @@ class SamplingRequest(OpenAIModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self.logit_bias_ids,
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=list(self.bad_words or []),
         )
 
 
 # ---- completions -----------------------------------------------------------------------------------
 
-Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
+Prompt = Text | list[Text] | list[TokenId] | list[list[TokenId]]
 
 
 class CompletionRequest(SamplingRequest):
@@ -101,7 +142,7 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
     @model_validator(mode="after")
     def _check_prompt(self) -> CompletionRequest:
@@ -158,13 +199,13 @@ class CompletionResponse(OpenAIModel):
 
 class TextContentPart(OpenAIModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: Text | list[TextContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -183,13 +224,33 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: Text | None = Field(
+        None,
+        max_length=MAX_TEMPLATE_INPUT_BYTES,
+        description="A Jinja chat template for this request (needs --trust-request-chat-template).",
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description=f"Extra template variables, at most {MAX_TEMPLATE_INPUT_BYTES} bytes as JSON."
+    )
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
         return self
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _bound_template_kwargs(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        # the template sees these as variables: their size bounds what a template loop over them costs
+        if kwargs is not None:
+            try:
+                size = len(json.dumps(kwargs, ensure_ascii=False).encode())
+            except UnicodeEncodeError as error:
+                raise ValueError("chat_template_kwargs holds a lone UTF-16 surrogate") from error
+            if size > MAX_TEMPLATE_INPUT_BYTES:
+                raise ValueError(f"chat_template_kwargs is larger than {MAX_TEMPLATE_INPUT_BYTES} bytes")
+        return kwargs
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -237,7 +298,7 @@ class ChatCompletionResponse(OpenAIModel):
 
 class TokenizeRequest(OpenAIModel):
     model: str | None = None
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
-from pagoda.engine.async_engine import EngineDeadError, RequestAbortedError, RequestStream
-from pagoda.entrypoints.errors import OpenAIError
 from pagoda.entrypoints.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -18,41 +16,33 @@ from pagoda.entrypoints.protocol import (
     UsageInfo,
     random_id,
 )
-from pagoda.entrypoints.serving_engine import SSE_DONE, ServingEngine, sse, sse_chunk, sse_error
+from pagoda.entrypoints.serving_engine import ChoiceState, ServingEngine
 from pagoda.outputs import CompletionOutput, RequestOutput
 
 
 class ServingChat(ServingEngine):
+    object_name = "chat.completion.chunk"
+
     async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         """Validate and submit; returns the response, or the SSE stream when streaming."""
         self.check_model(request.model)
-        self.check_queue()
-        prompt_ids = self.chat_prompt_ids(
-            request.messages, request.add_generation_prompt, request.chat_template_kwargs
+        self.check_sampling(request)
+        self.check_num_seqs(request.n)
+        prompt_ids = await self.chat_prompt_ids(
+            request.messages,
+            request.add_generation_prompt,
+            request.chat_template_kwargs,
+            request.chat_template,
         )
-        max_tokens = self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens)
+        max_tokens = self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens, "messages")
+        self.check_generated_tokens(request.n, [max_tokens])
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = request.sampling_params(max_tokens, logprobs)
         request_id = random_id("chatcmpl")
-        stream = await self.submit(request_id, prompt_ids, params)
+        streams = await self.submit_all(request_id, [prompt_ids], [params])
         if request.stream:
-            return self._stream(request, request_id, stream)
-        return await self._complete(request, request_id, stream)
-
-    async def _complete(
-        self, request: ChatCompletionRequest, request_id: str, stream: RequestStream
-    ) -> ChatCompletionResponse:
-        final: RequestOutput | None = None
-        try:
-            async for output in self.outputs(stream):
-                final = output
-        except RequestAbortedError as error:
-            raise OpenAIError(
-                503, "the request was aborted: the server is shutting down", code="server_shutting_down"
-            ) from error
-        except EngineDeadError as error:
-            raise OpenAIError(500, str(error), code="engine_dead") from error
-        assert final is not None and final.finished
+            return self.stream(request, request_id, streams, len(prompt_ids))
+        (final,) = await self.final_outputs(streams)
         choices = [
             ChatCompletionChoice(
                 index=sample.index,
@@ -91,77 +81,38 @@ class ServingChat(ServingEngine):
             )
         return ChatLogprobs(content=content)
 
-    async def _stream(
-        self, request: ChatCompletionRequest, request_id: str, stream: RequestStream
-    ) -> AsyncIterator[str]:
-        created = int(time.time())
-        model = request.model or self.model_name
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        n = request.n
-        sent_text, sent_tokens, done = [0] * n, [0] * n, [False] * n
-        prompt_tokens = completion_tokens = 0
+    # ---- the streaming hooks ---------------------------------------------------------------------
 
-        def chunk(
-            index: int,
-            delta: dict,
-            logprobs: ChatLogprobs | None = None,
-            finish: str | None = None,
-            stop_reason: int | str | None = None,
-        ) -> str:
-            choice = {
-                "index": index,
-                "delta": delta,
-                "logprobs": logprobs.model_dump() if logprobs else None,
-                "finish_reason": finish,
-                "stop_reason": stop_reason,
-            }
-            return sse_chunk(request_id, "chat.completion.chunk", created, model, choice, include_usage)
+    def opening_choices(self, request: ChatCompletionRequest, num_prompts: int) -> Iterator[dict[str, Any]]:
+        for index in range(request.n):  # OpenAI sends the role first, on its own
+            yield _choice(index, {"role": "assistant", "content": ""})
 
-        try:
-            for index in range(n):  # OpenAI sends the role first, on its own
-                yield chunk(index, {"role": "assistant", "content": ""})
-            async for output in self.outputs(stream):
-                prompt_tokens = len(output.prompt_token_ids)
-                for sample in output.outputs:
-                    i = sample.index
-                    if done[i]:
-                        continue
-                    delta = sample.text[sent_text[i] :]
-                    finished = sample.finish_reason is not None
-                    if not delta and not finished:
-                        continue  # the detokenizer holds text back (partial UTF-8, a possible stop string)
-                    logprobs = self._logprobs(request, sample, sent_tokens[i]) if request.logprobs else None
-                    sent_text[i], sent_tokens[i] = len(sample.text), len(sample.token_ids)
-                    if finished:
-                        done[i] = True
-                        completion_tokens += len(sample.token_ids)
-                    yield chunk(
-                        i,
-                        {"content": delta} if delta else {},
-                        logprobs,
-                        sample.finish_reason,
-                        sample.stop_reason,
-                    )
-            if include_usage:
-                usage = {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                }
-                yield sse(
-                    {
-                        "id": request_id,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": usage,
-                    }
-                )
-        except RequestAbortedError:
-            yield sse_error(503, "the request was aborted: the server is shutting down")
-        except EngineDeadError as error:
-            yield sse_error(500, str(error))
-        finally:
-            self.llm.abort_nowait(stream.request_id)  # no-op once finished
-        yield SSE_DONE
+    def delta_choice(
+        self,
+        request: ChatCompletionRequest,
+        index: int,
+        output: RequestOutput,
+        sample: CompletionOutput,
+        delta: str,
+        state: ChoiceState,
+    ) -> dict[str, Any]:
+        logprobs = self._logprobs(request, sample, state.sent_tokens) if request.logprobs else None
+        return _choice(
+            index, {"content": delta} if delta else {}, logprobs, sample.finish_reason, sample.stop_reason
+        )
+
+
+def _choice(
+    index: int,
+    delta: dict[str, Any],
+    logprobs: ChatLogprobs | None = None,
+    finish: str | None = None,
+    stop_reason: int | str | None = None,
+) -> dict[str, Any]:
+    return {
+        "index": index,
+        "delta": delta,
+        "logprobs": logprobs.model_dump() if logprobs else None,
+        "finish_reason": finish,
+        "stop_reason": stop_reason,
+    }

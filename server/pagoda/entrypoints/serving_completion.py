@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
-from pagoda.engine.async_engine import EngineDeadError, RequestAbortedError, RequestStream
-from pagoda.entrypoints.errors import OpenAIError
 from pagoda.entrypoints.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -16,7 +13,7 @@ from pagoda.entrypoints.protocol import (
     UsageInfo,
     random_id,
 )
-from pagoda.entrypoints.serving_engine import SSE_DONE, ServingEngine, sse, sse_chunk, sse_error
+from pagoda.entrypoints.serving_engine import ChoiceState, ServingEngine
 from pagoda.outputs import CompletionOutput, RequestOutput
 
 
@@ -29,65 +26,35 @@ class _Prompt:
 
 
 class ServingCompletion(ServingEngine):
+    object_name = "text_completion"
+
     async def create(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         """Validate and submit every prompt; returns the response, or the SSE stream when streaming."""
         self.check_model(request.model)
-        self.check_queue()
-        prompts = [self._tokenize(p) for p in request.prompts]
-        prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
-        params = [
-            request.sampling_params(
-                self.resolve_max_tokens(len(p.token_ids), request.max_tokens),
-                request.logprobs,
-                prompt_logprobs,
-            )
-            for p in prompts
+        self.check_sampling(request)
+        self.check_num_seqs(len(request.prompts) * request.n)
+        prompts = [await self._tokenize(p) for p in request.prompts]
+        max_tokens = [
+            self.resolve_max_tokens(len(p.token_ids), request.max_tokens, "prompt") for p in prompts
         ]
+        self.check_generated_tokens(request.n, max_tokens)
+        prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+        params = [request.sampling_params(m, request.logprobs, prompt_logprobs) for m in max_tokens]
         request_id = random_id("cmpl")
-        streams: list[RequestStream] = []
-        try:
-            for i, (prompt, p) in enumerate(zip(prompts, params)):
-                streams.append(await self.submit(f"{request_id}-{i}", prompt.token_ids, p))
-        except BaseException:
-            for stream in streams:
-                self.llm.abort_nowait(stream.request_id)
-            raise
+        streams = await self.submit_all(request_id, [p.token_ids for p in prompts], params)
         if request.stream:
-            return self._stream(request, request_id, prompts, streams)
-        return await self._complete(request, request_id, prompts, streams)
+            return self.stream(request, request_id, streams, sum(len(p.token_ids) for p in prompts))
+        return self._response(request, request_id, prompts, await self.final_outputs(streams))
 
-    def _tokenize(self, prompt: str | list[int]) -> _Prompt:
+    async def _tokenize(self, prompt: str | list[int]) -> _Prompt:
         if isinstance(prompt, str):
-            return _Prompt(prompt, self.encode(prompt))
+            return _Prompt(prompt, await self.encode(prompt))
         self.check_token_ids(prompt, "prompt")
         return _Prompt(None, prompt)
 
-    async def _final_output(self, stream: RequestStream) -> RequestOutput:
-        last: RequestOutput | None = None
-        async for output in self.outputs(stream):
-            last = output
-        assert last is not None and last.finished
-        return last
-
-    async def _complete(
-        self,
-        request: CompletionRequest,
-        request_id: str,
-        prompts: list[_Prompt],
-        streams: list[RequestStream],
+    def _response(
+        self, request: CompletionRequest, request_id: str, prompts: list[_Prompt], finals: list[RequestOutput]
     ) -> CompletionResponse:
-        tasks = [asyncio.ensure_future(self._final_output(s)) for s in streams]
-        try:
-            finals = await asyncio.gather(*tasks)
-        except RequestAbortedError as error:
-            raise OpenAIError(
-                503, "the request was aborted: the server is shutting down", code="server_shutting_down"
-            ) from error
-        except EngineDeadError as error:
-            raise OpenAIError(500, str(error), code="engine_dead") from error
-        finally:
-            for task in tasks:  # a failure (or the client leaving) ends the siblings too
-                task.cancel()
         choices = []
         for p, (prompt, final) in enumerate(zip(prompts, finals)):
             for sample in final.outputs:
@@ -155,132 +122,64 @@ class ServingCompletion(ServingEngine):
             result.top_logprobs.append(top)
         return result
 
-    async def _stream(
+    # ---- the streaming hooks: the echoed prompt goes first; with logprobs it waits for the first output,
+    # which carries the prompt's logprobs --------------------------------------------------------------
+
+    def opening_choices(self, request: CompletionRequest, num_prompts: int) -> Iterator[dict[str, Any]]:
+        if request.echo and request.logprobs is None:
+            for p, prompt in enumerate(request.prompts):
+                text = prompt if isinstance(prompt, str) else self.decode(prompt)
+                for j in range(request.n):
+                    yield _choice(p * request.n + j, text)
+
+    def first_choice(
         self,
         request: CompletionRequest,
-        request_id: str,
-        prompts: list[_Prompt],
-        streams: list[RequestStream],
-    ) -> AsyncIterator[str]:
-        created = int(time.time())
-        model = request.model or self.model_name
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        n = request.n
-        sent_text = [0] * (len(prompts) * n)
-        sent_tokens = [0] * (len(prompts) * n)
-        offsets = [0] * (len(prompts) * n)  # text offset of the next token, for logprobs
-        done = [False] * (len(prompts) * n)
-        completion_tokens = 0
+        prompt_index: int,
+        output: RequestOutput,
+        sample: CompletionOutput,
+        state: ChoiceState,
+    ) -> dict[str, Any] | None:
+        if not request.echo or request.logprobs is None:
+            return None
+        prompt = request.prompts[prompt_index]
+        tokenized = _Prompt(None, list(output.prompt_token_ids))
+        prompt_logprobs = self._logprobs(
+            request.logprobs, tokenized, output, sample, start=len(sample.token_ids)
+        )
+        state.text_offset = sum(len(t) for t in prompt_logprobs.tokens)
+        text = prompt if isinstance(prompt, str) else self.decode(prompt)
+        return _choice(prompt_index * request.n + sample.index, text, prompt_logprobs)
 
-        def chunk(
-            index: int,
-            text: str,
-            logprobs: CompletionLogprobs | None,
-            finish: str | None,
-            stop_reason: int | str | None = None,
-        ) -> str:
-            choice = {
-                "index": index,
-                "text": text,
-                "logprobs": logprobs.model_dump() if logprobs else None,
-                "finish_reason": finish,
-                "stop_reason": stop_reason,
-            }
-            return sse_chunk(request_id, "text_completion", created, model, choice, include_usage)
-
-        # the echoed prompt goes first; with logprobs it waits for the first output, which carries the
-        # prompt's logprobs
-        echo_pending = [request.echo] * (len(prompts) * n)
-        try:
-            if request.echo and request.logprobs is None:
-                for p, prompt in enumerate(prompts):
-                    for j in range(n):
-                        echo_pending[p * n + j] = False
-                        yield chunk(p * n + j, self._prompt_text(prompt), None, None)
-            async for p, output in _merge(self, streams):
-                for sample in output.outputs:
-                    i = p * n + sample.index
-                    if echo_pending[i]:
-                        echo_pending[i] = False
-                        prompt_logprobs = self._logprobs(
-                            request.logprobs, prompts[p], output, sample, start=len(sample.token_ids)
-                        )
-                        offsets[i] = sum(len(t) for t in prompt_logprobs.tokens)
-                        yield chunk(i, self._prompt_text(prompts[p]), prompt_logprobs, None)
-                    if done[i]:
-                        continue
-                    delta = sample.text[sent_text[i] :]
-                    finished = sample.finish_reason is not None
-                    if not delta and not finished:
-                        continue
-                    logprobs = None
-                    if request.logprobs is not None:
-                        logprobs = self._logprobs(
-                            request.logprobs, None, output, sample, sent_tokens[i], offsets[i]
-                        )
-                        offsets[i] += sum(len(t) for t in logprobs.tokens)
-                    sent_text[i] = len(sample.text)
-                    sent_tokens[i] = len(sample.token_ids)
-                    if finished:
-                        done[i] = True
-                        completion_tokens += len(sample.token_ids)
-                    yield chunk(i, delta, logprobs, sample.finish_reason, sample.stop_reason)
-            if include_usage:
-                prompt_tokens = sum(len(p.token_ids) for p in prompts)
-                usage = {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                }
-                yield sse(
-                    {
-                        "id": request_id,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": usage,
-                    }
-                )
-        except RequestAbortedError:
-            yield sse_error(503, "the request was aborted: the server is shutting down")
-        except EngineDeadError as error:
-            yield sse_error(500, str(error))
-        finally:
-            for stream in streams:
-                self.llm.abort_nowait(stream.request_id)  # no-op once finished
-        yield SSE_DONE
+    def delta_choice(
+        self,
+        request: CompletionRequest,
+        index: int,
+        output: RequestOutput,
+        sample: CompletionOutput,
+        delta: str,
+        state: ChoiceState,
+    ) -> dict[str, Any]:
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = self._logprobs(
+                request.logprobs, None, output, sample, state.sent_tokens, state.text_offset
+            )
+            state.text_offset += sum(len(t) for t in logprobs.tokens)
+        return _choice(index, delta, logprobs, sample.finish_reason, sample.stop_reason)
 
 
-async def _merge(
-    serving: ServingEngine, streams: list[RequestStream]
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several requests' outputs as they come, tagged with the prompt index."""
-    if len(streams) == 1:
-        async for output in serving.outputs(streams[0]):
-            yield 0, output
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: RequestStream) -> None:
-        try:
-            async for output in serving.outputs(stream):
-                queue.put_nowait((index, output))
-            queue.put_nowait((index, None))
-        except Exception as error:
-            queue.put_nowait((index, error))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
+def _choice(
+    index: int,
+    text: str,
+    logprobs: CompletionLogprobs | None = None,
+    finish: str | None = None,
+    stop_reason: int | str | None = None,
+) -> dict[str, Any]:
+    return {
+        "index": index,
+        "text": text,
+        "logprobs": logprobs.model_dump() if logprobs else None,
+        "finish_reason": finish,
+        "stop_reason": stop_reason,
+    }

@@ -1,8 +1,10 @@
-"""Batched sampling: penalties, min_tokens, temperature, top-k / top-p / min-p, seeded draws, logprobs.
+"""Batched sampling: token filters (logit_bias, allowed_token_ids, bad_words), penalties, min_tokens,
+temperature, top-k / top-p / min-p, seeded draws, logprobs.
 
 One vectorised pass serves the whole batch; a step that no row needs (a sort, the penalty scatter, the
-noise) is skipped. The order is vLLM's: repetition, frequency and presence penalties, the min_tokens mask,
-then temperature, top-k, top-p, min-p and the draw. Greedy rows take the argmax of the penalised logits.
+noise) is skipped. The order is vLLM's: the token filters, repetition, frequency and presence penalties,
+the min_tokens mask, then temperature, top-k, top-p, min-p and the draw. Greedy rows take the argmax of
+the penalised logits.
 
 Sampling uses the exponential race: argmax(p / E) with E ~ Exponential(1) i.i.d. picks token i with
 probability p_i. It needs no cumsum and lets a seeded row draw its noise from its own generator, so its
@@ -51,6 +53,7 @@ class Sampler:
     def penalised_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Logits after repetition / frequency / presence penalties and the min_tokens mask (a new tensor
         when any applies; the caller's tensor is never modified)."""
+        logits = apply_token_filters(logits, seqs)
         params = [seq.params for seq in seqs]
         repetition = any(p.repetition_penalty != 1.0 for p in params)
         frequency_presence = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
@@ -123,6 +126,42 @@ class Sampler:
             k = seqs[row].params.logprobs or 0
             result[row] = _trim_top(entry, k, token_list[row])
         return result
+
+
+def apply_token_filters(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logit_bias added, tokens outside allowed_token_ids and the last token of a bad word whose prefix
+    the completion ends with masked (vLLM's semantics). The caller's tensor is untouched; rows without
+    filters cost nothing."""
+    bias: list[tuple[int, int, float]] = []
+    masked: list[tuple[int, int]] = []
+    allowed: list[tuple[int, int]] = []
+    for row, seq in enumerate(seqs):
+        params = seq.params
+        bias += [(row, token, value) for token, value in (params.logit_bias or {}).items()]
+        allowed += [(row, token) for token in params.allowed_token_ids or []]
+        completion = seq.completion_token_ids if params.bad_words_token_ids else []
+        for word in params.bad_words_token_ids:
+            prefix = word[:-1]
+            if len(prefix) <= len(completion) and completion[len(completion) - len(prefix) :] == prefix:
+                masked.append((row, word[-1]))
+    if not (bias or masked or allowed):
+        return logits
+    logits = logits.clone()
+    if allowed:
+        rows = sorted({row for row, _ in allowed})
+        keep = torch.ones_like(logits, dtype=torch.bool)  # rows without a list keep everything
+        keep[rows] = False
+        row_token = torch.tensor(allowed, device=logits.device)
+        keep[row_token[:, 0], row_token[:, 1]] = True
+        logits.masked_fill_(~keep, float("-inf"))
+    if bias:
+        index = torch.tensor([(row, token) for row, token, _ in bias], device=logits.device)
+        values = torch.tensor([value for *_, value in bias], dtype=logits.dtype, device=logits.device)
+        logits.index_put_((index[:, 0], index[:, 1]), values, accumulate=True)
+    if masked:
+        row_token = torch.tensor(masked, device=logits.device)
+        logits[row_token[:, 0], row_token[:, 1]] = float("-inf")
+    return logits
 
 
 def logprob_dicts(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[dict[int, float]]:
