@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from pagoda.config import EngineConfig
-from pagoda.distributed.workers import TensorParallelWorkers, start_workers
+from pagoda.distributed.workers import TensorParallelWorkers, WorkerFailedError, start_workers
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.interface import StepError
 from pagoda.engine.model_runner import ModelRunner
@@ -156,6 +156,8 @@ class LLMEngine:
             return []
         try:
             return self._run(batch)
+        except WorkerFailedError:
+            raise  # the tensor-parallel group is broken for good: no single request's fault
         except Exception as error:
             raise StepError(sorted({item.seq.request_id for item in batch}), error) from error
 
