@@ -20,6 +20,8 @@ class Attention(nn.Module):
     assigns once it has sized the KV pool. The whole batch's K/V is written before anyone attends, so
     sequences in one step can share freshly written prefix blocks. An fp8 cache stores K/V divided by
     `kv_scales` (one per tensor, calibrated on the first batch) and runs on the torch backend.
+    Attention sinks (gpt-oss: one learned logit per head that joins every softmax and attends to nothing)
+    run on the torch backend too.
     """
 
     def __init__(
@@ -45,7 +47,9 @@ class Attention(nn.Module):
         self.kv_scales: tuple[float, float] | None = None  # fp8 caches only
         self._backend: ModuleType | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.k_cache.numel() == 0:
             raise RuntimeError("the KV cache of this attention layer has not been assigned")
         md = get_attention_metadata()
@@ -55,6 +59,13 @@ class Attention(nn.Module):
         value = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if is_fp8(self.k_cache):
             return self._forward_fp8_cache(query, key, value).view(-1, self.num_heads * self.head_dim)
+        if sinks is not None:
+            torch_backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping)
+            out = torch_backend.paged_attention(
+                query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap,
+                sinks=sinks,
+            )
+            return out.view(-1, self.num_heads * self.head_dim)
         if self._backend is None:
             self._backend = get_backend(q.device)
         self._backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping)

@@ -8,6 +8,7 @@ Reads transformers 5.x configs (`rope_parameters`, `layer_types`) and the older 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,27 @@ from transformers import PretrainedConfig
 from pagoda.layers.rotary import RopeConfig
 
 GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")
+MOE_FAMILY = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The sparse MLP of a mixture-of-experts model: which layers have one, and how tokens are routed."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each expert
+    sparse_layers: tuple[bool, ...]  # per layer; the others keep the dense MLP (Qwen2-MoE's mlp_only_layers)
+    # "softmax": softmax over every expert, then the top k (Mixtral, Qwen); "topk_softmax": the top k
+    # logits, then a softmax over them (gpt-oss)
+    scoring: str = "softmax"
+    renormalize: bool = True  # the top-k weights divided by their sum
+    shared_intermediate_size: int = 0  # Qwen2-MoE's shared expert, which every token goes through
+    shared_expert_gate: bool = False  # ... scaled by sigmoid(gate(x))
+    bias: bool = False  # gpt-oss: biased router and experts
+    swiglu_limit: float | None = None  # gpt-oss: clamped SwiGLU, (up + 1) * gate * sigmoid(alpha * gate)
+    swiglu_alpha: float = 1.702
+
 
 
 @dataclass(frozen=True)
@@ -44,6 +66,8 @@ class ModelSpec:
     sandwich_norms: bool = False  # Gemma 2/3: norms before and after both attention and MLP
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    attention_sinks: bool = False  # gpt-oss: a learned per-head logit in every softmax's denominator
+    moe: MoESpec | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -79,16 +103,48 @@ class ModelSpec:
             hidden_act=_hidden_act(cfg),
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             attention_scale=(getattr(cfg, "query_pre_attn_scalar", None) or head_dim) ** -0.5,
-            qkv_bias=True if model_type == "qwen2" else attention_bias,  # Qwen2: q/k/v biased, o not
+            # Qwen2 and Qwen2-MoE: q/k/v biased, o not
+            qkv_bias=True if model_type in ("qwen2", "qwen2_moe") else attention_bias,
             o_bias=attention_bias,
             mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             norm_unit_offset=gemma,
             embedding_scale=cfg.hidden_size**0.5 if gemma else None,
             sandwich_norms=model_type in ("gemma2", "gemma3_text"),
             attn_logit_softcap=_attn_logit_softcap(cfg),
             final_logit_softcap=getattr(cfg, "final_logit_softcapping", None),
+            attention_sinks=model_type == "gpt_oss",
+            moe=_moe(cfg) if model_type in MOE_FAMILY else None,
         )
+
+
+def _moe(cfg: PretrainedConfig) -> MoESpec:
+    layers = range(cfg.num_hidden_layers)
+    if cfg.model_type in ("mixtral", "gpt_oss"):
+        gpt_oss = cfg.model_type == "gpt_oss"
+        return MoESpec(
+            num_experts=cfg.num_local_experts,
+            top_k=cfg.num_experts_per_tok,
+            intermediate_size=cfg.intermediate_size,
+            sparse_layers=tuple(True for _ in layers),
+            scoring="topk_softmax" if gpt_oss else "softmax",
+            bias=gpt_oss,
+            swiglu_limit=cfg.swiglu_limit if gpt_oss else None,
+            swiglu_alpha=getattr(cfg, "swiglu_alpha", 1.702),
+        )
+    # Qwen2-MoE / Qwen3-MoE: every decoder_sparse_step-th layer is sparse, except the mlp_only_layers
+    dense = set(getattr(cfg, "mlp_only_layers", None) or [])
+    step = getattr(cfg, "decoder_sparse_step", 1) or 1
+    shared = getattr(cfg, "shared_expert_intermediate_size", 0) or 0
+    return MoESpec(
+        num_experts=cfg.num_experts,
+        top_k=cfg.num_experts_per_tok,
+        intermediate_size=cfg.moe_intermediate_size,
+        sparse_layers=tuple(i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0 for i in layers),
+        renormalize=bool(cfg.norm_topk_prob),
+        shared_intermediate_size=shared,
+        shared_expert_gate=shared > 0,
+    )
 
 
 def _hidden_act(cfg: PretrainedConfig) -> str:
@@ -134,7 +190,37 @@ def _rope(cfg: PretrainedConfig, layer_type: str, head_dim: int) -> RopeConfig:
             high_freq_factor=params["high_freq_factor"],
             original_max_position_embeddings=params["original_max_position_embeddings"],
         )
+    if rope_type == "yarn":
+        return _yarn(cfg, params, rotary_dim)
     return RopeConfig(theta=params["rope_theta"], rotary_dim=rotary_dim, scaling=rope_type)
+
+
+def _yarn(cfg: PretrainedConfig, params: dict[str, Any], rotary_dim: int) -> RopeConfig:
+    # as transformers' _compute_yarn_parameters reads its parameters
+    original = params.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    factor = params.get("factor") or cfg.max_position_embeddings / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    return RopeConfig(
+        theta=params["rope_theta"],
+        rotary_dim=rotary_dim,
+        scaling="yarn",
+        factor=factor,
+        original_max_position_embeddings=original,
+        beta_fast=params.get("beta_fast") or 32.0,
+        beta_slow=params.get("beta_slow") or 1.0,
+        truncate=params.get("truncate", True),
+        attention_factor=float(attention_factor),
+    )
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _rope_parameters(cfg: PretrainedConfig, layer_type: str) -> dict[str, Any]:
