@@ -1,0 +1,194 @@
+"""Mixture-of-experts pieces against their references: GGUF files written as llama.cpp writes MoE models,
+gpt-oss's MXFP4 checkpoints against transformers' own dequantizer, and the routing of every family
+against transformers' routers. (Whole-model parity runs with the dense families in test_models.py,
+test_engine_parity.py and test_tensor_parallel.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize as reference_dequantize
+from gguf.quants import quantize
+from safetensors.torch import load_file, save_file
+from tiny_models import load_reference_model, make_tiny_model, reference_greedy, tiny_config
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+
+from pagoda import LLM, SamplingParams
+from pagoda.layers.moe import ExpertGroups, select_experts
+from pagoda.loader import open_checkpoint
+from pagoda.models.moe_weights import dequantize_mxfp4
+
+MAX_NEW = 6
+PROMPTS = [[5, 9, 33, 77, 100, 3, 18, 19, 200, 201, 7], [40, 41], [250, 7, 7, 7, 90, 12, 13]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def engine_greedy(model: Path | str, prompts: list[list[int]]) -> list[list[int]]:
+    llm = LLM(model=str(model), block_size=4, max_model_len=64, skip_tokenizer_init=True)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+# --- GGUF ------------------------------------------------------------------------------------------
+
+
+def write_qwen2moe_gguf(hf_dir: Path, path: Path, expert_type: GGMLQuantizationType) -> None:
+    """The tensors and metadata llama.cpp's convert_hf_to_gguf.py (Qwen2MoeModel) writes: experts stacked
+    [E, ...] as ffn_*_exps, the router as ffn_gate_inp, the shared expert as ffn_*_shexp."""
+    cfg = tiny_config("qwen2_moe")
+    weights = load_file(hf_dir / "model.safetensors")
+    writer = GGUFWriter(path, "qwen2moe")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_expert_count(cfg.num_experts)
+    writer.add_expert_used_count(cfg.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    names = {
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
+        "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+        "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    }
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    for name, tensor in weights.items():
+        if name in top:
+            writer.add_tensor(top[name], tensor.numpy())
+            continue
+        layer, rest = name.removeprefix("model.layers.").split(".", 1)
+        stem, suffix = rest.rsplit(".", 1)
+        if ".experts." in stem:
+            continue  # stacked below
+        writer.add_tensor(f"blk.{layer}.{names[stem]}.{suffix}", tensor.numpy())
+    for layer in range(cfg.num_hidden_layers):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            kind = f"ffn_{proj.removesuffix('_proj')}_exps"
+            key = f"model.layers.{layer}.mlp.experts.{{}}.{proj}.weight"
+            if key.format(0) not in weights:
+                continue  # a dense layer
+            stacked = torch.stack([weights[key.format(e)] for e in range(cfg.num_experts)]).numpy()
+            data = stacked if expert_type == GGMLQuantizationType.F32 else quantize(stacked, expert_type)
+            writer.add_tensor(f"blk.{layer}.{kind}.weight", data, raw_dtype=expert_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("qwen2_moe", tmp_path_factory.mktemp("moe") / "qwen2_moe", with_tokenizer=False)
+
+
+def test_gguf_with_stacked_experts_generates_like_transformers(qwen2_moe_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "qwen2moe.gguf"
+    write_qwen2moe_gguf(qwen2_moe_dir, path, GGMLQuantizationType.F32)
+    config = open_checkpoint(path).config
+    assert config.architectures == ["Qwen2MoeForCausalLM"]
+    assert (config.num_experts, config.num_experts_per_tok, config.norm_topk_prob) == (6, 2, False)
+    assert config.mlp_only_layers == [1]  # layer 1 keeps a dense MLP: it has no ffn_*_exps tensors
+    reference = load_reference_model(qwen2_moe_dir)
+    assert engine_greedy(path, PROMPTS) == [reference_greedy(reference, p, MAX_NEW)[0] for p in PROMPTS]
+
+
+def test_gguf_quantized_experts_dequantize_like_gguf_py(qwen2_moe_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "qwen2moe-q8.gguf"
+    write_qwen2moe_gguf(qwen2_moe_dir, path, GGMLQuantizationType.Q8_0)
+    weights = dict(open_checkpoint(path).weights())
+    hf = load_file(qwen2_moe_dir / "model.safetensors")
+    stacked = torch.stack([hf[f"model.layers.0.mlp.experts.{e}.up_proj.weight"] for e in range(6)]).numpy()
+    q8 = GGMLQuantizationType.Q8_0
+    expected = torch.from_numpy(reference_dequantize(quantize(stacked, q8), q8))
+    torch.testing.assert_close(weights["model.layers.0.mlp.experts.up_proj.weight"], expected)
+    assert len(engine_greedy(path, PROMPTS[:1])[0]) == MAX_NEW  # the quantized file loads and serves
+
+
+# --- gpt-oss MXFP4 ---------------------------------------------------------------------------------
+
+
+def test_mxfp4_dequantizes_like_transformers() -> None:
+    rng = np.random.default_rng(0)
+    blocks = torch.from_numpy(rng.integers(0, 256, size=(3, 8, 2, 16), dtype=np.uint8))
+    scales = torch.from_numpy(rng.integers(120, 134, size=(3, 8, 2), dtype=np.uint8))
+    expected = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out]
+    torch.testing.assert_close(dequantize_mxfp4(blocks, scales), expected.transpose(1, 2), rtol=0, atol=0)
+
+
+def test_gpt_oss_mxfp4_checkpoint_generates_like_transformers(tmp_path: Path) -> None:
+    """Released gpt-oss checkpoints store experts as MXFP4 blocks and scales; the reference runs the
+    weights transformers dequantizes them to."""
+    path = make_tiny_model("gpt_oss", tmp_path / "gpt_oss", with_tokenizer=False)
+    weights = load_file(path / "model.safetensors")
+    rng = np.random.default_rng(1)
+    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, columns, rows = weights[name].shape  # [E, in, out]
+        groups = (experts, rows, columns // 32)
+        blocks = torch.from_numpy(rng.integers(0, 256, size=(*groups, 16), dtype=np.uint8))
+        scales = torch.from_numpy(rng.integers(123, 127, size=groups, dtype=np.uint8))
+        del weights[name]
+        weights[f"{name}_blocks"], weights[f"{name}_scales"] = blocks, scales
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+    dequantized = dict(weights)
+    for name in [n for n in weights if n.endswith("_blocks")]:
+        stem = name.removesuffix("_blocks")
+        dequantized[stem] = convert_moe_packed_tensors(
+            dequantized.pop(name), dequantized.pop(f"{stem}_scales"), dtype=torch.float32
+        )
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    (reference_dir / "config.json").write_text((path / "config.json").read_text())
+    save_file(dequantized, reference_dir / "model.safetensors", metadata={"format": "pt"})
+    reference = load_reference_model(reference_dir)
+    assert engine_greedy(path, PROMPTS) == [reference_greedy(reference, p, MAX_NEW)[0] for p in PROMPTS]
+
+
+# --- routing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_softmax_top_k_routing_matches_transformers(renormalize: bool) -> None:
+    cfg = tiny_config("qwen2_moe")
+    cfg.norm_topk_prob = renormalize
+    router = Qwen2MoeTopKRouter(cfg)
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(40, cfg.hidden_size)
+    _, expected_weights, expected_ids = router(x)
+    weights, ids = select_experts(torch.nn.functional.linear(x, router.weight), cfg.num_experts_per_tok,
+                                  renormalize=renormalize)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights)
+
+
+def test_tokens_are_grouped_by_expert_in_batch_order() -> None:
+    ids = torch.tensor([[2, 0], [0, 1], [2, 1], [3, 0]])
+    weights = torch.arange(8, dtype=torch.float32).view(4, 2)
+    groups = ExpertGroups.from_routing(weights, ids, num_experts=5)
+    assert groups.counts == [3, 2, 2, 1, 0]
+    assert groups.tokens.tolist() == [0, 1, 3, 1, 2, 0, 2, 3]
+    assert groups.weights.tolist() == [1, 2, 7, 3, 5, 0, 4, 6]
+    runs = [(e, (r.start, r.stop)) for e, r in groups.runs()]
+    assert runs == [(0, (0, 3)), (1, (3, 5)), (2, (5, 7)), (3, (7, 8))]
