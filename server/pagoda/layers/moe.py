@@ -151,9 +151,11 @@ class FusedMoE(nn.Module):
             expert_out = fused_experts(x, self, groups)
         else:
             expert_out = self.experts_torch(x, groups)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        out.index_add_(0, groups.tokens, expert_out.float() * groups.weights[:, None])
-        return out.to(x.dtype)
+        # back to (token, slot) order, then each token's k weighted outputs summed: a copy and a sum,
+        # several times faster on the CPU than scatter-adding the sorted rows into the tokens
+        weighted = torch.empty(expert_out.shape, dtype=torch.float32, device=x.device)
+        weighted.index_copy_(0, groups.order, expert_out.float() * groups.weights[:, None])
+        return weighted.view(x.shape[0], -1, x.shape[1]).sum(dim=1).to(x.dtype)
 
     def experts_torch(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         """Each expert's output for its sorted rows [N * k, H], unweighted: one matmul pair per expert."""
