@@ -15,12 +15,16 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize as reference_dequantize
 from gguf.quants import quantize
 from safetensors.torch import load_file, save_file
-from tiny_models import load_reference_model, make_tiny_model, reference_greedy, tiny_config
+from tiny_models import TINY_ARCHS, load_reference_model, make_tiny_model, reference_greedy, tiny_config
+from transformers import AutoConfig, PretrainedConfig
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 
 from pagoda import LLM, SamplingParams
-from pagoda.layers.moe import ExpertGroups, select_experts
+from pagoda.layers.moe import ExpertGroups, Routing, select_experts
 from pagoda.loader import open_checkpoint
 from pagoda.models.moe_weights import dequantize_mxfp4
 
@@ -169,18 +173,54 @@ def test_gpt_oss_mxfp4_checkpoint_generates_like_transformers(tmp_path: Path) ->
 # --- routing ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("renormalize", [False, True])
-def test_softmax_top_k_routing_matches_transformers(renormalize: bool) -> None:
-    cfg = tiny_config("qwen2_moe")
-    cfg.norm_topk_prob = renormalize
-    router = Qwen2MoeTopKRouter(cfg)
+def by_expert(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's (ids, weights) in expert order: transformers' DeepSeek routers leave them unsorted."""
+    ids, order = ids.sort(dim=-1)
+    return weights.gather(1, order), ids
+
+
+def router_config(arch: str, **overrides: object) -> PretrainedConfig:
+    cfg = tiny_config(arch) if arch in TINY_ARCHS else AutoConfig.for_model(arch, hidden_size=64)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("router_cls", "cfg", "routing"),
+    [
+        (Qwen2MoeTopKRouter, router_config("qwen2_moe"), Routing(2, renormalize=False)),
+        (Qwen2MoeTopKRouter, router_config("qwen2_moe", norm_topk_prob=True), Routing(2)),
+        (MixtralTopKRouter, router_config("mixtral"), Routing(2)),
+        (
+            DeepseekV2TopkRouter,
+            router_config("deepseek_v2", n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2,
+                          topk_method="group_limited_greedy", routed_scaling_factor=2.5),
+            Routing(3, renormalize=False, num_groups=4, topk_groups=2, scale=2.5),
+        ),
+        (
+            DeepseekV3TopkRouter,
+            router_config("deepseek_v3", n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                          norm_topk_prob=True, routed_scaling_factor=2.5),
+            Routing(4, "sigmoid", num_groups=4, topk_groups=2, scale=2.5),
+        ),
+    ],
+    ids=["qwen2_moe", "renormalized", "mixtral", "deepseek_v2_groups", "deepseek_v3_sigmoid_groups"],
+)
+def test_routing_matches_transformers(router_cls: type, cfg: PretrainedConfig, routing: Routing) -> None:
+    torch.manual_seed(0)
+    router = router_cls(cfg)
     torch.nn.init.normal_(router.weight)
-    x = torch.randn(40, cfg.hidden_size)
+    bias = getattr(router, "e_score_correction_bias", None)
+    if bias is not None:  # V3: a correction large enough to change which experts win
+        bias.copy_(torch.randn_like(bias) * 0.5)
+    x = torch.randn(64, cfg.hidden_size)
     _, expected_weights, expected_ids = router(x)
-    weights, ids = select_experts(torch.nn.functional.linear(x, router.weight), cfg.num_experts_per_tok,
-                                  renormalize=renormalize)
+    weights, ids = select_experts(torch.nn.functional.linear(x, router.weight), routing, bias)
+    expected_weights, expected_ids = by_expert(expected_weights, expected_ids)
+    weights, ids = by_expert(weights, ids)
     assert torch.equal(ids, expected_ids)
-    torch.testing.assert_close(weights, expected_weights)
+    torch.testing.assert_close(weights, expected_weights.float())
 
 
 def test_tokens_are_grouped_by_expert_in_batch_order() -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from interpreted_triton import interpreted
 
-from pagoda.layers.moe import ExpertGroups, FusedMoE, select_experts
+from pagoda.layers.moe import ExpertGroups, FusedMoE, Routing, select_experts
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_grouped_gemm_matches_the_torch_expert_loop(
     x = torch.randn(num_tokens, hidden)
     logits = torch.randn(num_tokens, num_experts)
     logits[:, 0] += 3.0  # a popular expert, so one run spans several blocks
-    weights, ids = select_experts(logits, top_k)
+    weights, ids = select_experts(logits, Routing(top_k))
     groups = ExpertGroups.from_routing(weights, ids, num_experts)
     got = fused.fused_experts(x, moe, groups)
     torch.testing.assert_close(got, moe.experts_torch(x, groups), atol=1e-5, rtol=1e-5)

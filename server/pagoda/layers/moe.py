@@ -29,24 +29,58 @@ GATE, UP, DOWN = 0, 1, 2  # the parts of one expert, as the shards of its checkp
 ExpertShard = tuple[int, int]  # (expert, part)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How a family's router turns logits into top-k experts and their weights."""
+
+    top_k: int
+    # "softmax": softmax over every expert, then the top k (Mixtral, Qwen, DeepSeek V2); "topk_softmax":
+    # the top k logits, then a softmax over them (gpt-oss); "sigmoid": independent sigmoids (DeepSeek V3)
+    scoring: str = "softmax"
+    renormalize: bool = True  # the top-k weights divided by their sum
+    # DeepSeek: experts come in groups and only the topk_groups best groups are eligible. A group scores
+    # its best expert (V2) or the sum of its best two, correction bias included (V3's sigmoid scoring).
+    num_groups: int = 1
+    topk_groups: int = 1
+    scale: float = 1.0  # DeepSeek's routed_scaling_factor
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("softmax", "topk_softmax", "sigmoid"):
+            raise ValueError(f"unsupported expert scoring {self.scoring!r}")
+
+
 def select_experts(
-    logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = True
+    logits: torch.Tensor, routing: Routing, correction_bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [N, E] -> (weights [N, k] float32, expert ids [N, k] int64), as transformers routes.
-
-    "softmax": softmax over all experts in float32, then the top k, optionally divided by their sum
-    (Mixtral always, Qwen when norm_topk_prob). "topk_softmax": the top k logits, then a softmax over
-    them (gpt-oss), the same weights as renormalising but computed in that order.
-    """
-    if scoring == "topk_softmax":
-        values, ids = logits.topk(top_k, dim=-1)
+    `correction_bias` (DeepSeek V3) shifts which experts are chosen, not their weights."""
+    if routing.scoring == "topk_softmax":  # the same weights as renormalising, computed in this order
+        values, ids = logits.topk(routing.top_k, dim=-1)
         return values.softmax(dim=-1).float(), ids
-    if scoring != "softmax":
-        raise ValueError(f"unsupported expert scoring {scoring!r}")
-    weights, ids = logits.softmax(dim=-1, dtype=torch.float32).topk(top_k, dim=-1)
-    if renormalize:
+    if routing.scoring == "sigmoid":
+        scores = logits.float().sigmoid()
+    else:
+        scores = logits.softmax(dim=-1, dtype=torch.float32)
+    choice = scores if correction_bias is None else scores + correction_bias
+    if routing.num_groups > 1:
+        choice = _best_groups_only(choice, routing)
+    weights, ids = choice.topk(routing.top_k, dim=-1)
+    if choice is not scores:
+        weights = scores.gather(1, ids)
+    if routing.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+    return weights * routing.scale if routing.scale != 1.0 else weights, ids
+
+
+def _best_groups_only(choice: torch.Tensor, routing: Routing) -> torch.Tensor:
+    grouped = choice.view(choice.shape[0], routing.num_groups, -1)
+    if routing.scoring == "sigmoid":
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    else:
+        group_scores = grouped.max(dim=-1).values
+    best = group_scores.topk(routing.topk_groups, dim=-1)[1]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
 
 
 @dataclass

@@ -116,7 +116,7 @@ class SparseMoeBlock(nn.Module):
         self.tp_size = get_tp_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(self.gate(x), self.moe.top_k, self.moe.scoring, self.moe.renormalize)
+        weights, ids = select_experts(self.gate(x), self.moe.routing)
         out = self.experts(x, weights, ids)
         if self.tp_size > 1:
             out = all_reduce(out)

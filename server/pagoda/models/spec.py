@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from pagoda.layers.moe import Routing
 from pagoda.layers.rotary import RopeConfig
 
 GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")
@@ -25,13 +26,9 @@ class MoESpec:
     """The sparse MLP of a mixture-of-experts model: which layers have one, and how tokens are routed."""
 
     num_experts: int
-    top_k: int
+    routing: Routing
     intermediate_size: int  # of each expert
     sparse_layers: tuple[bool, ...]  # per layer; the others keep the dense MLP (Qwen2-MoE's mlp_only_layers)
-    # "softmax": softmax over every expert, then the top k (Mixtral, Qwen); "topk_softmax": the top k
-    # logits, then a softmax over them (gpt-oss)
-    scoring: str = "softmax"
-    renormalize: bool = True  # the top-k weights divided by their sum
     shared_intermediate_size: int = 0  # Qwen2-MoE's shared expert, which every token goes through
     shared_expert_gate: bool = False  # ... scaled by sigmoid(gate(x))
     bias: bool = False  # gpt-oss: biased router and experts
@@ -124,10 +121,9 @@ def _moe(cfg: PretrainedConfig) -> MoESpec:
         gpt_oss = cfg.model_type == "gpt_oss"
         return MoESpec(
             num_experts=cfg.num_local_experts,
-            top_k=cfg.num_experts_per_tok,
+            routing=Routing(cfg.num_experts_per_tok, "topk_softmax" if gpt_oss else "softmax"),
             intermediate_size=cfg.intermediate_size,
             sparse_layers=tuple(True for _ in layers),
-            scoring="topk_softmax" if gpt_oss else "softmax",
             bias=gpt_oss,
             swiglu_limit=cfg.swiglu_limit if gpt_oss else None,
             swiglu_alpha=getattr(cfg, "swiglu_alpha", 1.702),
@@ -138,10 +134,9 @@ def _moe(cfg: PretrainedConfig) -> MoESpec:
     shared = getattr(cfg, "shared_expert_intermediate_size", 0) or 0
     return MoESpec(
         num_experts=cfg.num_experts,
-        top_k=cfg.num_experts_per_tok,
+        routing=Routing(cfg.num_experts_per_tok, renormalize=bool(cfg.norm_topk_prob)),
         intermediate_size=cfg.moe_intermediate_size,
         sparse_layers=tuple(i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0 for i in layers),
-        renormalize=bool(cfg.norm_topk_prob),
         shared_intermediate_size=shared,
         shared_expert_gate=shared > 0,
     )
