@@ -46,8 +46,9 @@ class PagedRunner:
         self.model = model
         for module in model.modules():
             if isinstance(module, Attention):
-                shape = (NUM_BLOCKS, BLOCK_SIZE, spec.num_kv_heads, spec.head_dim)
-                module.k_cache, module.v_cache = torch.zeros(shape), torch.zeros(shape)
+                shape = (NUM_BLOCKS, BLOCK_SIZE, module.num_kv_heads, module.head_dim)
+                module.k_cache = torch.zeros(shape)
+                module.v_cache = module.k_cache if module.values_in_keys else torch.zeros(shape)
         self.free_blocks = list(range(NUM_BLOCKS))
         random.Random(seed).shuffle(self.free_blocks)
         self.tokens: dict[str, list[int]] = {}

@@ -232,3 +232,17 @@ def test_tokens_are_grouped_by_expert_in_batch_order() -> None:
     assert groups.weights.tolist() == [1, 2, 7, 3, 5, 0, 4, 6]
     runs = [(e, (r.start, r.stop)) for e, r in groups.runs()]
     assert runs == [(0, (0, 3)), (1, (3, 5)), (2, (5, 7)), (3, (7, 8))]
+
+
+# --- multi-head latent attention -------------------------------------------------------------------
+
+
+def test_mla_cache_holds_one_latent_row_per_token(tmp_path: Path) -> None:
+    path = make_tiny_model("deepseek_v3", tmp_path / "deepseek_v3", with_tokenizer=False)
+    llm = LLM(model=str(path), block_size=4, max_model_len=64, skip_tokenizer_init=True)
+    cfg = tiny_config("deepseek_v3")
+    runner = llm.engine.runner
+    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim  # 40 values, against 2 x 4 heads x 24 for plain K/V
+    assert runner.block_bytes == cfg.num_hidden_layers * latent * 4 * 4  # layers x latent x slots x fp32
+    layer = runner.attention_layers[0]
+    assert layer.k_cache is layer.v_cache and layer.k_cache.shape[1:] == (4, 1, latent)

@@ -150,10 +150,47 @@ _ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
             },
         },
     ),
+    # multi-head latent attention, a dense first layer, grouped top-k routing, shared experts
+    "deepseek_v3": (
+        "deepseek_v3",
+        {
+            "num_hidden_layers": 3,
+            "num_key_value_heads": 4,
+            "first_k_dense_replace": 1,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 3,
+            "n_group": 4,
+            "topk_group": 2,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 32,
+            "routed_scaling_factor": 2.5,
+            "q_lora_rank": 48,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+        },
+    ),
+    # MLA without a query compression, softmax routing
+    "deepseek_v2": (
+        "deepseek_v2",
+        {
+            "num_key_value_heads": 4,
+            "n_routed_experts": 6,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 2,
+            "moe_intermediate_size": 32,
+            "q_lora_rank": None,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 24,
+        },
+    ),
 }
 
 TINY_ARCHS: tuple[str, ...] = tuple(_ARCHS)
-MOE_ARCHS: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+MOE_ARCHS: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3", "deepseek_v2")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -177,6 +214,9 @@ def make_tiny_model(arch: str, path: Path, seed: int = 0, with_tokenizer: bool =
             # the default init leaves norms at 1 (or 0 for Gemma) and biases at 0: make them matter
             if "norm" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.3)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek V3: changes which experts win
+                buffer.add_(torch.randn_like(buffer) * 0.3)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     if with_tokenizer:

@@ -24,6 +24,8 @@ class Attention(nn.Module):
     run on the torch backend too.
     """
 
+    values_in_keys = False  # True: one cache holds what both keys and values are read from (MLA)
+
     def __init__(
         self,
         num_heads: int,
@@ -84,3 +86,35 @@ class Attention(nn.Module):
             query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap,
             k_scale, v_scale,
         )
+
+
+class LatentAttention(Attention):
+    """Multi-head latent attention (DeepSeek V2/V3) over a cache of compressed latents.
+
+    Every token stores one latent row, [normalised KV latent | rotated shared rope key] (R + Dr values),
+    for all heads: keys and values are both expanded from it, so the cache holds no separate values
+    (`values_in_keys`: the model runner allocates one cache and counts one row per token). With the
+    key and value up-projections absorbed into the query and the output (`MultiLatentAttention`), this
+    is multi-query attention whose single KV head is the latent itself, and whose output is the first R
+    values of each head's mix of latents. Runs on the torch backend.
+    """
+
+    values_in_keys = True
+
+    def __init__(self, num_heads: int, latent_dim: int, value_dim: int, scale: float) -> None:
+        super().__init__(num_heads, 1, latent_dim, scale)
+        self.value_dim = value_dim
+
+    def forward(  # type: ignore[override]
+        self, q: torch.Tensor, latent: torch.Tensor, sinks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q [N, H, R + Dr] (absorbed queries), latent [N, R + Dr] -> [N, H, R] mixed latents."""
+        if self.k_cache.numel() == 0:
+            raise RuntimeError("the KV cache of this attention layer has not been assigned")
+        if is_fp8(self.k_cache):
+            raise ValueError("multi-head latent attention does not support an fp8 KV cache")
+        md = get_attention_metadata()
+        key = latent.view(-1, 1, self.head_dim)
+        torch_backend.write_kv(key, key, self.k_cache, self.k_cache, md.slot_mapping)
+        out = torch_backend.paged_attention(q, self.k_cache, self.k_cache, md, self.scale)
+        return out[..., : self.value_dim]

@@ -123,6 +123,18 @@ class ReplicatedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class Router(ReplicatedLinear):
+    """Token -> expert logits; DeepSeek V3's also carries the bias that corrects which experts win."""
+
+    def __init__(self, hidden_size: int, num_experts: int, bias: bool = False, correction_bias: bool = False):
+        super().__init__(hidden_size, num_experts, bias)
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.empty(num_experts, dtype=torch.float32), requires_grad=False)
+            if correction_bias
+            else None
+        )
+
+
 class FusedMoE(nn.Module):
     """The routed experts of one layer: x [N, H], routing weights/ids [N, k] -> this rank's partial sum
     [N, H]."""

@@ -25,9 +25,10 @@ from pagoda.layers.linear import (
     RowParallelLinear,
     default_weight_loader,
 )
-from pagoda.layers.moe import FusedMoE, ReplicatedLinear, select_experts
+from pagoda.layers.moe import FusedMoE, ReplicatedLinear, Router, select_experts
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RopeConfig, RotaryEmbedding
+from pagoda.models.mla import MultiLatentAttention
 from pagoda.models.moe_weights import expert_shards, normalize_expert_names
 from pagoda.models.spec import ModelSpec
 
@@ -91,15 +92,15 @@ class DecoderMLP(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """The MLP of a sparse layer: the router's top-k experts per token, plus Qwen2-MoE's gated shared
-    expert. Module names follow the checkpoints (`gate` is the router)."""
+    """The MLP of a sparse layer: the router's top-k experts per token, plus the shared expert of
+    Qwen2-MoE (gated) and DeepSeek. Module names follow the checkpoints (`gate` is the router)."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         moe = spec.moe
         assert moe is not None
         self.moe = moe
-        self.gate = ReplicatedLinear(spec.hidden_size, moe.num_experts, bias=moe.bias)
+        self.gate = Router(spec.hidden_size, moe.num_experts, moe.bias, moe.correction_bias)
         self.experts = FusedMoE(
             moe.num_experts,
             spec.hidden_size,
@@ -116,7 +117,7 @@ class SparseMoeBlock(nn.Module):
         self.tp_size = get_tp_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(self.gate(x), self.moe.routing)
+        weights, ids = select_experts(self.gate(x), self.moe.routing, self.gate.e_score_correction_bias)
         out = self.experts(x, weights, ids)
         if self.tp_size > 1:
             out = all_reduce(out)
@@ -131,7 +132,9 @@ class SparseMoeBlock(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(spec, layer, rotary_emb)
+        self.self_attn: nn.Module = (
+            MultiLatentAttention(spec, rotary_emb) if spec.mla else DecoderAttention(spec, layer, rotary_emb)
+        )
         sparse = spec.moe is not None and spec.moe.sparse_layers[layer]
         self.mlp = SparseMoeBlock(spec) if sparse else DecoderMLP(spec)
         eps, offset = spec.rms_norm_eps, spec.norm_unit_offset
@@ -217,7 +220,9 @@ class DecoderForCausalLM(nn.Module):
                 continue  # a buffer some checkpoints save; we compute it
             if name == "lm_head.weight" and self.spec.tie_word_embeddings:
                 continue  # the embedding doubles as the head
-            for target, shard, part in expert_shards(name, tensor) or [(*self._param_name(name), tensor)]:
+            # a name the model has as is (DeepSeek's unfused q_proj) is not a part of a fused projection
+            plain = [(name, None, tensor)] if name in params else [(*self._param_name(name), tensor)]
+            for target, shard, part in expert_shards(name, tensor) or plain:
                 if target not in params:
                     raise KeyError(f"checkpoint tensor {name!r} matches no parameter of this model")
                 param = params[target]

@@ -38,11 +38,12 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
 
 
 def normalize_expert_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rename Mixtral's and gpt-oss's MoE modules to ours, and gpt-oss's fused expert tensors to stacked
-    per-projection ones."""
+    """Rename Mixtral's, gpt-oss's and DeepSeek's MoE modules to ours, and gpt-oss's fused expert tensors
+    to stacked per-projection ones."""
     halves: dict[str, dict[str, torch.Tensor]] = {}  # MXFP4 blocks waiting for their scales, or back
     for name, tensor in weights:
         name = name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.router.", ".mlp.gate.")
+        name = name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")  # DeepSeek's
         match = _GPT_OSS.fullmatch(name)
         if match is None:
             yield name, tensor

@@ -25,6 +25,8 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "Qwen2MoeForCausalLM": DecoderForCausalLM,
     "Qwen3MoeForCausalLM": DecoderForCausalLM,
     "GptOssForCausalLM": DecoderForCausalLM,
+    "DeepseekV2ForCausalLM": DecoderForCausalLM,
+    "DeepseekV3ForCausalLM": DecoderForCausalLM,
 }
 
 # for configs without `architectures` (e.g. built from GGUF metadata)
@@ -41,6 +43,8 @@ MODEL_TYPES: dict[str, str] = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 

@@ -18,7 +18,21 @@ from pagoda.layers.moe import Routing
 from pagoda.layers.rotary import RopeConfig
 
 GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")
-MOE_FAMILY = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+MOE_FAMILY = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3")
+MLA_FAMILY = ("deepseek_v2", "deepseek_v3")
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """DeepSeek's multi-head latent attention: a token's keys and values are expanded from one latent."""
+
+    q_lora_rank: int | None  # None: a plain q_proj
+    kv_lora_rank: int  # R, the latent the cache stores (beside the shared rope key)
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool  # the rope pairs are adjacent values, not the two halves
+    scale: float  # of the attention logits, YaRN's mscale included
 
 
 @dataclass(frozen=True)
@@ -29,8 +43,9 @@ class MoESpec:
     routing: Routing
     intermediate_size: int  # of each expert
     sparse_layers: tuple[bool, ...]  # per layer; the others keep the dense MLP (Qwen2-MoE's mlp_only_layers)
-    shared_intermediate_size: int = 0  # Qwen2-MoE's shared expert, which every token goes through
-    shared_expert_gate: bool = False  # ... scaled by sigmoid(gate(x))
+    shared_intermediate_size: int = 0  # Qwen2-MoE's / DeepSeek's shared experts: every token goes through
+    shared_expert_gate: bool = False  # ... scaled by sigmoid(gate(x)) (Qwen2-MoE)
+    correction_bias: bool = False  # DeepSeek V3: the router's e_score_correction_bias
     bias: bool = False  # gpt-oss: biased router and experts
     swiglu_limit: float | None = None  # gpt-oss: clamped SwiGLU, (up + 1) * gate * sigmoid(alpha * gate)
     swiglu_alpha: float = 1.702
@@ -65,6 +80,7 @@ class ModelSpec:
     final_logit_softcap: float | None = None
     attention_sinks: bool = False  # gpt-oss: a learned per-head logit in every softmax's denominator
     moe: MoESpec | None = None
+    mla: MLASpec | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -112,10 +128,51 @@ class ModelSpec:
             final_logit_softcap=getattr(cfg, "final_logit_softcapping", None),
             attention_sinks=model_type == "gpt_oss",
             moe=_moe(cfg) if model_type in MOE_FAMILY else None,
+            mla=_mla(cfg) if model_type in MLA_FAMILY else None,
         )
 
 
+def _mla(cfg: PretrainedConfig) -> MLASpec:
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    rope = _rope_parameters(cfg, "full_attention")
+    if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim"):
+        scale *= _yarn_mscale(rope["factor"], rope["mscale_all_dim"]) ** 2  # transformers' yarn_apply_mscale
+    return MLASpec(
+        q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        # V2 rotates adjacent pairs too (as complex numbers)
+        rope_interleave=bool(getattr(cfg, "rope_interleave", True)),
+        scale=scale,
+    )
+
+
+def _deepseek_moe(cfg: PretrainedConfig) -> MoESpec:
+    v3 = cfg.model_type == "deepseek_v3"
+    grouped = v3 or getattr(cfg, "topk_method", "greedy") == "group_limited_greedy"
+    routing = Routing(
+        cfg.num_experts_per_tok,
+        "sigmoid" if v3 else "softmax",
+        renormalize=bool(cfg.norm_topk_prob) if v3 else False,  # V2's router never renormalises
+        num_groups=cfg.n_group if grouped else 1,
+        topk_groups=cfg.topk_group if grouped else 1,
+        scale=cfg.routed_scaling_factor,
+    )
+    return MoESpec(
+        num_experts=cfg.n_routed_experts,
+        routing=routing,
+        intermediate_size=cfg.moe_intermediate_size,
+        sparse_layers=tuple(i >= cfg.first_k_dense_replace for i in range(cfg.num_hidden_layers)),
+        shared_intermediate_size=cfg.moe_intermediate_size * (cfg.n_shared_experts or 0),
+        correction_bias=v3,
+    )
+
+
 def _moe(cfg: PretrainedConfig) -> MoESpec:
+    if cfg.model_type in MLA_FAMILY:
+        return _deepseek_moe(cfg)
     layers = range(cfg.num_hidden_layers)
     if cfg.model_type in ("mixtral", "gpt_oss"):
         gpt_oss = cfg.model_type == "gpt_oss"
