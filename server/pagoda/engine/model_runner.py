@@ -168,6 +168,7 @@ class ModelRunner:
             or self.config.enforce_eager
             or self.config.tensor_parallel_size > 1
             or self.kv_cache_dtype == torch.float8_e4m3fn
+            or not getattr(self.model, "supports_cuda_graphs", True)
         ):
             return None
         graphs = DecodeGraphs(

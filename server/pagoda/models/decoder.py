@@ -197,6 +197,13 @@ class DecoderForCausalLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Whether a decode step can be captured: not when routing reads the experts' token counts back
+        to the host (MoE), nor when attention runs on the torch backend, which plans on the host (sinks,
+        MLA)."""
+        return self.spec.moe is None and self.spec.mla is None and not self.spec.attention_sinks
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat batch of token ids [N] at their positions [N] -> final hidden states [N, hidden_size]."""
         return self.model(input_ids, positions)
