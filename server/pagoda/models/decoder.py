@@ -47,6 +47,7 @@ class DecoderAttention(nn.Module):
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_unit_offset)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_unit_offset)
         if spec.attention_sinks:
+            self.tp_rank = get_tp_rank()  # now: the weights load outside the sharding context
             self.sinks = nn.Parameter(torch.empty(self.num_heads), requires_grad=False)
             self.sinks.weight_loader = self._load_sinks
         self.rotary_emb = rotary_emb
@@ -74,7 +75,7 @@ class DecoderAttention(nn.Module):
 
     def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None = None) -> None:
         # one per query head: this rank's heads
-        default_weight_loader(param, loaded.narrow(0, get_tp_rank() * self.num_heads, self.num_heads), shard)
+        default_weight_loader(param, loaded.narrow(0, self.tp_rank * self.num_heads, self.num_heads), shard)
 
 
 class DecoderMLP(nn.Module):

@@ -30,7 +30,8 @@ class MultiLatentAttention(nn.Module):
         mla = spec.mla
         assert mla is not None
         self.mla = mla
-        tp_size = get_tp_size()
+        # kept now: the weights load outside the sharding context
+        self.tp_rank, tp_size = get_tp_rank(), get_tp_size()
         self.num_heads = spec.num_heads // tp_size
         qk_head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
         if mla.q_lora_rank is None:
@@ -55,7 +56,7 @@ class MultiLatentAttention(nn.Module):
 
     def _load_kv_b(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None = None) -> None:
         rows = param.shape[0]
-        default_weight_loader(param, loaded.narrow(0, get_tp_rank() * rows, rows), shard)
+        default_weight_loader(param, loaded.narrow(0, self.tp_rank * rows, rows), shard)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         mla, heads = self.mla, self.num_heads
