@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize as reference_dequantize
 from gguf.quants import quantize
 from safetensors.torch import load_file, save_file
+from test_gguf import llama_cpp_permute
 from tiny_models import TINY_ARCHS, load_reference_model, make_tiny_model, reference_greedy, tiny_config
 from transformers import AutoConfig, PretrainedConfig
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
@@ -50,12 +51,31 @@ def engine_greedy(model: Path | str, prompts: list[list[int]]) -> list[list[int]
 # --- GGUF ------------------------------------------------------------------------------------------
 
 
-def write_qwen2moe_gguf(hf_dir: Path, path: Path, expert_type: GGMLQuantizationType) -> None:
-    """The tensors and metadata llama.cpp's convert_hf_to_gguf.py (Qwen2MoeModel) writes: experts stacked
-    [E, ...] as ffn_*_exps, the router as ffn_gate_inp, the shared expert as ffn_*_shexp."""
-    cfg = tiny_config("qwen2_moe")
+# our tiny arch -> the GGUF architecture llama.cpp writes it as (Mixtral: a llama with experts)
+GGUF_ARCH = {"qwen2_moe": "qwen2moe", "mixtral": "llama"}
+# checkpoint module -> llama.cpp tensor kind; Mixtral's w1/w3/w2 experts are gate/up/down
+GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+EXPERT_NAMES = {
+    "qwen2_moe": ("mlp.experts.{}.gate_proj", "mlp.experts.{}.up_proj", "mlp.experts.{}.down_proj"),
+    "mixtral": tuple(f"block_sparse_moe.experts.{{}}.{w}" for w in ("w1", "w3", "w2")),
+}
+
+
+def write_moe_gguf(arch: str, hf_dir: Path, path: Path, expert_type: GGMLQuantizationType) -> None:
+    """The tensors and metadata llama.cpp's convert_hf_to_gguf.py writes for Qwen2-MoE and Mixtral: experts
+    stacked [E, ...] as ffn_*_exps, the router as ffn_gate_inp, Qwen's shared expert as ffn_*_shexp."""
+    cfg = tiny_config(arch)
+    num_experts = cfg.num_local_experts if arch == "mixtral" else cfg.num_experts
     weights = load_file(hf_dir / "model.safetensors")
-    writer = GGUFWriter(path, "qwen2moe")
+    writer = GGUFWriter(path, GGUF_ARCH[arch])
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -64,18 +84,11 @@ def write_qwen2moe_gguf(hf_dir: Path, path: Path, expert_type: GGMLQuantizationT
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_expert_count(cfg.num_experts)
+    writer.add_expert_count(num_experts)
     writer.add_expert_used_count(cfg.num_experts_per_tok)
-    writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    names = {
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
-        "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
-        "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
-        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    }
+    if arch == "qwen2_moe":
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
     for name, tensor in weights.items():
@@ -86,14 +99,16 @@ def write_qwen2moe_gguf(hf_dir: Path, path: Path, expert_type: GGMLQuantizationT
         stem, suffix = rest.rsplit(".", 1)
         if ".experts." in stem:
             continue  # stacked below
-        writer.add_tensor(f"blk.{layer}.{names[stem]}.{suffix}", tensor.numpy())
+        if arch == "mixtral" and stem in ("self_attn.q_proj", "self_attn.k_proj"):
+            heads = cfg.num_attention_heads if stem.endswith("q_proj") else cfg.num_key_value_heads
+            tensor = llama_cpp_permute(tensor, heads)
+        writer.add_tensor(f"blk.{layer}.{GGUF_NAMES[stem]}.{suffix}", tensor.numpy())
     for layer in range(cfg.num_hidden_layers):
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            kind = f"ffn_{proj.removesuffix('_proj')}_exps"
-            key = f"model.layers.{layer}.mlp.experts.{{}}.{proj}.weight"
+        for kind, expert_name in zip(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"), EXPERT_NAMES[arch]):
+            key = f"model.layers.{layer}.{expert_name}.weight"
             if key.format(0) not in weights:
                 continue  # a dense layer
-            stacked = torch.stack([weights[key.format(e)] for e in range(cfg.num_experts)]).numpy()
+            stacked = torch.stack([weights[key.format(e)] for e in range(num_experts)]).numpy()
             data = stacked if expert_type == GGMLQuantizationType.F32 else quantize(stacked, expert_type)
             writer.add_tensor(f"blk.{layer}.{kind}.weight", data, raw_dtype=expert_type)
     writer.write_header_to_file()
@@ -109,7 +124,7 @@ def qwen2_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_gguf_with_stacked_experts_generates_like_transformers(qwen2_moe_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "qwen2moe.gguf"
-    write_qwen2moe_gguf(qwen2_moe_dir, path, GGMLQuantizationType.F32)
+    write_moe_gguf("qwen2_moe", qwen2_moe_dir, path, GGMLQuantizationType.F32)
     config = open_checkpoint(path).config
     assert config.architectures == ["Qwen2MoeForCausalLM"]
     assert (config.num_experts, config.num_experts_per_tok, config.norm_topk_prob) == (6, 2, False)
@@ -118,9 +133,20 @@ def test_gguf_with_stacked_experts_generates_like_transformers(qwen2_moe_dir: Pa
     assert engine_greedy(path, PROMPTS) == [reference_greedy(reference, p, MAX_NEW)[0] for p in PROMPTS]
 
 
+def test_mixtral_gguf_is_a_llama_with_experts(tmp_path: Path) -> None:
+    hf_dir = make_tiny_model("mixtral", tmp_path / "mixtral", with_tokenizer=False)
+    path = tmp_path / "mixtral.gguf"
+    write_moe_gguf("mixtral", hf_dir, path, GGMLQuantizationType.F32)
+    config = open_checkpoint(path).config
+    assert config.architectures == ["MixtralForCausalLM"]
+    assert (config.num_local_experts, config.num_experts_per_tok) == (4, 2)
+    reference = load_reference_model(hf_dir)
+    assert engine_greedy(path, PROMPTS) == [reference_greedy(reference, p, MAX_NEW)[0] for p in PROMPTS]
+
+
 def test_gguf_quantized_experts_dequantize_like_gguf_py(qwen2_moe_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "qwen2moe-q8.gguf"
-    write_qwen2moe_gguf(qwen2_moe_dir, path, GGMLQuantizationType.Q8_0)
+    write_moe_gguf("qwen2_moe", qwen2_moe_dir, path, GGMLQuantizationType.Q8_0)
     weights = dict(open_checkpoint(path).weights())
     hf = load_file(qwen2_moe_dir / "model.safetensors")
     stacked = torch.stack([hf[f"model.layers.0.mlp.experts.{e}.up_proj.weight"] for e in range(6)]).numpy()
