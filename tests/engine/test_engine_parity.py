@@ -53,7 +53,7 @@ def test_batched_greedy_equals_transformers(arch: str, model_dirs: dict[str, Pat
     assert_no_blocks_held(llm)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3", "qwen2_moe", "gpt_oss", "deepseek_v3"])
 def test_prefix_cache_hits_preserve_outputs(arch: str, model_dirs: dict[str, Path]) -> None:
     prompts = random_prompts(5, seed=7, shared_prefix=13)
     llm = LLM(model=str(model_dirs[arch]), block_size=4, max_model_len=64)
@@ -65,7 +65,7 @@ def test_prefix_cache_hits_preserve_outputs(arch: str, model_dirs: dict[str, Pat
     assert_no_blocks_held(llm)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3", "mixtral", "gpt_oss", "deepseek_v2"])
 def test_preemption_under_a_tiny_pool_preserves_outputs(arch: str, model_dirs: dict[str, Path]) -> None:
     prompts = random_prompts(8, seed=11)
     llm = LLM(model=str(model_dirs[arch]), block_size=4, max_model_len=40, num_gpu_blocks_override=10)
@@ -74,7 +74,7 @@ def test_preemption_under_a_tiny_pool_preserves_outputs(arch: str, model_dirs: d
     assert_no_blocks_held(llm)
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2", "qwen3_moe", "gpt_oss", "deepseek_v3"])
 def test_chunked_prefill_preserves_outputs(arch: str, model_dirs: dict[str, Path]) -> None:
     prompts = random_prompts(6, seed=5, shared_prefix=9)
     llm = LLM(model=str(model_dirs[arch]), block_size=4, max_model_len=64, max_num_batched_tokens=7,

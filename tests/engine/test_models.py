@@ -46,8 +46,9 @@ class PagedRunner:
         self.model = model
         for module in model.modules():
             if isinstance(module, Attention):
-                shape = (NUM_BLOCKS, BLOCK_SIZE, spec.num_kv_heads, spec.head_dim)
-                module.k_cache, module.v_cache = torch.zeros(shape), torch.zeros(shape)
+                shape = (NUM_BLOCKS, BLOCK_SIZE, module.num_kv_heads, module.head_dim)
+                module.k_cache = torch.zeros(shape)
+                module.v_cache = module.k_cache if module.values_in_keys else torch.zeros(shape)
         self.free_blocks = list(range(NUM_BLOCKS))
         random.Random(seed).shuffle(self.free_blocks)
         self.tokens: dict[str, list[int]] = {}
@@ -197,6 +198,24 @@ def test_gemma3_sliding_layers_use_their_own_rope() -> None:
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192,
         },
+        # gpt-oss's YaRN, and DeepSeek's with mscale (its attention factor is a ratio of two)
+        {
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 4096,
+        },
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40.0,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "original_max_position_embeddings": 4096,
+        },
     ],
 )
 def test_rope_frequencies_match_transformers(rope_parameters: dict) -> None:
@@ -207,9 +226,9 @@ def test_rope_frequencies_match_transformers(rope_parameters: dict) -> None:
         rope_parameters=rope_parameters,
     )
     expected, attention_factor = ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](cfg, "cpu")
-    got = ModelSpec.from_hf_config(cfg).ropes[0].inv_freq()
-    assert attention_factor == 1.0
-    torch.testing.assert_close(got, expected, atol=0, rtol=1e-6)
+    rope = ModelSpec.from_hf_config(cfg).ropes[0]
+    assert rope.attention_factor == pytest.approx(attention_factor, rel=1e-12)
+    torch.testing.assert_close(rope.inv_freq(), expected, atol=0, rtol=1e-6)
 
 
 def test_transformers_4_rope_spelling_is_understood() -> None:

@@ -43,7 +43,7 @@ ENGINE_OPTIONS = {
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-tp")
     # llama: 2 KV heads, one per rank; qwen2: q/k/v biases; qwen3: 1 KV head, replicated on both ranks
-    return {arch: make_tiny_model(arch, root / arch) for arch in ("llama", "qwen2", "qwen3")}
+    return {arch: make_tiny_model(arch, root / arch) for arch in ("llama", "qwen2", "qwen3", "deepseek_v3")}
 
 
 def random_prompts(n: int, seed: int) -> list[list[int]]:
@@ -111,7 +111,8 @@ def start_tp_llm() -> Iterator[Callable[..., LLM]]:
     assert shm_entries() <= shm, "shared memory leaked"
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+# deepseek_v3: MLA's heads, the experts' and the shared expert's intermediate slices, a dense layer
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "deepseek_v3"])
 def test_greedy_tp2_equals_transformers_and_tp1(
     arch: str, model_dirs: dict[str, Path], start_tp_llm: Callable[..., LLM]
 ) -> None:
@@ -127,7 +128,12 @@ def test_greedy_tp2_equals_transformers_and_tp1(
     attn = llm.engine.runner.model.model.layers[0].self_attn
     spec = llm.engine.runner.spec
     assert attn.num_heads == spec.num_heads // TP  # really sharded
-    assert attn.num_kv_heads == max(1, spec.num_kv_heads // TP)
+    if spec.mla is None:  # MLA's one latent serves every head
+        assert attn.num_kv_heads == max(1, spec.num_kv_heads // TP)
+    if spec.moe is not None:  # every rank holds a slice of every expert
+        experts = llm.engine.runner.model.model.layers[-1].mlp.experts
+        moe = spec.moe
+        assert experts.w13.shape == (moe.num_experts, 2 * moe.intermediate_size // TP, spec.hidden_size)
     outputs = greedy(llm, prompts, logprobs=0)
 
     assert [o.token_ids for o in outputs] == [tokens for tokens, _ in want]

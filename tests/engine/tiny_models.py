@@ -5,7 +5,8 @@
 
 Weights are drawn with a large std (and norms/biases perturbed away from their 1/0 init), so greedy
 logits are far from ties and every weight matters. Each architecture also exercises a feature: GQA, MQA,
-tied/untied embeddings, RoPE scalings, sliding windows shorter than the test prompts, soft-capping.
+tied/untied embeddings, RoPE scalings, sliding windows shorter than the test prompts, soft-capping; the
+mixtures of experts route each token to several of 4-8 experts (MOE_ARCHS).
 The tokenizer is byte-level (any text round-trips) with a toy chat template.
 """
 
@@ -102,9 +103,94 @@ _ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
             },
         },
     ),
+    # mixtures of experts: several experts, top-k > 1
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48}),
+    # a gated shared expert, un-renormalised top-k weights, a dense layer between sparse ones
+    "qwen2_moe": (
+        "qwen2_moe",
+        {
+            "num_hidden_layers": 3,
+            "mlp_only_layers": [1],
+            "num_experts": 6,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            "norm_topk_prob": False,
+        },
+    ),
+    "qwen3_moe": (
+        "qwen3_moe",
+        {
+            "head_dim": 32,
+            "num_experts": 8,
+            "num_experts_per_tok": 3,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+        },
+    ),
+    # attention sinks, sliding/full layers, biased router and experts, a SwiGLU clamp that bites, YaRN
+    "gpt_oss": (
+        "gpt_oss",
+        {
+            "head_dim": 16,
+            "num_hidden_layers": 3,
+            "sliding_window": SLIDING_WINDOW,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "intermediate_size": 32,
+            "swiglu_limit": 1.5,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
+    # multi-head latent attention, a dense first layer, grouped top-k routing, shared experts
+    "deepseek_v3": (
+        "deepseek_v3",
+        {
+            "num_hidden_layers": 3,
+            "num_key_value_heads": 4,
+            "first_k_dense_replace": 1,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 3,
+            "n_group": 4,
+            "topk_group": 2,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 32,
+            "routed_scaling_factor": 2.5,
+            "q_lora_rank": 48,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+        },
+    ),
+    # MLA without a query compression, softmax routing
+    "deepseek_v2": (
+        "deepseek_v2",
+        {
+            "num_key_value_heads": 4,
+            "n_routed_experts": 6,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 2,
+            "moe_intermediate_size": 32,
+            "q_lora_rank": None,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 24,
+        },
+    ),
 }
 
 TINY_ARCHS: tuple[str, ...] = tuple(_ARCHS)
+MOE_ARCHS: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3", "deepseek_v2")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -128,6 +214,9 @@ def make_tiny_model(arch: str, path: Path, seed: int = 0, with_tokenizer: bool =
             # the default init leaves norms at 1 (or 0 for Gemma) and biases at 0: make them matter
             if "norm" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.3)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek V3: changes which experts win
+                buffer.add_(torch.randn_like(buffer) * 0.3)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     if with_tokenizer:

@@ -59,13 +59,15 @@ def paged_attention(
     softcap: float | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens (query [N, H, D]) over its cached context."""
+    """Causal attention of each sequence's new tokens (query [N, H, D]) over its cached context. `sinks`
+    [H]: a logit per head that joins each softmax's denominator with no value (gpt-oss)."""
     num_heads, head_dim = query.shape[1:]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     # SDPA runs in the cache's dtype; soft-capped logits and dequantized fp8 in float32
-    exact = softcap is not None or k_cache.dtype == torch.float8_e4m3fn
+    exact = softcap is not None or sinks is not None or k_cache.dtype == torch.float8_e4m3fn
     dtype = torch.float32 if exact else k_cache.dtype
     parts = _plan(md, k_cache.shape[1], group, sliding_window, dtype)
     out = torch.empty_like(query)
@@ -80,7 +82,8 @@ def paged_attention(
         else:  # one prefill chunk: [L, H, D] -> [1, Hkv, group * L, D], rows ordered (group, query)
             q = q.view(part.query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
             q = q.reshape(1, num_kv_heads, group * part.query_len, head_dim)
-        attended = _attend(q, keys, values, part.bias, scale, softcap)
+        sink_rows = None if sinks is None else _sink_rows(sinks, num_kv_heads, group, part.query_len)
+        attended = _attend(q, keys, values, part.bias, scale, softcap, sink_rows)
         if part.query_len > 1:
             attended = attended.view(num_kv_heads, group, part.query_len, head_dim).permute(2, 0, 1, 3)
         out[part.rows] = attended.reshape(-1, num_heads, head_dim).to(out.dtype)
@@ -204,6 +207,12 @@ def _bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias.masked_fill_(~visible, float("-inf"))
 
 
+def _sink_rows(sinks: torch.Tensor, num_kv_heads: int, group: int, query_len: int) -> torch.Tensor:
+    """The sink logit of each query row of `_attend`, [1, Hkv, R, 1]: rows are (group, query) pairs."""
+    per_row = sinks.float().view(num_kv_heads, group, 1).expand(num_kv_heads, group, query_len)
+    return per_row.reshape(1, num_kv_heads, group * query_len, 1)
+
+
 def _attend(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -211,18 +220,24 @@ def _attend(
     bias: torch.Tensor,
     scale: float,
     softcap: float | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [B, Hkv, R, D] (the R query rows of each KV head), keys/values [B, S, Hkv, D], additive mask
     broadcastable to [B, 1, R, S] -> [B, Hkv, R, D]. Query heads that share a KV head are rows of one
     matrix, so K/V are never repeated. SDPA runs in the cache's dtype (its CPU kernel accumulates half
     precision in float32, as transformers' SDPA path does): converting the gathered K/V to float32 would
-    cost more than the attention itself. Soft-capped logits are computed in float32."""
-    if softcap is None:
+    cost more than the attention itself. Soft-capped logits and sinks are computed in float32."""
+    if softcap is None and sinks is None:
         q, k, v = query.to(keys.dtype), keys.transpose(1, 2), values.transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     q = query.float()
     k = keys.float().transpose(1, 2)
     v = values.float().transpose(1, 2)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = softcap * torch.tanh(scores / softcap) + bias
-    return torch.matmul(scores.softmax(dim=-1), v)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores + bias
+    if sinks is None:
+        return torch.matmul(scores.softmax(dim=-1), v)
+    scores = torch.cat((scores, sinks.expand(scores.shape[0], -1, -1, 1)), dim=-1)
+    return torch.matmul(scores.softmax(dim=-1)[..., :-1], v)

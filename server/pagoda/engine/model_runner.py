@@ -72,7 +72,8 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         """Bytes one block takes across all layers, keys and values."""
-        per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attention_layers)
+        rows = [1 if a.values_in_keys else 2 for a in self.attention_layers]  # MLA: one latent row
+        per_token = sum(n * a.num_kv_heads * a.head_dim for n, a in zip(rows, self.attention_layers))
         return per_token * self.block_size * self.kv_cache_dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
@@ -98,6 +99,7 @@ class ModelRunner:
             or self.config.enforce_eager
             or self.config.tensor_parallel_size > 1
             or self.kv_cache_dtype == torch.float8_e4m3fn
+            or not getattr(self.model, "supports_cuda_graphs", True)
         ):
             return None
         graphs = DecodeGraphs(
@@ -123,7 +125,7 @@ class ModelRunner:
         for layer in self.attention_layers:
             shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
             layer.k_cache = self._zeros(shape)
-            layer.v_cache = self._zeros(shape)
+            layer.v_cache = layer.k_cache if layer.values_in_keys else self._zeros(shape)
             layer.kv_scales = None  # an fp8 cache calibrates its scales on the first batch it stores
 
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:

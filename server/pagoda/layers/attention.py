@@ -20,7 +20,11 @@ class Attention(nn.Module):
     assigns once it has sized the KV pool. The whole batch's K/V is written before anyone attends, so
     sequences in one step can share freshly written prefix blocks. An fp8 cache stores K/V divided by
     `kv_scales` (one per tensor, calibrated on the first batch) and runs on the torch backend.
+    Attention sinks (gpt-oss: one learned logit per head that joins every softmax and attends to nothing)
+    run on the torch backend too.
     """
+
+    values_in_keys = False  # True: one cache holds what both keys and values are read from (MLA)
 
     def __init__(
         self,
@@ -45,7 +49,9 @@ class Attention(nn.Module):
         self.kv_scales: tuple[float, float] | None = None  # fp8 caches only
         self._backend: ModuleType | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.k_cache.numel() == 0:
             raise RuntimeError("the KV cache of this attention layer has not been assigned")
         md = get_attention_metadata()
@@ -55,6 +61,13 @@ class Attention(nn.Module):
         value = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if is_fp8(self.k_cache):
             return self._forward_fp8_cache(query, key, value).view(-1, self.num_heads * self.head_dim)
+        if sinks is not None:
+            torch_backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping)
+            out = torch_backend.paged_attention(
+                query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap,
+                sinks=sinks,
+            )
+            return out.view(-1, self.num_heads * self.head_dim)
         if self._backend is None:
             self._backend = get_backend(q.device)
         self._backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping)
@@ -73,3 +86,35 @@ class Attention(nn.Module):
             query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap,
             k_scale, v_scale,
         )
+
+
+class LatentAttention(Attention):
+    """Multi-head latent attention (DeepSeek V2/V3) over a cache of compressed latents.
+
+    Every token stores one latent row, [normalised KV latent | rotated shared rope key] (R + Dr values),
+    for all heads: keys and values are both expanded from it, so the cache holds no separate values
+    (`values_in_keys`: the model runner allocates one cache and counts one row per token). With the
+    key and value up-projections absorbed into the query and the output (`MultiLatentAttention`), this
+    is multi-query attention whose single KV head is the latent itself, and whose output is the first R
+    values of each head's mix of latents. Runs on the torch backend.
+    """
+
+    values_in_keys = True
+
+    def __init__(self, num_heads: int, latent_dim: int, value_dim: int, scale: float) -> None:
+        super().__init__(num_heads, 1, latent_dim, scale)
+        self.value_dim = value_dim
+
+    def forward(  # type: ignore[override]
+        self, q: torch.Tensor, latent: torch.Tensor, sinks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q [N, H, R + Dr] (absorbed queries), latent [N, R + Dr] -> [N, H, R] mixed latents."""
+        if self.k_cache.numel() == 0:
+            raise RuntimeError("the KV cache of this attention layer has not been assigned")
+        if is_fp8(self.k_cache):
+            raise ValueError("multi-head latent attention does not support an fp8 KV cache")
+        md = get_attention_metadata()
+        key = latent.view(-1, 1, self.head_dim)
+        torch_backend.write_kv(key, key, self.k_cache, self.k_cache, md.slot_mapping)
+        out = torch_backend.paged_attention(q, self.k_cache, self.k_cache, md, self.scale)
+        return out[..., : self.value_dim]

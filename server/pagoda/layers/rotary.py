@@ -1,4 +1,4 @@
-"""Rotary position embedding (RoPE), with the Hugging Face frequency scalings: linear and llama3."""
+"""Rotary position embedding (RoPE), with the Hugging Face frequency scalings: linear, llama3 and YaRN."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-SUPPORTED_SCALINGS = ("default", "linear", "llama3")
+SUPPORTED_SCALINGS = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,11 @@ class RopeConfig:
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
-    original_max_position_embeddings: int = 8192  # llama3
+    original_max_position_embeddings: int = 8192  # llama3, yarn
+    beta_fast: float = 32.0  # yarn: the ramp between extrapolated and interpolated frequencies
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0  # yarn: cos/sin are multiplied by it
 
     def __post_init__(self) -> None:
         if self.scaling not in SUPPORTED_SCALINGS:
@@ -35,7 +39,26 @@ class RopeConfig:
             return inv_freq / self.factor
         if self.scaling == "llama3":
             return self._llama3(inv_freq)
+        if self.scaling == "yarn":
+            return self._yarn(self.theta**exponents)
         return inv_freq
+
+    def _yarn(self, pos_freqs: torch.Tensor) -> torch.Tensor:
+        # high frequencies keep their value (extrapolation), low ones are divided by `factor`, with a linear
+        # ramp between the dimensions that turn beta_fast and beta_slow times over the original context
+        def correction_dim(rotations: float) -> float:
+            turns = self.original_max_position_embeddings / (rotations * 2 * math.pi)
+            return self.rotary_dim * math.log(turns) / (2 * math.log(self.theta))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, self.rotary_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(self.rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        return 1.0 / (self.factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
 
     def _llama3(self, inv_freq: torch.Tensor) -> torch.Tensor:
         # long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
@@ -55,6 +78,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: RopeConfig) -> None:
         super().__init__()
         self.rotary_dim = config.rotary_dim
+        self.attention_factor = config.attention_factor
         # non-persistent: never in the checkpoint; float32 even when the model is half precision
         self.register_buffer("inv_freq", config.inv_freq(), persistent=False)
         # every layer of a forward rotates the same positions: (positions, dtype, cos, sin) of the last one
@@ -73,7 +97,10 @@ class RotaryEmbedding(nn.Module):
             return self._last[2], self._last[3]
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         # like transformers: cos/sin in float32, then the rotation in the activations' dtype
-        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        cos, sin = cos.to(dtype), sin.to(dtype)
         cos = torch.cat((cos, cos), dim=-1)[:, None, :]
         signed_sin = torch.cat((-sin, sin), dim=-1)[:, None, :]
         self._last = (positions, dtype, cos, signed_sin)

@@ -44,13 +44,19 @@ GGUF_ARCHS: dict[str, GGUFArch] = {
     "gemma2": GGUFArch("gemma2", "Gemma2ForCausalLM", norms_plus_one=True, sandwich_norms=True),
     "gemma3": GGUFArch("gemma3_text", "Gemma3ForCausalLM", norms_plus_one=True, sandwich_norms=True),
     "phi3": GGUFArch("phi3", "Phi3ForCausalLM", fused_projections=True),
+    "qwen2moe": GGUFArch("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "qwen3moe": GGUFArch("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
+# llama.cpp writes Mixtral as a llama whose blocks have experts
+_MIXTRAL = GGUFArch("mixtral", "MixtralForCausalLM", rope_permuted=True)
 
 # llama.cpp's layer counts of the Gemma sizes that scale queries by hidden/heads instead of head_dim
 _GEMMA_QUERY_SCALE_BY_HIDDEN = {"gemma2": 46, "gemma3": 62}  # the 27B models
 
 
 def gguf_arch(file: GGUFFile) -> GGUFArch:
+    if file.architecture == "llama" and file.metadata.get("llama.expert_count"):
+        return _MIXTRAL
     arch = GGUF_ARCHS.get(file.architecture)
     if arch is None:
         raise ValueError(
@@ -101,7 +107,27 @@ def config_from_gguf(file: GGUFFile) -> PretrainedConfig:
         _add_phi3_fields(file, get, kwargs)
     if arch.sandwich_norms:
         _add_gemma_fields(file.architecture, get, kwargs)
+    if get("expert_count"):
+        _add_moe_fields(file, arch.model_type, get, kwargs)
     return CONFIG_MAPPING[arch.model_type](**kwargs)
+
+
+def _add_moe_fields(file: GGUFFile, model_type: str, get: Any, kwargs: dict[str, Any]) -> None:
+    kwargs["num_experts_per_tok"] = int(get("expert_used_count"))
+    if model_type == "mixtral":
+        kwargs["num_local_experts"] = int(get("expert_count"))
+        return
+    kwargs["num_experts"] = int(get("expert_count"))
+    kwargs["moe_intermediate_size"] = int(get("expert_feed_forward_length"))
+    # llama.cpp renormalises Qwen3-MoE's top-k weights and not Qwen2-MoE's, unless the file says
+    kwargs["norm_topk_prob"] = bool(get("expert_weights_norm", model_type == "qwen3_moe"))
+    # no key says which layers keep a dense MLP (Qwen's mlp_only_layers): the tensors do
+    kwargs["mlp_only_layers"] = [
+        layer for layer in range(kwargs["num_hidden_layers"])
+        if f"blk.{layer}.ffn_gate_exps.weight" not in file.tensors
+    ]
+    if get("expert_shared_feed_forward_length") is not None:
+        kwargs["shared_expert_intermediate_size"] = int(get("expert_shared_feed_forward_length"))
 
 
 def _optional_int(value: Any) -> int | None:

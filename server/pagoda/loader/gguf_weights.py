@@ -40,6 +40,15 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "ffn_norm": "post_attention_layernorm",
+    # mixtures of experts: the router, the experts stacked [E, ...], Qwen2-MoE's gated shared expert
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _SANDWICH_NORM_LAYER_NAMES = {
     **_LAYER_NAMES,
@@ -52,10 +61,11 @@ _FUSED_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up"
 # Tensors llama.cpp adds that are not model parameters; the config carries what they say.
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
-# The linear layers' weights, which quantization="gguf" keeps in their blocks; embeddings, the LM head and
-# norms are always expanded.
+# The linear layers' weights, which quantization="gguf" keeps in their blocks; embeddings, the LM head,
+# norms, routers and the stacked experts (which run in full precision) are always expanded.
 _LINEAR_WEIGHT_KINDS = {
-    "attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv", "ffn_gate", "ffn_up", "ffn_down"
+    "attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv", "ffn_gate", "ffn_up", "ffn_down",
+    "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
 }
 
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}

@@ -1,4 +1,5 @@
-"""The decoder shared by every dense architecture: Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3.
+"""The decoder shared by every architecture: Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3, and the
+mixtures of experts Mixtral, Qwen2/3-MoE and gpt-oss (whose sparse layers swap the MLP for `SparseMoeBlock`).
 
 They differ only by flags of the ModelSpec (biases, q/k norms, Gemma's norm flavour and sandwich norms,
 embedding scale, soft-caps, per-layer sliding windows and RoPE). Module names mirror the Hugging Face
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from pagoda.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_size
 from pagoda.layers.activation import GatedActivation
 from pagoda.layers.attention import Attention
 from pagoda.layers.embedding import ParallelLMHead, VocabEmbedding
@@ -23,8 +25,11 @@ from pagoda.layers.linear import (
     RowParallelLinear,
     default_weight_loader,
 )
+from pagoda.layers.moe import FusedMoE, ReplicatedLinear, Router, select_experts
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RopeConfig, RotaryEmbedding
+from pagoda.models.mla import MultiLatentAttention
+from pagoda.models.moe_weights import expert_shards, normalize_expert_names
 from pagoda.models.spec import ModelSpec
 
 
@@ -41,6 +46,10 @@ class DecoderAttention(nn.Module):
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_unit_offset)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_unit_offset)
+        if spec.attention_sinks:
+            self.tp_rank = get_tp_rank()  # now: the weights load outside the sharding context
+            self.sinks = nn.Parameter(torch.empty(self.num_heads), requires_grad=False)
+            self.sinks.weight_loader = self._load_sinks
         self.rotary_emb = rotary_emb
         self.attn = Attention(
             self.num_heads,
@@ -62,27 +71,73 @@ class DecoderAttention(nn.Module):
         else:  # q and k sit side by side in the fused output: one view holds both
             qk = qkv[:, : q.shape[-1] + k.shape[-1]].view(-1, sum(heads), self.head_dim)
         q, k = self.rotary_emb(positions, qk).split(heads, dim=1)  # both rotated in one go
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(q, k, v, getattr(self, "sinks", None)))
+
+    def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None = None) -> None:
+        # one per query head: this rank's heads
+        default_weight_loader(param, loaded.narrow(0, self.tp_rank * self.num_heads, self.num_heads), shard)
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, intermediate_size: int | None = None) -> None:
         super().__init__()
+        intermediate_size = intermediate_size or spec.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
-            spec.hidden_size, [spec.intermediate_size] * 2, bias=spec.mlp_bias
+            spec.hidden_size, [intermediate_size] * 2, bias=spec.mlp_bias
         )
         self.act_fn = GatedActivation(spec.hidden_act)
-        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.down_proj = RowParallelLinear(intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
+class SparseMoeBlock(nn.Module):
+    """The MLP of a sparse layer: the router's top-k experts per token, plus the shared expert of
+    Qwen2-MoE (gated) and DeepSeek. Module names follow the checkpoints (`gate` is the router)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        moe = spec.moe
+        assert moe is not None
+        self.moe = moe
+        self.gate = Router(spec.hidden_size, moe.num_experts, moe.bias, moe.correction_bias)
+        self.experts = FusedMoE(
+            moe.num_experts,
+            spec.hidden_size,
+            moe.intermediate_size,
+            spec.hidden_act,
+            bias=moe.bias,
+            swiglu_limit=moe.swiglu_limit,
+            swiglu_alpha=moe.swiglu_alpha,
+        )
+        if moe.shared_intermediate_size:
+            self.shared_expert = DecoderMLP(spec, moe.shared_intermediate_size)
+        if moe.shared_expert_gate:
+            self.shared_expert_gate = ReplicatedLinear(spec.hidden_size, 1)
+        self.tp_size = get_tp_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(self.gate(x), self.moe.routing, self.gate.e_score_correction_bias)
+        out = self.experts(x, weights, ids)
+        if self.tp_size > 1:
+            out = all_reduce(out)
+        if hasattr(self, "shared_expert"):
+            shared = self.shared_expert(x)
+            if hasattr(self, "shared_expert_gate"):
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(spec, layer, rotary_emb)
-        self.mlp = DecoderMLP(spec)
+        self.self_attn: nn.Module = (
+            MultiLatentAttention(spec, rotary_emb) if spec.mla else DecoderAttention(spec, layer, rotary_emb)
+        )
+        sparse = spec.moe is not None and spec.moe.sparse_layers[layer]
+        self.mlp = SparseMoeBlock(spec) if sparse else DecoderMLP(spec)
         eps, offset = spec.rms_norm_eps, spec.norm_unit_offset
         self.input_layernorm = RMSNorm(spec.hidden_size, eps, offset)
         # Llama: the norm before the MLP. Gemma 2/3: the norm of the attention output (a "sandwich").
@@ -143,6 +198,13 @@ class DecoderForCausalLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Whether a decode step can be captured: not when routing reads the experts' token counts back
+        to the host (MoE), nor when attention runs on the torch backend, which plans on the host (sinks,
+        MLA)."""
+        return self.spec.moe is None and self.spec.mla is None and not self.spec.attention_sinks
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat batch of token ids [N] at their positions [N] -> final hidden states [N, hidden_size]."""
         return self.model(input_ids, positions)
@@ -160,18 +222,20 @@ class DecoderForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face checkpoint tensors; every parameter must end up loaded, in full."""
         params = dict(self.named_parameters())
-        loaded: dict[str, set[int | None]] = {}
-        for name, tensor in weights:
+        loaded: dict[str, set[object]] = {}
+        for name, tensor in normalize_expert_names(weights):
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # a buffer some checkpoints save; we compute it
             if name == "lm_head.weight" and self.spec.tie_word_embeddings:
                 continue  # the embedding doubles as the head
-            target, shard = self._param_name(name)
-            if target not in params:
-                raise KeyError(f"checkpoint tensor {name!r} matches no parameter of this model")
-            param = params[target]
-            getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
-            loaded.setdefault(target, set()).add(shard)
+            # a name the model has as is (DeepSeek's unfused q_proj) is not a part of a fused projection
+            plain = [(name, None, tensor)] if name in params else [(*self._param_name(name), tensor)]
+            for target, shard, part in expert_shards(name, tensor) or plain:
+                if target not in params:
+                    raise KeyError(f"checkpoint tensor {name!r} matches no parameter of this model")
+                param = params[target]
+                getattr(param, "weight_loader", default_weight_loader)(param, part, shard)
+                loaded.setdefault(target, set()).add(shard)
         incomplete = [
             name for name, param in params.items() if not _fully_loaded(param, loaded.get(name, set()))
         ]
@@ -187,5 +251,5 @@ class DecoderForCausalLM(nn.Module):
         return name, None
 
 
-def _fully_loaded(param: nn.Parameter, shards: set[int | None]) -> bool:
+def _fully_loaded(param: nn.Parameter, shards: set[object]) -> bool:
     return None in shards or len(shards) == getattr(param, "num_shards", 1)

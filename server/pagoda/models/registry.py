@@ -11,7 +11,7 @@ from transformers import PretrainedConfig
 from pagoda.models.decoder import DecoderForCausalLM
 from pagoda.models.spec import ModelSpec
 
-# every dense architecture is the shared decoder, configured by its ModelSpec
+# every architecture is the shared decoder, configured by its ModelSpec
 MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "LlamaForCausalLM": DecoderForCausalLM,
     "MistralForCausalLM": DecoderForCausalLM,
@@ -21,6 +21,12 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "GemmaForCausalLM": DecoderForCausalLM,
     "Gemma2ForCausalLM": DecoderForCausalLM,
     "Gemma3ForCausalLM": DecoderForCausalLM,
+    "MixtralForCausalLM": DecoderForCausalLM,
+    "Qwen2MoeForCausalLM": DecoderForCausalLM,
+    "Qwen3MoeForCausalLM": DecoderForCausalLM,
+    "GptOssForCausalLM": DecoderForCausalLM,
+    "DeepseekV2ForCausalLM": DecoderForCausalLM,
+    "DeepseekV3ForCausalLM": DecoderForCausalLM,
 }
 
 # for configs without `architectures` (e.g. built from GGUF metadata)
@@ -33,6 +39,12 @@ MODEL_TYPES: dict[str, str] = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 
