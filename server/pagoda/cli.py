@@ -195,6 +195,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="Never capture CUDA graphs. Default: off.",
     )
     engine.add_argument(
+        "--speculative-config",
+        default=None,
+        help='Speculative decoding, as JSON (vLLM\'s): {"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4} or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}. '
+        "Default: off.",
+    )
+    engine.add_argument(
         "--seed", type=int, default=0, help="Random seed of the engine. Default: %(default)s."
     )
 
@@ -268,6 +275,7 @@ def serve(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
+        speculative_config=args.speculative_config,
     )
     settings = ServerSettings(
         served_model_names=args.served_model_name,

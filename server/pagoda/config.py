@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
+
+from pagoda.engine.spec_decode.config import SpeculativeConfig
 
 
 @dataclass
@@ -29,8 +32,11 @@ class EngineConfig:
     quantization: str | None = None
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (e4m3, a scale per layer)
     enforce_eager: bool = False
+    # vLLM's dict (or its JSON): {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...}
+    speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -22,8 +22,9 @@ from pagoda.distributed.parallel_state import all_reduce_min, model_shard
 from pagoda.engine.cuda_graphs import DecodeGraphs
 from pagoda.engine.scheduler import ScheduledSequence
 from pagoda.engine.sequence import Sequence
+from pagoda.engine.spec_decode.rejection_sampler import Emitted, verify
 from pagoda.layers.attention import Attention
-from pagoda.layers.sampler import Sampler, SamplerOutput
+from pagoda.layers.sampler import Sampler
 from pagoda.loader import Checkpoint
 from pagoda.models.registry import build_model
 from pagoda.models.spec import ModelSpec
@@ -251,15 +252,19 @@ class ModelRunner:
         return slots
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSequence]) -> SamplerOutput:
-        """Forward the batch's new tokens; sample for each sequence whose whole context is now computed."""
+    def execute(self, batch: list[ScheduledSequence]) -> list[Emitted]:
+        """Forward the batch's new tokens; for each sequence whose whole context is now computed, the
+        tokens it emits: one sample, or with proposals to verify, the accepted ones and one more."""
         inputs, scorings = self._prepare_inputs(batch)
         logits = self.run(inputs) if self.workers is None else self.workers.run_step(self.run, inputs)
         num_scored = self._record_prompt_logprobs(scorings, logits)
-        sampling = [item.seq for item in batch if item.samples]
+        sampling = [item for item in batch if item.samples]
         if not sampling:
-            return SamplerOutput(token_ids=[], logprobs=[])
-        return self.sampler.sample(logits[num_scored:], sampling)
+            return []
+        if any(item.num_spec_tokens for item in sampling):
+            return verify(self.sampler, logits[num_scored:], sampling)
+        out = self.sampler.sample(logits[num_scored:], [item.seq for item in sampling])
+        return [([token], [logprobs]) for token, logprobs in zip(out.token_ids, out.logprobs, strict=True)]
 
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> torch.Tensor | None:
@@ -287,6 +292,7 @@ class ModelRunner:
             end = start + item.num_new_tokens
             row = len(inputs.input_ids)  # of position `start`
             inputs.input_ids.extend(seq.token_ids[start:end])
+            inputs.input_ids.extend(seq.spec_token_ids[: item.num_spec_tokens])  # after the real tokens
             inputs.positions.extend(range(start, end))
             inputs.slots.extend(self._slots(seq.block_table, start, end))
             inputs.query_lens.append(item.num_new_tokens)
@@ -296,8 +302,9 @@ class ModelRunner:
             if scoring is not None:
                 scorings.append(scoring)
                 inputs.logit_rows.extend(range(row + scoring.lo - start, row + scoring.hi - start))
-            if item.samples:
-                sampled_rows.append(row + item.num_new_tokens - 1)
+            if item.samples:  # the last real token's row, then one per proposed token
+                last = row + item.num_new_tokens - 1
+                sampled_rows.extend(range(last - item.num_spec_tokens, last + 1))
         inputs.logit_rows.extend(sampled_rows)
         return inputs, scorings
 

@@ -4,12 +4,17 @@ Each scheduled sequence gets some of its uncomputed tokens: a whole or partial p
 prefill) or the one token it sampled last step (decode); all of them run in one flat forward.
 When the KV pool runs dry the newest running sequence is preempted: its blocks go back to the pool
 and it returns to the front of the queue, to be recomputed later (its prefix is usually still cached).
+With speculative decoding a decoding sequence also gets slots for the tokens it proposes (its lookahead),
+which the same forward verifies, like a prompt chunk.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.sequence import Sequence, SequenceStatus
@@ -18,17 +23,28 @@ from pagoda.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # including the proposed tokens
+    num_spec_tokens: int = 0  # proposed tokens to verify: the first ones of seq.spec_token_ids
+    draft_probs: torch.Tensor | None = None  # [num_spec_tokens, V] a draft model's; None: point masses
 
     @property
     def samples(self) -> bool:
         """Whether this step computes the sequence's last token, so its logits give the next one."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        num_real = self.num_new_tokens - self.num_spec_tokens
+        return self.seq.num_computed_tokens + num_real == self.seq.num_tokens
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        lookahead: Callable[[Sequence], int] | None = None,
+    ) -> None:
+        """`lookahead(seq)`: how many tokens a running sequence proposes this step (speculative decoding)."""
         self.block_manager = block_manager
+        self.lookahead = lookahead or (lambda seq: 0)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -50,7 +66,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens + self.lookahead(seq), budget)
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running[-1]  # newest first: it has the least work to redo
                 self._preempt(victim)
@@ -58,7 +74,8 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                scheduled.append(ScheduledSequence(seq, num_new))
+                num_spec = max(0, num_new - seq.num_uncomputed_tokens)
+                scheduled.append(ScheduledSequence(seq, num_new, num_spec))
                 budget -= num_new
                 i += 1
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from enum import Enum, auto
 from itertools import count
+from typing import TYPE_CHECKING
 
 import torch
 
 from pagoda.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda.engine.spec_decode.adaptive import DraftLength
 
 
 class SequenceStatus(Enum):
@@ -57,6 +61,9 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)
+        # speculative decoding: this step's proposed tokens (not yet part of token_ids) and draft length
+        self.spec_token_ids: list[int] = []
+        self.draft_length: DraftLength | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

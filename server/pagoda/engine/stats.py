@@ -14,3 +14,7 @@ class EngineStats:
     prefix_cache_queries: int  # cumulative, in tokens
     prefix_cache_hits: int  # cumulative, in tokens
     num_total_blocks: int
+    # speculative decoding, cumulative (vLLM's vllm:spec_decode_* counters)
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
