@@ -49,9 +49,8 @@ def run(scheduler: Scheduler, seqs: list[Sequence], budget: int, max_seqs: int, 
         for item in batch:
             s = item.seq
             assert len(s.block_table) * BS >= s.num_computed_tokens + item.num_new_tokens
-            samples = item.samples
             s.num_computed_tokens += item.num_new_tokens
-            if samples:
+            if item.samples:
                 s.append_token(next_token(s.token_ids))
                 if s.num_completion_tokens == s.params.max_tokens:
                     scheduler.finish(s, "length")

@@ -218,9 +218,6 @@ class AsyncLLM:
             if not stream.finished:
                 self.abort_nowait(stream.request_id)
 
-    async def abort(self, request_id: str) -> None:
-        self.abort_nowait(request_id)
-
     def abort_nowait(self, request_id: str) -> None:
         """Abort a request (no-op if unknown or finished). Its KV blocks free within one engine pass."""
         stream = self._streams.get(request_id)

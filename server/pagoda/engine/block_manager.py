@@ -104,7 +104,7 @@ class BlockManager:
         """Return the blocks past the sequence's tokens: those allocated for rejected proposals.
 
         They were never keyed into the prefix cache, so they go first in line for reuse."""
-        while len(seq.block_table) > seq.num_blocks:
+        while len(seq.block_table) > seq.blocks_needed(seq.num_tokens):
             block_id = seq.block_table.pop()
             block = self.blocks[block_id]
             block.ref_count -= 1

@@ -163,9 +163,8 @@ class LLMEngine:
             seq = item.seq
             request = self.requests[seq.request_id]
             request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
-            samples_now = item.samples
             seq.num_computed_tokens += item.num_new_tokens - item.num_spec_tokens
-            if not samples_now:
+            if not item.samples:
                 continue
             token_ids, logprobs = next(emitted)
             finish_reason = None

@@ -14,24 +14,24 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # including the proposed tokens
+    # whether this step computes the sequence's last token, so its logits give the next one; fixed when
+    # scheduled, as the engine moves `seq.num_computed_tokens` on before it reads the sample
+    samples: bool
     num_spec_tokens: int = 0  # proposed tokens to verify: the first ones of seq.spec_token_ids
-    draft_probs: torch.Tensor | None = None  # [num_spec_tokens, V] a draft model's; None: point masses
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step computes the sequence's last token, so its logits give the next one."""
-        num_real = self.num_new_tokens - self.num_spec_tokens
-        return self.seq.num_computed_tokens + num_real == self.seq.num_tokens
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
+        """New tokens past the sequence's own are its proposals (speculative decoding)."""
+        num_spec = max(0, num_new_tokens - seq.num_uncomputed_tokens)
+        return cls(seq, num_new_tokens, seq.num_computed_tokens + num_new_tokens >= seq.num_tokens, num_spec)
 
 
 class Scheduler:
@@ -74,8 +74,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                num_spec = max(0, num_new - seq.num_uncomputed_tokens)
-                scheduled.append(ScheduledSequence(seq, num_new, num_spec))
+                scheduled.append(ScheduledSequence.of(seq, num_new))
                 budget -= num_new
                 i += 1
 
@@ -89,7 +88,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSequence(seq, num_new))
+            scheduled.append(ScheduledSequence.of(seq, num_new))
             budget -= num_new
         return scheduled
 

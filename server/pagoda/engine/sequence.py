@@ -61,12 +61,11 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)
-        # speculative decoding: this step's proposed tokens (not yet part of token_ids) and draft length
+        # speculative decoding: this step's proposed tokens (not yet part of token_ids), the draft model's
+        # distributions they were drawn from ([len, V]; None: point masses), how many to propose
         self.spec_token_ids: list[int] = []
+        self.draft_probs: torch.Tensor | None = None
         self.draft_length: DraftLength | None = None
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -85,24 +84,12 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
-    def last_token(self) -> int:
-        return self.token_ids[-1]
-
-    @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
     @property
-    def is_prefill(self) -> bool:
-        return self.num_uncomputed_tokens > 1
-
-    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
-
-    @property
-    def num_blocks(self) -> int:
-        return (self.num_tokens + self.block_size - 1) // self.block_size
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks required to hold the first `num_tokens` tokens."""
@@ -111,10 +98,6 @@ class Sequence:
     def block_tokens(self, i: int) -> list[int]:
         """The tokens of logical block i."""
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
-
-    def slot(self, position: int) -> int:
-        """Physical KV-cache slot of the token at `position`."""
-        return self.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

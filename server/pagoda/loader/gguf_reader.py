@@ -47,10 +47,6 @@ class GGUFTensorInfo:
     offset: int  # from the start of the file
     nbytes: int
 
-    @property
-    def num_elements(self) -> int:
-        return prod(self.shape)
-
 
 class GGUFFile:
     """Metadata (`dict` of key -> value) and tensor table of one GGUF file, with its data memory-mapped."""

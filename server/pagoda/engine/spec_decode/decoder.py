@@ -22,7 +22,7 @@ class Proposer(Protocol):
         ...
 
     def propose(self, batch: list[ScheduledSequence]) -> None:
-        """Fill in the proposals of the scheduled batch (seq.spec_token_ids, item.draft_probs)."""
+        """Fill in the proposals of the scheduled batch (seq.spec_token_ids, seq.draft_probs)."""
         ...
 
 

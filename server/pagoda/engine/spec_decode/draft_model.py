@@ -73,7 +73,7 @@ class DraftModelProposer:
             logits = self.runner.run(inputs)
         for item, tokens, dists in zip(drafting, drafts, probs, strict=True):
             item.seq.spec_token_ids = tokens
-            item.draft_probs = torch.stack(dists) if dists else None
+            item.seq.draft_probs = torch.stack(dists) if dists else None
 
     @staticmethod
     def _mirror_inputs(batch: list[ScheduledSequence]) -> StepInputs:
@@ -107,7 +107,8 @@ def _append(inputs: StepInputs, seq: Sequence, token_ids: list[int], start: int)
     end = start + len(token_ids)
     inputs.input_ids.extend(token_ids)
     inputs.positions.extend(range(start, end))
-    inputs.slots.extend(seq.slot(p) for p in range(start, end))
+    size = seq.block_size
+    inputs.slots.extend(seq.block_table[p // size] * size + p % size for p in range(start, end))
     inputs.query_lens.append(len(token_ids))
     inputs.seq_lens.append(end)
     inputs.block_tables.append(seq.block_table)

@@ -92,7 +92,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, items: list[ScheduledSequence
         if seq.params.greedy:
             tokens = greedy_accept(drafts, argmax[rows])
         else:
-            tokens = rejection_sample(probs[rows], drafts, item.draft_probs, seq.generator)
+            tokens = rejection_sample(probs[rows], drafts, seq.draft_probs, seq.generator)
         emitted.append((tokens, _logprobs(logits[row : row + len(tokens)], tokens, seq)))
         row = rows.stop
     return emitted
