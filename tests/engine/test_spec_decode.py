@@ -99,6 +99,8 @@ def test_config_is_validated_strictly() -> None:
         ("{not json", "not valid JSON"),
         ("[1]", "JSON object"),
     ]
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(speculative_config={"model": "/m", "num_speculative_tokens": 2}, tensor_parallel_size=2)
     for value, message in bad:
         with pytest.raises(ValueError, match=message):
             EngineConfig(speculative_config=value)
@@ -252,7 +254,12 @@ def test_metrics_expose_vllm_spec_decode_counters(target: Path) -> None:
         ("num_accepted_tokens", stats.spec_decode_num_accepted_tokens),
     ):
         assert f'vllm:spec_decode_{name}_total{{model_name="m"}} {float(value)}' in text
-    assert stats.spec_decode_num_drafts > 0
+    per_pos = stats.spec_decode_num_accepted_tokens_per_pos
+    assert len(per_pos) == 4 and sum(per_pos) == stats.spec_decode_num_accepted_tokens > 0
+    assert per_pos == sorted(per_pos, reverse=True)  # position j is accepted only after 0..j-1 were
+    for position, count in enumerate(per_pos):
+        line = f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="{position}"}}'
+        assert f"{line} {float(count)}" in text
 
 
 def total_variation(samples: list[int], probs: torch.Tensor) -> float:
@@ -283,3 +290,18 @@ def test_rejection_sampling_follows_the_target_distribution(point_mass: bool) ->
     # the test can fail: what was proposed is far from the target
     proposed = [likeliest[0]] * trials if point_mass else [d[0] for d in drafted]
     assert total_variation(proposed, target[0]) > 0.2
+
+
+def test_sampled_drafts_from_the_target_itself_are_all_kept(target: Path) -> None:
+    """A draft model equal to the target draws from q = p, so min(1, p/q) keeps (nearly: p and q come
+    from different batch shapes) every draft: a misaligned or mis-warped q would reject many."""
+    config = {"method": "draft_model", "model": str(target), "num_speculative_tokens": 3}
+    llm = LLM(model=str(target), block_size=4, max_model_len=64, speculative_config=config)
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, max_tokens=MAX_NEW, ignore_eos=True, n=2,
+                            seed=3)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in repetitive_prompts(4, seed=2)], params,
+                           use_tqdm=False)
+    assert all(len(c.token_ids) == MAX_NEW for o in outputs for c in o.outputs)
+    stats = llm.engine.get_stats()
+    assert stats.spec_decode_num_accepted_tokens >= 0.9 * stats.spec_decode_num_draft_tokens > 0
+    assert_no_blocks_held(llm)

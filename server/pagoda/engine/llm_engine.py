@@ -219,4 +219,6 @@ class LLMEngine:
             self.add_request(f"warmup-{i}", [(i + j) % self.vocab_size for j in range(prompt_len)], params)
         while self.has_unfinished_requests():
             self.step()
+        if self.spec_decoder is not None:  # counters start from zero
+            self.spec_decoder = SpecDecoder(self.spec_decoder.config, self.spec_decoder.proposer)
         self._reset_scheduler()

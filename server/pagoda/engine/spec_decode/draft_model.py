@@ -26,8 +26,6 @@ class DraftModelProposer:
     def __init__(
         self, config: EngineConfig, model: str, num_blocks: int, max_model_len: int, vocab_size: int
     ) -> None:
-        if config.tensor_parallel_size > 1:
-            raise ValueError("speculative_config: draft_model does not support tensor_parallel_size > 1")
         checkpoint = open_checkpoint(model)
         spec = ModelSpec.from_hf_config(checkpoint.config)
         if spec.vocab_size != vocab_size:
