@@ -7,52 +7,42 @@ and the cold-start log can report the import time on its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
-import re
 import sys
 import time
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from pagoda.config import EngineConfig, memory_size, positive
+
+__all__ = ["add_serve_arguments", "build_parser", "engine_config", "main", "memory_size"]
 
 ENV_PREFIX = "PAGODA_"
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "ki": 2**10,
-    "kib": 2**10,
-    "mi": 2**20,
-    "mib": 2**20,
-    "gi": 2**30,
-    "gib": 2**30,
-}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
-def memory_size(text: str) -> int:
-    """Bytes from '4294967296', '4GiB', '512MiB', '2G' ..."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 4GiB, 512MiB, 1073741824)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+def _cli_type(
+    parse: Callable[[str], Any], check: Callable[[Any], None] | None = None
+) -> Callable[[str], Any]:
+    """A flag's argparse type: parse the text, then check the value; argparse prints the error."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+            if check is not None:
+                check(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    convert.__name__ = getattr(parse, "__name__", "value")  # argparse names it in its errors
+    return convert
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+_positive_int = _cli_type(int, positive)
 
 
 def _non_negative_float(text: str) -> float:
@@ -60,6 +50,37 @@ def _non_negative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def add_engine_arguments(group: argparse._ArgumentGroup) -> None:
+    """One flag per EngineConfig option that has help text, all generated from the field's metadata."""
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        meta = f.metadata
+        if meta.get("help") is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"]
+            )
+            continue
+        # `int | None` -> int: None is the default, never typed in
+        base = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        group.add_argument(
+            flag,
+            type=_cli_type(meta["parse"] or base, meta["check"]),
+            choices=meta["choices"],
+            default=f.default,
+            help=meta["help"],
+        )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of parsed `serve` arguments: the model and every generated engine flag."""
+    flags = [f.name for f in dataclasses.fields(EngineConfig) if f.metadata.get("help")]
+    options = {name: getattr(args, name) for name in flags}
+    return EngineConfig(model=args.model, **options)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,106 +125,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["debug", "info", "warning", "error"],
         help="Log level. Default: %(default)s.",
     )
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--tokenizer", default=None, help="Tokenizer directory. Default: the model's own.")
-    engine.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16"],
-        help="Weights and activations dtype. auto: the checkpoint's half type (bfloat16 for a quantized "
-        "GGUF file) on a GPU and on CPUs with native bfloat16 (AVX512-BF16, AMX); float32 otherwise, and "
-        "for float32 checkpoints on the CPU.",
-    )
-    engine.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cpu", "cuda"],
-        help="Where to run. auto: a GPU if there is one.",
-    )
-    engine.add_argument(
-        "--max-model-len",
-        type=_positive_int,
-        default=None,
-        help="Longest prompt + completion in tokens. Default: the model's context length.",
-    )
-    engine.add_argument(
-        "--block-size",
-        type=_positive_int,
-        default=16,
-        help="Tokens per KV-cache block (a power of two). Default: %(default)s.",
-    )
-    engine.add_argument(
-        "--gpu-memory-utilization",
-        type=_fraction,
-        default=0.9,
-        help="Fraction of GPU memory for weights, activations and the KV cache (GPU). Default: %(default)s.",
-    )
-    engine.add_argument(
-        "--kv-cache-memory",
-        type=memory_size,
-        default=None,
-        help="KV-cache size on CPU, in bytes or with a unit (4GiB, 512MiB).",
-    )
-    engine.add_argument(
-        "--num-gpu-blocks-override",
-        type=_positive_int,
-        default=None,
-        help="Force the number of KV-cache blocks (testing).",
-    )
-    engine.add_argument(
-        "--max-num-seqs",
-        type=_positive_int,
-        default=256,
-        help="Most sequences in one batch. Default: %(default)s.",
-    )
-    engine.add_argument(
-        "--max-num-batched-tokens",
-        type=_positive_int,
-        default=2048,
-        help="Token budget of one engine step (prefill chunks + decodes). Default: %(default)s.",
-    )
-    engine.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Reuse the KV cache of shared prompt prefixes. Default: on.",
-    )
-    engine.add_argument(
-        "--tensor-parallel-size",
-        type=_positive_int,
-        default=1,
-        help="GPUs to shard the model over. Default: %(default)s.",
-    )
-    engine.add_argument(
-        "--quantization",
-        choices=["none", "int8", "fp8", "gguf"],
-        default=None,
-        help="Weight quantization: none (full precision; expands a GGUF file's blocks), int8 (W8A16), "
-        "fp8 (e4m3), or gguf (keep a GGUF file's blocks). Default: gguf for a quantized GGUF file "
-        "(without tensor parallelism), none otherwise.",
-    )
-    engine.add_argument(
-        "--kv-cache-dtype",
-        choices=["auto", "fp8", "fp8_e4m3"],
-        default="auto",
-        help="KV-cache element type; fp8 doubles the tokens that fit. Default: %(default)s.",
-    )
-    engine.add_argument(
-        "--enforce-eager",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="Never capture CUDA graphs. Default: off.",
-    )
-    engine.add_argument(
-        "--speculative-config",
-        default=None,
-        help='Speculative decoding, as JSON (vLLM\'s): {"method": "ngram", "num_speculative_tokens": 4, '
-        '"prompt_lookup_max": 4} or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}. '
-        "Default: off.",
-    )
-    engine.add_argument(
-        "--seed", type=int, default=0, help="Random seed of the engine. Default: %(default)s."
-    )
+    add_engine_arguments(parser.add_argument_group("engine"))
 
 
 def apply_env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
@@ -253,30 +175,10 @@ def serve(args: argparse.Namespace) -> int:
     )
     # torch and the model code load here; the engine thread then loads and warms up the model
     import pagoda.engine.llm_engine  # noqa: F401
-    from pagoda.config import EngineConfig
     from pagoda.entrypoints.api_server import ServerSettings, run_server
 
     import_seconds = time.perf_counter() - start
-    config = EngineConfig(
-        model=args.model,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        device=args.device,
-        block_size=args.block_size,
-        max_model_len=args.max_model_len,
-        kv_cache_memory=args.kv_cache_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        num_gpu_blocks_override=args.num_gpu_blocks_override,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size,
-        quantization=args.quantization,
-        kv_cache_dtype=args.kv_cache_dtype,
-        enforce_eager=args.enforce_eager,
-        speculative_config=args.speculative_config,
-    )
+    config = engine_config(args)
     settings = ServerSettings(
         served_model_names=args.served_model_name,
         api_key=args.api_key,

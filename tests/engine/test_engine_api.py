@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import EOS_ID, load_reference_model, make_tiny_model, reference_greedy
+from tiny_models import EOS_ID, load_reference_model, make_tiny_model, make_tiny_tokenizer, reference_greedy
 
 from pagoda import LLM, SamplingParams
 
@@ -145,3 +145,17 @@ def test_prompt_logprobs_are_whole_when_the_prefix_is_cached(llm: LLM) -> None:
     [scored] = llm.generate([prompt], params, use_tqdm=False)
     assert len(scored.prompt_logprobs) == len(prompt["prompt_token_ids"])
     assert all(entry is not None for entry in scored.prompt_logprobs[1:])
+
+
+def test_a_tokenizer_of_its_own_serves_a_model_that_ships_none(tmp_path: Path) -> None:
+    bare = make_tiny_model("llama", tmp_path / "bare", with_tokenizer=False)
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert LLM(model=str(bare), block_size=4, max_model_len=64).get_tokenizer() is None
+    llm = LLM(model=str(bare), tokenizer=str(tmp_path / "tokenizer"), block_size=4, max_model_len=64)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    token_ids = tokenizer.encode("tokenized elsewhere")
+    [by_text] = llm.generate(["tokenized elsewhere"], params, use_tqdm=False)
+    [by_ids] = llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)
+    assert by_text.prompt_token_ids == by_ids.prompt_token_ids == token_ids
+    assert by_text.outputs[0].text == tokenizer.decode(by_ids.outputs[0].token_ids)

@@ -10,8 +10,8 @@ import torch
 from tiny_models import make_tiny_model
 
 from pagoda import LLM
-from pagoda.engine import model_runner
-from pagoda.engine.model_runner import resolve_dtype, resolve_quantization
+from pagoda.engine import precision
+from pagoda.engine.precision import resolve_dtype, resolve_quantization
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
@@ -22,7 +22,7 @@ def checkpoint(dtype: torch.dtype, block_quantized: bool = False) -> SimpleNames
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto_dtype(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
-    monkeypatch.setattr(model_runner, "cpu_has_native_bfloat16", lambda: native_bf16)
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: native_bf16)
     half = torch.bfloat16 if native_bf16 else torch.float32
     # float32 checkpoints stay float32 on the CPU: exactly transformers' numbers
     assert resolve_dtype("auto", checkpoint(torch.float32), CPU) == torch.float32

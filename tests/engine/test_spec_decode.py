@@ -19,10 +19,13 @@ from tiny_models import load_reference_model, make_tiny_model, reference_greedy
 from pagoda import LLM, SamplingParams
 from pagoda.cli import build_parser
 from pagoda.config import EngineConfig
+from pagoda.engine.scheduler import ScheduledSequence
+from pagoda.engine.sequence import Sequence
 from pagoda.engine.spec_decode.adaptive import DraftLength
 from pagoda.engine.spec_decode.config import SpeculativeConfig
 from pagoda.engine.spec_decode.ngram import ngram_proposal
 from pagoda.engine.spec_decode.rejection_sampler import rejection_sample
+from pagoda.engine.step_inputs import build_step_inputs
 from pagoda.entrypoints.metrics import ServerMetrics
 
 MAX_NEW = 20
@@ -305,3 +308,13 @@ def test_sampled_drafts_from_the_target_itself_are_all_kept(target: Path) -> Non
     stats = llm.engine.get_stats()
     assert stats.spec_decode_num_accepted_tokens >= 0.9 * stats.spec_decode_num_draft_tokens > 0
     assert_no_blocks_held(llm)
+
+
+def test_proposals_are_scheduled_like_a_chunk_with_a_row_each() -> None:
+    seq = Sequence([11, 12, 13], SamplingParams(), block_size=4)
+    seq.block_table, seq.num_computed_tokens, seq.spec_token_ids = [5, 6], 2, [17, 18]
+    item = ScheduledSequence.of(seq, 3)
+    assert (item.num_spec_tokens, item.samples) == (2, True)
+    inputs, _ = build_step_inputs([item], block_size=4)
+    assert inputs.input_ids == [13, 17, 18] and inputs.positions == [2, 3, 4]
+    assert inputs.slots == [22, 23, 24] and inputs.seq_lens == [5] and inputs.logit_rows == [0, 1, 2]

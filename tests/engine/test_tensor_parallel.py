@@ -25,7 +25,7 @@ from tiny_models import load_reference_model, make_tiny_model, reference_greedy
 
 from pagoda import LLM, SamplingParams
 from pagoda.distributed.workers import TensorParallelWorkers, WorkerFailedError
-from pagoda.engine.model_runner import StepInputs
+from pagoda.engine.step_inputs import StepInputs
 from pagoda.outputs import CompletionOutput
 
 MAX_NEW = 6

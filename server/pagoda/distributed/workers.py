@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -40,10 +40,8 @@ from pagoda.distributed.worker_main import (
     cpu_threads_per_rank,
     worker_main,
 )
+from pagoda.engine.step_inputs import StepInputs
 from pagoda.models.spec import ModelSpec
-
-if TYPE_CHECKING:
-    from pagoda.engine.model_runner import StepInputs
 
 T = TypeVar("T")
 

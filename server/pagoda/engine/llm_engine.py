@@ -20,7 +20,7 @@ from pagoda.engine.scheduler import ScheduledSequence, Scheduler
 from pagoda.engine.sequence import Sequence
 from pagoda.engine.spec_decode.decoder import SpecDecoder
 from pagoda.engine.stats import EngineStats
-from pagoda.loader import open_checkpoint
+from pagoda.loader import open_checkpoint, open_tokenizer
 from pagoda.models.spec import ModelSpec
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -33,7 +33,9 @@ class LLMEngine:
         self.config = config
         start = time.perf_counter()
         checkpoint = open_checkpoint(config.model)
-        self.tokenizer = None if config.skip_tokenizer_init else checkpoint.tokenizer
+        self.tokenizer = None
+        if not config.skip_tokenizer_init:
+            self.tokenizer = open_tokenizer(config.tokenizer) if config.tokenizer else checkpoint.tokenizer
         self.eos_token_ids = list(checkpoint.eos_token_ids)
         self.model_name = Path(config.model).name if config.model else "SmolLM2-135M-Instruct"
         spec = ModelSpec.from_hf_config(checkpoint.config)

@@ -1,17 +1,14 @@
 """Loads the model, owns the KV cache tensors, and runs one flat forward + sampling per step.
 
 Under tensor parallelism every rank has a ModelRunner over its shard of the model and of the KV pool;
-rank 0's turns the scheduler's batch into `StepInputs`, has its workers run them too, and samples.
+rank 0's turns the scheduler's batch into `StepInputs` (`step_inputs`), has its workers run them too, and
+samples.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,10 +16,12 @@ import torch
 from pagoda.attention.metadata import AttentionMetadata, attention_metadata
 from pagoda.config import EngineConfig
 from pagoda.distributed.parallel_state import all_reduce_min, model_shard
+from pagoda.distributed.workers import TensorParallelWorkers
 from pagoda.engine.cuda_graphs import DecodeGraphs
+from pagoda.engine.precision import resolve_dtype, resolve_quantization
 from pagoda.engine.scheduler import ScheduledSequence
-from pagoda.engine.sequence import Sequence
 from pagoda.engine.spec_decode.rejection_sampler import Emitted, verify
+from pagoda.engine.step_inputs import PromptScoring, StepInputs, build_step_inputs
 from pagoda.layers.attention import Attention
 from pagoda.layers.sampler import Sampler
 from pagoda.loader import Checkpoint
@@ -30,77 +29,9 @@ from pagoda.models.registry import build_model
 from pagoda.models.spec import ModelSpec
 from pagoda.quantization import kv_cache_dtype, process_weights_after_loading, quantized_layers
 
-if TYPE_CHECKING:
-    from pagoda.distributed.workers import TensorParallelWorkers
-
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_CACHE_BYTES = 4 << 30  # vLLM's default CPU KV-cache space
-
-_DTYPES = {
-    "float32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-
-
-def resolve_dtype(name: str, checkpoint: Checkpoint, device: torch.device) -> torch.dtype:
-    """dtype="auto": the checkpoint's half type (a block-quantized GGUF file, which has no float type of
-    its own, counts as bfloat16) where the device computes in it fast; float32 checkpoints stay float32
-    on the CPU, so they match transformers exactly, and run in bfloat16 on a GPU, as vLLM does."""
-    if name != "auto":
-        return _DTYPES[name]
-    half = checkpoint.torch_dtype if checkpoint.torch_dtype in (torch.float16, torch.bfloat16) else None
-    if checkpoint.is_block_quantized:
-        half = torch.bfloat16
-    if device.type == "cpu":
-        # bfloat16 doubles float32's matmul rate where the CPU multiplies it natively; elsewhere half
-        # precision (and float16 anywhere) runs slower than float32
-        return torch.bfloat16 if half is not None and cpu_has_native_bfloat16() else torch.float32
-    return half or torch.bfloat16
-
-
-@functools.cache
-def cpu_has_native_bfloat16() -> bool:
-    """AVX512-BF16 or AMX-BF16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later)."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_quantization(name: str | None, checkpoint: Checkpoint, tensor_parallel_size: int) -> str | None:
-    """quantization=None: a block-quantized GGUF file is served from its blocks (as llama.cpp and vLLM
-    do: a quarter of the memory traffic), except under tensor parallelism, which the GGUF kernels lack;
-    anything else runs unquantized. "none" always expands a GGUF file to floats."""
-    if name is None:
-        return "gguf" if checkpoint.is_block_quantized and tensor_parallel_size == 1 else None
-    return None if name == "none" else name
-
-
-@dataclass
-class StepInputs:
-    """One step's flat batch: all that a rank needs to run the forward (rank 0 sends it to the others)."""
-
-    input_ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)
-    query_lens: list[int] = field(default_factory=list)
-    seq_lens: list[int] = field(default_factory=list)
-    block_tables: list[list[int]] = field(default_factory=list)
-    # rows of the flat batch whose logits the step needs: prompt positions to score, then sampled rows
-    logit_rows: list[int] = field(default_factory=list)
-
-
-@dataclass
-class PromptScoring:
-    """Prompt positions lo..hi-1 of `seq` to score this step: position p's logits score token p + 1."""
-
-    seq: Sequence
-    lo: int
-    hi: int
 
 
 class ModelRunner:
@@ -241,21 +172,11 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
         )
 
-    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
-        """Cache slots of positions start..end-1, one contiguous range per block."""
-        slots: list[int] = []
-        bs = self.block_size
-        for b in range(start // bs, (end - 1) // bs + 1):
-            lo, hi = max(start, b * bs), min(end, (b + 1) * bs)
-            base = block_table[b] * bs - b * bs
-            slots.extend(range(base + lo, base + hi))
-        return slots
-
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSequence]) -> list[Emitted]:
         """Forward the batch's new tokens; for each sequence whose whole context is now computed, the
         tokens it emits: one sample, or with proposals to verify, the accepted ones and one more."""
-        inputs, scorings = self._prepare_inputs(batch)
+        inputs, scorings = build_step_inputs(batch, self.block_size)
         logits = self.run(inputs) if self.workers is None else self.workers.run_step(self.run, inputs)
         num_scored = self._record_prompt_logprobs(scorings, logits)
         sampling = [item for item in batch if item.samples]
@@ -282,43 +203,6 @@ class ModelRunner:
         if not inputs.logit_rows:
             return None
         return self.model.compute_logits(hidden[self._to_device(inputs.logit_rows, torch.long)])
-
-    def _prepare_inputs(self, batch: list[ScheduledSequence]) -> tuple[StepInputs, list[PromptScoring]]:
-        inputs = StepInputs()
-        scorings: list[PromptScoring] = []
-        sampled_rows: list[int] = []
-        for item in batch:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            row = len(inputs.input_ids)  # of position `start`
-            inputs.input_ids.extend(seq.token_ids[start:end])
-            inputs.input_ids.extend(seq.spec_token_ids[: item.num_spec_tokens])  # after the real tokens
-            inputs.positions.extend(range(start, end))
-            inputs.slots.extend(self._slots(seq.block_table, start, end))
-            inputs.query_lens.append(item.num_new_tokens)
-            inputs.seq_lens.append(end)
-            inputs.block_tables.append(seq.block_table)
-            scoring = self._prompt_scoring(item)
-            if scoring is not None:
-                scorings.append(scoring)
-                inputs.logit_rows.extend(range(row + scoring.lo - start, row + scoring.hi - start))
-            if item.samples:  # the last real token's row, then one per proposed token
-                last = row + item.num_new_tokens - 1
-                sampled_rows.extend(range(last - item.num_spec_tokens, last + 1))
-        inputs.logit_rows.extend(sampled_rows)
-        return inputs, scorings
-
-    @staticmethod
-    def _prompt_scoring(item: ScheduledSequence) -> PromptScoring | None:
-        """For a sequence that asked for prompt logprobs, the prompt positions this step computes that
-        score a next prompt token. A recomputed (preempted) prompt is not scored twice."""
-        seq, start = item.seq, item.seq.num_computed_tokens
-        if seq.params.prompt_logprobs is None or start >= seq.num_prompt_tokens:
-            return None
-        # prompt_logprobs[0] is the first token's None, so entries up to position len - 2 are scored
-        lo = max(start, max(len(seq.prompt_logprobs), 1) - 1)
-        hi = max(lo, min(start + item.num_new_tokens, seq.num_prompt_tokens - 1))
-        return PromptScoring(seq, lo, hi)
 
     @staticmethod
     def _record_prompt_logprobs(scorings: list[PromptScoring], logits: torch.Tensor | None) -> int:

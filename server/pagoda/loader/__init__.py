@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pagoda.loader.checkpoint import Checkpoint
 
-__all__ = ["Checkpoint", "open_checkpoint"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["Checkpoint", "open_checkpoint", "open_tokenizer"]
 
 
 def open_checkpoint(model: str | Path | None) -> Checkpoint:
@@ -32,3 +36,22 @@ def open_checkpoint(model: str | Path | None) -> Checkpoint:
             "(models are never downloaded from a hub)"
         )
     raise ValueError(f"model {str(model)!r} is neither a Hugging Face model directory nor a .gguf file")
+
+
+def open_tokenizer(tokenizer: str | Path) -> PreTrainedTokenizerBase:
+    """A tokenizer of its own (`--tokenizer`): a Hugging Face tokenizer directory, or a .gguf file's."""
+    path = Path(tokenizer).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from pagoda.loader.gguf_reader import GGUFFile
+        from pagoda.loader.gguf_tokenizer import tokenizer_from_gguf
+
+        found = tokenizer_from_gguf(GGUFFile(path))
+    elif path.is_dir():
+        from pagoda.loader.hf import _tokenizer
+
+        found = _tokenizer(path)
+    else:
+        raise FileNotFoundError(f"tokenizer {str(tokenizer)!r} is neither a directory nor a .gguf file")
+    if found is None:
+        raise ValueError(f"tokenizer {str(tokenizer)!r} holds no tokenizer")
+    return found

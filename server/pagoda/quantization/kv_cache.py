@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from pagoda.config import KV_CACHE_DTYPES
+
 FP8_KV_DTYPE = torch.float8_e4m3fn
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _FP8_MAX = float(torch.finfo(FP8_KV_DTYPE).max)
 _HEADROOM = 2.0
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.config import QUANTIZATIONS
 from pagoda.distributed.parallel_state import get_tp_size
 from pagoda.loader.checkpoint import QuantizedBlocks
 from pagoda.loader.dequant import dequantize
@@ -24,7 +25,7 @@ from pagoda.quantization.cpu_kernels import CpuQuantizedWeight
 from pagoda.quantization.gguf_blocks import group_quantized_from_blocks, is_supported
 from pagoda.quantization.grouped import GroupQuantized, quantize_per_channel_int8, stack_rows
 
-QUANTIZATION_METHODS = ("int8", "fp8", "gguf")
+QUANTIZATION_METHODS = tuple(q for q in QUANTIZATIONS if q != "none")
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 

@@ -14,9 +14,10 @@ import dataclasses
 import torch
 
 from pagoda.config import EngineConfig
-from pagoda.engine.model_runner import ModelRunner, StepInputs
+from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.scheduler import ScheduledSequence
 from pagoda.engine.sequence import Sequence
+from pagoda.engine.step_inputs import StepInputs, kv_slots
 from pagoda.layers.sampler import exponential_race, warped_probs
 from pagoda.loader import open_checkpoint
 from pagoda.models.spec import ModelSpec
@@ -105,8 +106,7 @@ def _append(inputs: StepInputs, seq: Sequence, token_ids: list[int], start: int)
     end = start + len(token_ids)
     inputs.input_ids.extend(token_ids)
     inputs.positions.extend(range(start, end))
-    size = seq.block_size
-    inputs.slots.extend(seq.block_table[p // size] * size + p % size for p in range(start, end))
+    inputs.slots.extend(kv_slots(seq.block_table, start, end, seq.block_size))
     inputs.query_lens.append(len(token_ids))
     inputs.seq_lens.append(end)
     inputs.block_tables.append(seq.block_table)

@@ -1,0 +1,88 @@
+"""A scheduled batch turned into one step's flat inputs: token ids, positions, KV slots, and which rows'
+logits the step needs (prompt positions to score, then per sampling sequence one row, plus one per
+proposed token it has to verify under speculative decoding).
+
+Pure Python over the scheduler's output, so it is tested without a model; the model runner sends the
+result to the other tensor-parallel ranks and runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagoda.engine.scheduler import ScheduledSequence
+from pagoda.engine.sequence import Sequence
+
+
+@dataclass
+class StepInputs:
+    """One step's flat batch: all that a rank needs to run the forward (rank 0 sends it to the others)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    # rows of the flat batch whose logits the step needs: prompt positions to score, then sampled rows
+    logit_rows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PromptScoring:
+    """Prompt positions lo..hi-1 of `seq` to score this step: position p's logits score token p + 1."""
+
+    seq: Sequence
+    lo: int
+    hi: int
+
+
+def build_step_inputs(
+    batch: list[ScheduledSequence], block_size: int
+) -> tuple[StepInputs, list[PromptScoring]]:
+    """The step's inputs, and the prompt scorings whose rows lead `logit_rows` (in that order)."""
+    inputs = StepInputs()
+    scorings: list[PromptScoring] = []
+    sampled_rows: list[int] = []
+    for item in batch:
+        seq, start = item.seq, item.seq.num_computed_tokens
+        end = start + item.num_new_tokens
+        row = len(inputs.input_ids)  # of position `start`
+        inputs.input_ids.extend(seq.token_ids[start:end])
+        inputs.input_ids.extend(seq.spec_token_ids[: item.num_spec_tokens])  # proposals after real tokens
+        inputs.positions.extend(range(start, end))
+        inputs.slots.extend(kv_slots(seq.block_table, start, end, block_size))
+        inputs.query_lens.append(item.num_new_tokens)
+        inputs.seq_lens.append(end)
+        inputs.block_tables.append(seq.block_table)
+        scoring = prompt_scoring(item)
+        if scoring is not None:
+            scorings.append(scoring)
+            inputs.logit_rows.extend(range(row + scoring.lo - start, row + scoring.hi - start))
+        if item.samples:  # the last real token's row, then one per proposal to verify
+            last = row + item.num_new_tokens - 1
+            sampled_rows.extend(range(last - item.num_spec_tokens, last + 1))
+    inputs.logit_rows.extend(sampled_rows)
+    return inputs, scorings
+
+
+def kv_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of positions start..end-1, one contiguous range per block."""
+    slots: list[int] = []
+    for b in range(start // block_size, (end - 1) // block_size + 1):
+        lo, hi = max(start, b * block_size), min(end, (b + 1) * block_size)
+        base = (block_table[b] - b) * block_size
+        slots.extend(range(base + lo, base + hi))
+    return slots
+
+
+def prompt_scoring(item: ScheduledSequence) -> PromptScoring | None:
+    """For a sequence that asked for prompt logprobs, the prompt positions this step computes that score a
+    next prompt token. A recomputed (preempted) prompt is not scored twice."""
+    seq, start = item.seq, item.seq.num_computed_tokens
+    if seq.params.prompt_logprobs is None or start >= seq.num_prompt_tokens:
+        return None
+    # prompt_logprobs[0] is the first token's None, so entries up to position len - 2 are scored
+    lo = max(start, max(len(seq.prompt_logprobs), 1) - 1)
+    hi = max(lo, min(start + item.num_new_tokens, seq.num_prompt_tokens - 1))
+    return PromptScoring(seq, lo, hi)
