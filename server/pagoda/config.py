@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from pagoda.engine.spec_decode.config import SpeculativeConfig
+
 if TYPE_CHECKING:
     import torch
 
@@ -122,8 +124,19 @@ class EngineConfig:
     )
     enforce_eager: bool = option(False, "Never capture CUDA graphs. Default: off.")
     seed: int = option(0, "Random seed of the engine. Default: %(default)s.")
+    # vLLM's dict, or its JSON text
+    speculative_config: SpeculativeConfig | dict[str, Any] | str | None = option(
+        None,
+        'Speculative decoding, as JSON (vLLM\'s): {"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_min": 2, "prompt_lookup_max": 4} or {"method": "draft_model", "model": PATH, '
+        '"num_speculative_tokens": 4}. Default: off.',
+        parse=SpeculativeConfig.parse,
+    )
 
     def __post_init__(self) -> None:
+        self.speculative_config = spec = SpeculativeConfig.parse(self.speculative_config)
+        if spec is not None and spec.method == "draft_model" and self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config: draft_model does not support tensor_parallel_size > 1")
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None or value == f.default:

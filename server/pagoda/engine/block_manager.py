@@ -96,8 +96,21 @@ class BlockManager:
             self._forget(block_id)
             seq.block_table.append(block_id)
         if self.enable_prefix_caching:
-            self._register_full_blocks(seq, num_computed + num_new_tokens)
+            # proposed tokens (past num_tokens) may be rejected: only real tokens key a block
+            self._register_full_blocks(seq, min(num_computed + num_new_tokens, seq.num_tokens))
         return True
+
+    def free_tail(self, seq: Sequence) -> None:
+        """Return the blocks past the sequence's tokens: those allocated for rejected proposals.
+
+        They were never keyed into the prefix cache, so they go first in line for reuse."""
+        while len(seq.block_table) > seq.blocks_needed(seq.num_tokens):
+            block_id = seq.block_table.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_block_ids[block_id] = None
+                self.free_block_ids.move_to_end(block_id, last=False)
 
     def free(self, seq: Sequence) -> None:
         """Return a sequence's blocks; the tail goes first in line for reuse, so prefixes live longest."""

@@ -19,6 +19,7 @@ from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.request import Request
 from pagoda.engine.scheduler import ScheduledSequence, Scheduler
 from pagoda.engine.sequence import Sequence
+from pagoda.engine.spec_decode.decoder import SpecDecoder
 from pagoda.engine.stats import EngineStats
 from pagoda.loader import open_checkpoint, open_tokenizer
 from pagoda.models.spec import ModelSpec
@@ -53,6 +54,7 @@ class LLMEngine:
             if workers is not None:
                 workers.close()
             raise
+        self.spec_decoder = self._spec_decoder()
         self.load_seconds = time.perf_counter() - start
         self._reset_scheduler()
         self.requests: dict[str, Request] = {}
@@ -62,12 +64,30 @@ class LLMEngine:
             self.runner.num_blocks * self.runner.block_bytes / 2**20,
         )
 
+    def _spec_decoder(self) -> SpecDecoder | None:
+        spec = self.config.speculative_config
+        if spec is None:
+            return None
+        assert not isinstance(spec, dict | str)  # EngineConfig parsed it
+        if spec.method == "ngram":
+            from pagoda.engine.spec_decode.ngram import NgramProposer
+
+            return SpecDecoder(spec, NgramProposer(spec.prompt_lookup_min or 1, spec.prompt_lookup_max or 1))
+        from pagoda.engine.spec_decode.draft_model import DraftModelProposer
+
+        assert spec.model is not None
+        proposer = DraftModelProposer(
+            self.config, spec.model, self.runner.num_blocks, self.max_model_len, self.vocab_size
+        )
+        return SpecDecoder(spec, proposer)
+
     def _reset_scheduler(self) -> None:
         self.block_manager = BlockManager(
             self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching
         )
+        lookahead = self.spec_decoder.lookahead if self.spec_decoder is not None else None
         self.scheduler = Scheduler(
-            self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens
+            self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens, lookahead
         )
 
     @property
@@ -162,19 +182,27 @@ class LLMEngine:
             raise StepError(sorted({item.seq.request_id for item in batch}), error) from error
 
     def _run(self, batch: list[ScheduledSequence]) -> list[RequestOutput]:
-        sampled = self.runner.execute(batch)
+        if self.spec_decoder is not None:
+            self.spec_decoder.propose(batch)
+        emitted = iter(self.runner.execute(batch))
         now = time.monotonic()
-        samples = iter(zip(sampled.token_ids, sampled.logprobs))
         updated: dict[str, Request] = {}
         for item in batch:
             seq = item.seq
             request = self.requests[seq.request_id]
             request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
-            seq.num_computed_tokens += item.num_new_tokens
+            seq.num_computed_tokens += item.num_new_tokens - item.num_spec_tokens
             if not item.samples:
                 continue
-            token_id, logprobs = next(samples)
-            finish_reason = request.append_token(seq, token_id, logprobs, now)
+            token_ids, logprobs = next(emitted)
+            finish_reason = None
+            for token_id, token_logprobs in zip(token_ids, logprobs, strict=True):
+                # several accepted tokens: a stop among them ends the sequence there
+                finish_reason = request.append_token(seq, token_id, token_logprobs, now)
+                if finish_reason is not None:
+                    break
+            if item.num_spec_tokens:
+                self._settle_proposals(item, len(token_ids) - 1, finished=finish_reason is not None)
             if finish_reason is not None:
                 self.scheduler.finish(seq, finish_reason)
             updated[request.request_id] = request
@@ -183,6 +211,15 @@ class LLMEngine:
             if output.finished:
                 del self.requests[output.request_id]
         return outputs
+
+    def _settle_proposals(self, item: ScheduledSequence, num_accepted: int, finished: bool) -> None:
+        """Keep the K/V of the accepted proposals (the target computed them from the same tokens) and
+        roll back the rest: the next step overwrites their slots; blocks held only for them go back."""
+        assert self.spec_decoder is not None
+        self.spec_decoder.record(item.seq, item.num_spec_tokens, num_accepted)
+        if not finished:
+            item.seq.num_computed_tokens += num_accepted
+            self.block_manager.free_tail(item.seq)
 
     def close(self) -> None:
         """Stop the tensor-parallel worker processes now (garbage collection or exit would, later)."""
@@ -198,6 +235,7 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
             num_total_blocks=bm.num_blocks,
+            **(self.spec_decoder.stats() if self.spec_decoder is not None else {}),
         )
 
     def warmup(self) -> None:
@@ -209,4 +247,6 @@ class LLMEngine:
             self.add_request(f"warmup-{i}", [(i + j) % self.vocab_size for j in range(prompt_len)], params)
         while self.has_unfinished_requests():
             self.step()
+        if self.spec_decoder is not None:  # counters start from zero
+            self.spec_decoder = SpecDecoder(self.spec_decoder.config, self.spec_decoder.proposer)
         self._reset_scheduler()

@@ -20,9 +20,10 @@ from pagoda.distributed.workers import TensorParallelWorkers
 from pagoda.engine.cuda_graphs import DecodeGraphs
 from pagoda.engine.precision import resolve_dtype, resolve_quantization
 from pagoda.engine.scheduler import ScheduledSequence
+from pagoda.engine.spec_decode.rejection_sampler import Emitted, verify
 from pagoda.engine.step_inputs import PromptScoring, StepInputs, build_step_inputs
 from pagoda.layers.attention import Attention
-from pagoda.layers.sampler import Sampler, SamplerOutput
+from pagoda.layers.sampler import Sampler
 from pagoda.loader import Checkpoint
 from pagoda.models.registry import build_model
 from pagoda.models.spec import ModelSpec
@@ -174,15 +175,19 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSequence]) -> SamplerOutput:
-        """Forward the batch's new tokens; sample for each sequence whose whole context is now computed."""
+    def execute(self, batch: list[ScheduledSequence]) -> list[Emitted]:
+        """Forward the batch's new tokens; for each sequence whose whole context is now computed, the
+        tokens it emits: one sample, or with proposals to verify, the accepted ones and one more."""
         inputs, scorings = build_step_inputs(batch, self.block_size)
         logits = self.run(inputs) if self.workers is None else self.workers.run_step(self.run, inputs)
         num_scored = self._record_prompt_logprobs(scorings, logits)
-        sampling = [item.seq for item in batch if item.samples]
+        sampling = [item for item in batch if item.samples]
         if not sampling:
-            return SamplerOutput(token_ids=[], logprobs=[])
-        return self.sampler.sample(logits[num_scored:], sampling)
+            return []
+        if any(item.num_spec_tokens for item in sampling):
+            return verify(self.sampler, logits[num_scored:], sampling)
+        out = self.sampler.sample(logits[num_scored:], [item.seq for item in sampling])
+        return [([token], [logprobs]) for token, logprobs in zip(out.token_ids, out.logprobs, strict=True)]
 
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> torch.Tensor | None:

@@ -6,11 +6,14 @@ When the KV pool runs dry the newest running sequence is preempted: its blocks g
 and it returns to the front of the queue, to be recomputed later (its prefix is usually still cached).
 Admission is fair between requests: the next sequence admitted is the first waiting one of the request
 with the fewest running, so one request's n samples cannot hold every batch slot while others wait.
+With speculative decoding a decoding sequence also gets slots for the tokens it proposes (its lookahead),
+which the same forward verifies, like a prompt chunk.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pagoda.engine.block_manager import BlockManager
@@ -20,19 +23,30 @@ from pagoda.engine.sequence import Sequence, SequenceStatus
 @dataclass(frozen=True)
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # including the proposed tokens
     # whether this step computes the sequence's last token, so its logits give the next one; fixed when
     # scheduled, as the engine moves `seq.num_computed_tokens` on before it reads the sample
     samples: bool
+    num_spec_tokens: int = 0  # proposed tokens to verify: the first ones of seq.spec_token_ids
 
     @classmethod
     def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
-        return cls(seq, num_new_tokens, seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
+        """New tokens past the sequence's own are its proposals (speculative decoding)."""
+        num_spec = max(0, num_new_tokens - seq.num_uncomputed_tokens)
+        return cls(seq, num_new_tokens, seq.num_computed_tokens + num_new_tokens >= seq.num_tokens, num_spec)
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        lookahead: Callable[[Sequence], int] | None = None,
+    ) -> None:
+        """`lookahead(seq)`: how many tokens a running sequence proposes this step (speculative decoding)."""
         self.block_manager = block_manager
+        self.lookahead = lookahead or (lambda seq: 0)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -54,7 +68,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens + self.lookahead(seq), budget)
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running[-1]  # newest first: it has the least work to redo
                 self._preempt(victim)

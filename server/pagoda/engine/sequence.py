@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from enum import Enum, auto
 from itertools import count
+from typing import TYPE_CHECKING
 
 import torch
 
 from pagoda.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda.engine.spec_decode.adaptive import DraftLength
 
 
 class SequenceStatus(Enum):
@@ -57,6 +61,11 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)
+        # speculative decoding: this step's proposed tokens (not yet part of token_ids), the draft model's
+        # distributions they were drawn from ([len, V]; None: point masses), how many to propose
+        self.spec_token_ids: list[int] = []
+        self.draft_probs: torch.Tensor | None = None
+        self.draft_length: DraftLength | None = None
 
     @property
     def num_tokens(self) -> int:

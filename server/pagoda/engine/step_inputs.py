@@ -1,5 +1,6 @@
 """A scheduled batch turned into one step's flat inputs: token ids, positions, KV slots, and which rows'
-logits the step needs (prompt positions to score, then one row per sampling sequence).
+logits the step needs (prompt positions to score, then per sampling sequence one row, plus one per
+proposed token it has to verify under speculative decoding).
 
 Pure Python over the scheduler's output, so it is tested without a model; the model runner sends the
 result to the other tensor-parallel ranks and runs it.
@@ -48,6 +49,7 @@ def build_step_inputs(
         end = start + item.num_new_tokens
         row = len(inputs.input_ids)  # of position `start`
         inputs.input_ids.extend(seq.token_ids[start:end])
+        inputs.input_ids.extend(seq.spec_token_ids[: item.num_spec_tokens])  # proposals after real tokens
         inputs.positions.extend(range(start, end))
         inputs.slots.extend(kv_slots(seq.block_table, start, end, block_size))
         inputs.query_lens.append(item.num_new_tokens)
@@ -57,8 +59,9 @@ def build_step_inputs(
         if scoring is not None:
             scorings.append(scoring)
             inputs.logit_rows.extend(range(row + scoring.lo - start, row + scoring.hi - start))
-        if item.samples:
-            sampled_rows.append(row + item.num_new_tokens - 1)
+        if item.samples:  # the last real token's row, then one per proposal to verify
+            last = row + item.num_new_tokens - 1
+            sampled_rows.extend(range(last - item.num_spec_tokens, last + 1))
     inputs.logit_rows.extend(sampled_rows)
     return inputs, scorings
 

@@ -125,6 +125,19 @@ class _EngineStateCollector(Collector):
             "Prefix cache hits, in terms of number of cached tokens.",
             stats.prefix_cache_hits if stats else 0,
         )
+        for name, documentation in (
+            ("spec_decode_num_drafts", "Number of spec decoding drafts."),
+            ("spec_decode_num_draft_tokens", "Number of draft tokens."),
+            ("spec_decode_num_accepted_tokens", "Number of accepted tokens."),
+        ):
+            yield self._counter(f"vllm:{name}", documentation, getattr(stats, name) if stats else 0)
+        per_pos = CounterMetricFamily(
+            "vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft position.",
+            labels=["model_name", "position"],
+        )
+        for position, count in enumerate(stats.spec_decode_num_accepted_tokens_per_pos if stats else []):
+            per_pos.add_metric([self.model_name, str(position)], count)
+        yield per_pos
 
     def _gauge(self, name: str, documentation: str, value: float) -> GaugeMetricFamily:
         family = GaugeMetricFamily(name, documentation, labels=["model_name"])

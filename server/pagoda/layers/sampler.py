@@ -91,13 +91,8 @@ class Sampler:
         greedy_tokens = logits.argmax(dim=-1) if any(greedy) else None
         # greedy rows ride along with neutral settings; their draw is replaced by the argmax below
         params = [_NEUTRAL if seq.params.greedy else seq.params for seq in seqs]
-        if any(p.temperature != 1.0 for p in params):
-            logits = logits / _column([p.temperature for p in params], logits)
-        logits = apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
-        if any(p.min_p > 0.0 for p in params):
-            logits = apply_min_p(logits, _column([p.min_p for p in params], logits))
         generators = [None if seq.params.greedy else seq.generator for seq in seqs]
-        token_ids = exponential_race(logits.softmax(dim=-1), generators)
+        token_ids = exponential_race(warped_probs(logits, params), generators)
         if greedy_tokens is not None:
             token_ids = torch.where(torch.tensor(greedy, device=logits.device), greedy_tokens, token_ids)
         return token_ids
@@ -292,6 +287,17 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(dim=-1)
     threshold = probs.amax(dim=-1, keepdim=True) * min_p
     return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def warped_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each row draws from: temperature, top-k, top-p and min-p, then softmax.
+    (Not for greedy rows: temperature 0.)"""
+    if any(p.temperature != 1.0 for p in params):
+        logits = logits / _column([p.temperature for p in params], logits)
+    logits = apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
+    if any(p.min_p > 0.0 for p in params):
+        logits = apply_min_p(logits, _column([p.min_p for p in params], logits))
+    return logits.softmax(dim=-1)
 
 
 def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
