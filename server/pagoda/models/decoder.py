@@ -10,7 +10,7 @@ the layers cut their slices out of the checkpoint tensors as they load.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -234,7 +234,8 @@ class DecoderForCausalLM(nn.Module):
                 if target not in params:
                     raise KeyError(f"checkpoint tensor {name!r} matches no parameter of this model")
                 param = params[target]
-                getattr(param, "weight_loader", default_weight_loader)(param, part, shard)
+                weight_loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
+                weight_loader(param, part, shard)
                 loaded.setdefault(target, set()).add(shard)
         incomplete = [
             name for name, param in params.items() if not _fully_loaded(param, loaded.get(name, set()))

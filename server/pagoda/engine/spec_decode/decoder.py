@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from pagoda.engine.scheduler import ScheduledSequence
 from pagoda.engine.sequence import Sequence
@@ -62,7 +62,7 @@ class SpecDecoder:
             seq.draft_length.update(num_proposed, num_accepted)
         self._maybe_log()
 
-    def stats(self) -> dict[str, int | list[int]]:
+    def stats(self) -> dict[str, Any]:
         """The EngineStats fields of speculative decoding."""
         return {
             "spec_decode_num_drafts": self.num_drafts,
