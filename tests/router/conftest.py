@@ -130,9 +130,9 @@ def start_router(tmp_path: Path) -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def engines(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LiveServer]]:
-    """Four engines started together: a and b live all session; c is killed and d drained by tests."""
+    """Three engines started together: a lives all session, b is drained and c killed by the last tests."""
     log_dir = tmp_path_factory.mktemp("engines")
-    live = {name: launch_engine(log_dir, tiny_model) for name in "abcd"}
+    live = {name: launch_engine(log_dir, tiny_model) for name in "abc"}
     try:
         for server in live.values():
             wait_ready(server)

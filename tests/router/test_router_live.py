@@ -16,11 +16,12 @@ from conftest import MODEL_NAME, LiveServer, free_port
 GREEDY = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 24, "extra_body": {"ignore_eos": True}}
 
 
-def served_by(engines: dict[str, LiveServer], call: Callable[[], object]) -> list[str]:
-    """Run `call` and name the engines whose finished-request counters moved (the engines' own word)."""
+def served_by(engines: dict[str, LiveServer], call: Callable[[], object]) -> dict[str, float]:
+    """Run `call`; how many requests each engine finished meanwhile (the engines' own word)."""
     before = {n: e.metric("vllm:request_success_total") for n, e in engines.items()}
     call()
-    return [n for n, e in engines.items() if e.metric("vllm:request_success_total") > before[n]]
+    after = {n: e.metric("vllm:request_success_total") - before[n] for n, e in engines.items()}
+    return {n: count for n, count in after.items() if count}
 
 
 def test_responses_and_streams_pass_through_unchanged(engines: dict[str, LiveServer], start_router) -> None:
@@ -81,11 +82,16 @@ def test_prefix_routing_keeps_each_conversation_on_one_engine(
             {"role": "user", "content": f"and turn {len(messages)}?"},
         ]
 
-    homes: list[set[str]] = []
+    def converse(opening: str) -> None:
+        messages = [{"role": "user", "content": opening}]
+        for _ in range(3):
+            ask(messages)
+
+    homes: list[dict[str, float]] = []
     for conversation in range(12 if policy == "prefix" else 3):
         opening = f"conversation {conversation}: hello there, how are you doing today, my friend?"
-        messages = [{"role": "user", "content": opening}]
-        homes.append({n for _ in range(3) for n in served_by(pair, lambda m=messages: ask(m))})
+        homes.append(served_by(pair, lambda o=opening: converse(o)))
+    assert all(sum(used.values()) == 3 for used in homes), homes
     if policy == "prefix":
         assert all(len(used) == 1 for used in homes), homes
         assert {n for used in homes for n in used} == {"a", "b"}, "every conversation went to one engine"
@@ -121,7 +127,7 @@ def test_a_backend_killed_mid_run_costs_no_request(engines: dict[str, LiveServer
 def test_a_draining_backend_finishes_its_streams_and_gets_nothing_new(
     engines: dict[str, LiveServer], start_router
 ) -> None:
-    survivor, leaving = engines["b"], engines["d"]
+    survivor, leaving = engines["a"], engines["b"]  # b's last use: this runs after the prefix tests
     router = start_router(survivor.base_url, leaving.base_url, policy="round-robin")
     client = router.client(timeout=60)
 

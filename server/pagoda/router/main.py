@@ -76,6 +76,11 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--host", default="0.0.0.0", help="Address to listen on. Default: %(default)s.")
     server.add_argument("--port", type=int, default=8000, help="Port to listen on. Default: %(default)s.")
     server.add_argument(
+        "--ext-proc-port", type=int, default=None,
+        help="Also serve Envoy's external-processing gRPC protocol on this port as the endpoint picker of a "
+        "Gateway API InferencePool (needs pagoda[gateway]). Default: off.",
+    )
+    server.add_argument(
         "--shutdown-timeout", type=_seconds, default=30.0,
         help="Seconds open requests get to finish after SIGTERM. Default: %(default)s.",
     )
@@ -138,12 +143,20 @@ async def serve(args: argparse.Namespace) -> None:
         site = web.TCPSite(runner, args.host, args.port, backlog=1024, shutdown_timeout=args.shutdown_timeout)
         await site.start()
         log.info("router on http://%s:%d, policy %s", args.host, args.port, args.policy)
+        picker = None
+        if args.ext_proc_port is not None:
+            from pagoda.router.extproc import start_ext_proc
+
+            picker = await start_ext_proc(router, args.host, args.ext_proc_port)
+            log.info("endpoint picker (Envoy ext-proc) on %s:%d", args.host, args.ext_proc_port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("stopping: open requests get %.0f s", args.shutdown_timeout)
+        if picker is not None:
+            await picker.stop(args.shutdown_timeout)
         await runner.cleanup()  # stops accepting, waits for open requests up to the shutdown timeout
         for task in tasks:
             task.cancel()

@@ -33,7 +33,6 @@ _DROP = frozenset(
         "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
     )
 )
-_PICKER_KEY = web.AppKey("router", "Router")
 
 
 @dataclass
@@ -70,20 +69,25 @@ class Router:
 
     # -- choosing a backend ----------------------------------------------------------------------------
     async def choose(
-        self, body: Mapping[str, object] | None, exclude: set[str]
+        self, body: Mapping[str, object] | None, exclude: set[str], allowed: set[str] | None = None
     ) -> tuple[Backend, str, float]:
-        """A backend for this request and the seconds it was held while none was ready (scale from zero)."""
-        eligible = {u: b for u, b in self.pool.eligible().items() if u not in exclude}
+        """A backend for this request (among `allowed`, if given, and not in `exclude`), and the seconds
+        it was held while none was ready (scale from zero)."""
+        eligible = {u: b for u, b in self.eligible(allowed).items() if u not in exclude}
         held = 0.0
         if not eligible:
             start = time.perf_counter()
-            eligible = await self._hold()
+            eligible = await self._hold(allowed)
             held = time.perf_counter() - start
         decision = self.policy.choose(body, {u: b.load for u, b in eligible.items()})
         return eligible[decision.backend], decision.reason, held
 
-    async def _hold(self) -> dict[str, Backend]:
-        if self.pool.eligible():  # ready ones exist, all already tried: a retry budget matter, not a hold
+    def eligible(self, allowed: set[str] | None) -> dict[str, Backend]:
+        eligible = self.pool.eligible()
+        return eligible if allowed is None else {u: b for u, b in eligible.items() if u in allowed}
+
+    async def _hold(self, allowed: set[str] | None) -> dict[str, Backend]:
+        if self.eligible(allowed):  # ready ones exist, all already tried: a retry budget matter, not a hold
             raise NoBackend("every ready backend failed")
         if len(self._waiting_since) >= self.settings.max_pending:
             self.metrics.rejected.labels("queue-full").inc()
@@ -94,7 +98,7 @@ class Router:
         self.metrics.pending.inc()
         try:
             deadline = start + self.settings.hold_timeout
-            while not self.pool.eligible():
+            while not self.eligible(allowed):
                 self._export_oldest()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -102,7 +106,7 @@ class Router:
                     raise NoBackend(f"no ready backend within {self.settings.hold_timeout:g} s")
                 await self.pool.wait_for_change(min(remaining, 1.0))
             # after a wait, a backend that failed earlier may be back: try it again
-            return self.pool.eligible()
+            return self.eligible(allowed)
         finally:
             del self._waiting_since[id(token)]
             self.metrics.pending.dec()
@@ -117,7 +121,7 @@ class Router:
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         arrival = time.perf_counter()
         payload = await request.read()
-        body = _parse(payload) if request.method == "POST" else None
+        body = parse_body(payload) if request.method == "POST" else None
         headers = _forward_headers(request.headers)
         tried: set[str] = set()
         for attempt in range(self.settings.max_retries + 1):
@@ -182,7 +186,7 @@ class Router:
             upstream.release()
 
 
-def _parse(payload: bytes) -> Mapping[str, object] | None:
+def parse_body(payload: bytes) -> Mapping[str, object] | None:
     try:
         body = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
@@ -192,7 +196,6 @@ def _parse(payload: bytes) -> Mapping[str, object] | None:
 
 def build_app(router: Router, holding: bool) -> web.Application:
     app = web.Application(client_max_size=64 * 2**20)
-    app[_PICKER_KEY] = router
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
