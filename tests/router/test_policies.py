@@ -111,3 +111,11 @@ def test_baselines() -> None:
     loads = {BACKENDS[0]: 2.0, BACKENDS[1]: 0.0, BACKENDS[2]: 5.0, BACKENDS[3]: 0.0}
     least = LeastLoad()
     assert {least.choose(None, loads).backend for _ in range(4)} == {BACKENDS[1], BACKENDS[3]}
+
+
+def test_the_cli_needs_backends_or_discovery(capsys) -> None:  # type: ignore[no-untyped-def]
+    from pagoda.cli import main
+
+    assert main(["router"]) == 2
+    assert "--backend URL or --discovery-service" in capsys.readouterr().out
+    assert main(["router", "--backend", "http://x:1", "--load-factor", "0.5"]) == 2

@@ -97,6 +97,7 @@ class BackendPool:
 
     # -- what the proxy reports ------------------------------------------------------------------------
     def eject(self, backend: Backend) -> None:
+        """Out after a refused connection (seen by the proxy or by a poll) until /ready answers 200."""
         if not backend.ejected:
             self.metrics.ejections.labels(backend.url).inc()
             log.warning("backend %s ejected (connection failed); rechecking", backend.url)
@@ -127,6 +128,9 @@ class BackendPool:
             if ready and time.monotonic() - backend.last_scrape >= self.scrape_interval:
                 await self._scrape(backend, timeout)
             self._set_state(backend, ready, False)
+        except aiohttp.ClientConnectorError:  # refused: a backend that was serving died
+            if backend.eligible:
+                self.eject(backend)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             self._set_state(backend, False, backend.ejected)
 

@@ -155,11 +155,16 @@ class Router:
             upstream = await self.pool.session.request(
                 method, url, data=payload or None, headers=headers, allow_redirects=False
             )
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as error:
-            # refused, reset or timed out before any byte of the answer: nothing reached the client yet
-            log.warning("backend %s failed before answering: %r", backend.url, error)
+        except aiohttp.ClientConnectorError as error:  # refused or unreachable: out until /ready answers
+            log.warning("backend %s refused the connection: %r", backend.url, error)
             self.pool.eject(backend)
             self.metrics.retries.labels("connection").inc()
+            return None
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as error:
+            # reset before any byte of the answer (killed, or a keep-alive closed under us): nothing
+            # reached the client yet; the /ready poll decides whether the backend stays in
+            log.warning("backend %s failed before answering: %r", backend.url, error)
+            self.metrics.retries.labels("disconnect").inc()
             return None
         if upstream.status == 503:  # loading or draining: out until its /ready says otherwise
             upstream.release()
@@ -220,7 +225,8 @@ def build_app(router: Router, holding: bool) -> web.Application:
 
 @contextlib.asynccontextmanager
 async def upstream_session() -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+    # idle connections close before uvicorn's 5 s keep-alive does, so a reused one is rarely dead
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
