@@ -15,7 +15,7 @@ import httpx
 import kmock
 import openai
 import pytest
-from conftest import MODEL_NAME, LiveServer, free_port
+from router_testkit import MODEL_NAME, LiveServer, free_port
 
 from pagoda.router.discovery import EndpointSliceWatcher, KubeAPI, slice_backends
 

@@ -8,10 +8,10 @@ import json
 import grpc
 import httpx
 import pytest
-from conftest import MODEL_NAME, LiveServer, free_port
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from router_testkit import MODEL_NAME, LiveServer, free_port
 
 DESTINATION = "x-gateway-destination-endpoint"
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from conftest import MODEL_NAME, LiveServer, free_port
+from router_testkit import MODEL_NAME, LiveServer, free_port
 
 GREEDY = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 24, "extra_body": {"ignore_eos": True}}
 
