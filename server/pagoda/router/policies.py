@@ -163,10 +163,6 @@ class PrefixIndex:
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
-    def forget(self, backend: str) -> None:
-        for block in [b for b, owner in self._entries.items() if owner == backend]:
-            del self._entries[block]
-
 
 @dataclass(frozen=True)
 class Decision:
@@ -175,16 +171,12 @@ class Decision:
 
 
 class Policy:
-    name = "base"
-
     def choose(self, body: Mapping[str, object] | None, loads: Mapping[str, float]) -> Decision:
         raise NotImplementedError
 
 
 class RoundRobin(Policy):
     """What a Kubernetes Service does; the baseline."""
-
-    name = "round-robin"
 
     def __init__(self) -> None:
         self.turn = 0
@@ -195,8 +187,6 @@ class RoundRobin(Policy):
 
 
 class LeastLoad(Policy):
-    name = "least-load"
-
     def __init__(self) -> None:
         self.turn = 0
 
@@ -213,8 +203,6 @@ class PrefixAffinity(Policy):
     the index already maps, so it follows its conversation even after a spill. A request with no prompt
     (/v1/models) goes least-load.
     """
-
-    name = "prefix"
 
     def __init__(self, load_factor: float = 1.25) -> None:
         self.load_factor = load_factor
