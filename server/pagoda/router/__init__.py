@@ -7,4 +7,6 @@ backends.py  the replica set: readiness polls, ejection, cheap rate-limited load
 discovery.py the replica set from the EndpointSlices of the engines' headless Service
 metrics.py   pagoda_router_* Prometheus metrics
 proxy.py     the aiohttp server: streaming passthrough, retries, holding
+extproc.py   gateway mode: the same choices as an Envoy ext-proc endpoint picker (InferencePool)
+main.py      flags and the process
 """
