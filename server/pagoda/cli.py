@@ -177,6 +177,15 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     )
     add_serve_arguments(serve)
     apply_env_defaults(serve, dict(os.environ) if environ is None else environ)
+    from pagoda.router.main import ARGUMENTS_HELP, add_router_arguments  # argparse only, no aiohttp
+
+    router = commands.add_parser(
+        "router",
+        help=ARGUMENTS_HELP,
+        description=f"{ARGUMENTS_HELP} Every flag can also be set with {ENV_PREFIX}<FLAG>.",
+    )
+    add_router_arguments(router)
+    apply_env_defaults(router, dict(os.environ) if environ is None else environ)
     return parser
 
 
@@ -213,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:  # a bad engine option (EngineConfig validates): say it, no traceback
             print(f"pagoda serve: error: {error}", file=sys.stderr)
             return 2
+    if args.command == "router":
+        from pagoda.router.main import run
+
+        return run(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
