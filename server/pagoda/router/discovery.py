@@ -15,6 +15,7 @@ import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -23,7 +24,7 @@ SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
-def slice_backends(endpoint_slice: Mapping[str, object], port_name: str | None = None) -> list[str]:
+def slice_backends(endpoint_slice: Mapping[str, Any], port_name: str | None = None) -> list[str]:
     """http://IP:PORT of each ready endpoint of one EndpointSlice (pure)."""
     ports = endpoint_slice.get("ports") or []
     matching = [p for p in ports if isinstance(p, dict) and port_name in (None, p.get("name"))]
@@ -89,7 +90,7 @@ class EndpointSliceWatcher:
     def params(self) -> dict[str, str]:
         return {"labelSelector": f"{SERVICE_NAME_LABEL}={self.service}"}
 
-    def _mine(self, obj: Mapping[str, object]) -> bool:
+    def _mine(self, obj: Mapping[str, Any]) -> bool:
         # filter here too: the selector is a request the server may not honour (emulators)
         labels = (obj.get("metadata") or {}).get("labels") or {}
         return labels.get(SERVICE_NAME_LABEL) == self.service
@@ -135,7 +136,7 @@ class EndpointSliceWatcher:
                 if line.strip():
                     self._apply(json.loads(line))
 
-    def _apply(self, event: Mapping[str, object]) -> None:
+    def _apply(self, event: Mapping[str, Any]) -> None:
         kind, obj = event.get("type"), event.get("object") or {}
         if kind == "ERROR":  # 410 Gone: our version is too old; relist
             raise RuntimeError(f"watch error: {obj.get('message', obj)}")
