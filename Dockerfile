@@ -56,4 +56,4 @@ RUN pip install --no-cache-dir /app/operator
 USER 10001:10001
 # The Helm chart passes the full command line (`kopf run ... --standalone --all-namespaces`).
 ENTRYPOINT ["kopf", "run"]
-CMD ["--module=pagoda_operator", "--standalone", "--all-namespaces"]
+CMD ["--module=pagoda_operator.handlers", "--standalone", "--all-namespaces"]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -165,4 +167,34 @@ def decide_scale(
         )
     return ScaleDecision(
         current, recommendation, "AtTarget", f"{current} replicas match the load", ScalingWindow()
+    )
+
+
+def scrape_port(pod: Mapping[str, Any], default: int) -> int:
+    """The pod's prometheus.io/port annotation, else `default` (the engine's port)."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    try:
+        return int(annotations.get("prometheus.io/port", default))
+    except ValueError:
+        return default
+
+
+def to_rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def from_rfc3339(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def window_from_status(autoscaler_status: Mapping[str, Any]) -> ScalingWindow:
+    """The stabilization window as the last tick left it in status.autoscaler."""
+    return ScalingWindow(
+        above_since=from_rfc3339(autoscaler_status.get("aboveSince")),
+        below_since=from_rfc3339(autoscaler_status.get("belowSince")),
+        window_peak=autoscaler_status.get("windowPeak"),
     )

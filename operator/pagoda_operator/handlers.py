@@ -1,7 +1,8 @@
 """kopf handlers: thin wrappers that hand the object to the Reconciler.
 
-Importing `pagoda_operator` registers them, so `kopf run -m pagoda_operator --all-namespaces --standalone`
-runs the operator. Intervals come from the environment (the chart sets them; tests shorten them).
+Importing this module (and only this one) registers them: `kopf run -m pagoda_operator.handlers
+--all-namespaces --standalone` runs the operator. kopf fixes a timer's interval when the decorator runs,
+so the intervals are read from the environment here, at import (the chart sets them; tests shorten them).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import kopf
 
 from pagoda_operator import kube, labels
 from pagoda_operator.reconcile import DEFAULT_METRICS_PORT, Reconciler
-from pagoda_operator.spec import GROUP, PLURAL, VERSION
+from pagoda_operator.spec import GROUP, PLURAL, VERSION, InvalidSpecError, parse_spec
 
 LLMD = (GROUP, VERSION, PLURAL)
 RECONCILE_INTERVAL_SECONDS = float(os.environ.get("PAGODA_RECONCILE_INTERVAL_SECONDS", "30"))
@@ -100,8 +101,11 @@ async def pod_changed(meta: kopf.Meta, namespace: str, **_: Any) -> None:
 
 
 def uses_builtin_autoscaler(spec: kopf.Spec, **_: Any) -> bool:
-    autoscaling = spec.get("autoscaling") or {}
-    return bool(autoscaling.get("enabled")) and autoscaling.get("mode", "builtin") == "builtin"
+    """The spec's own test, so the timer and the tick never disagree; an invalid spec scales nothing."""
+    try:
+        return parse_spec(spec).builtin_autoscaling_enabled
+    except InvalidSpecError:
+        return False
 
 
 @kopf.timer(*LLMD, interval=AUTOSCALE_INTERVAL_SECONDS, when=uses_builtin_autoscaler)

@@ -11,24 +11,26 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import kopf
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from pagoda_operator import autoscaler, builders, kube, labels
-from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_quantity, parse_spec
+from pagoda_operator.autoscaler import scrape_port, to_rfc3339, window_from_status
+from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_spec
 from pagoda_operator.status import (
     Condition,
     base_status,
+    contains,
     find_condition,
     merge_conditions,
     pod_failures,
     readiness_conditions,
+    scaling_condition,
     utc_now,
 )
-from pagoda_operator.warmpool import plan_pod_roles, summarize_pool
+from pagoda_operator.warmpool import plan_pod_roles, serving_ready_pods, summarize_pool
 
 RETRY_DELAY_SECONDS = 30
 # The scrape port when a pod has no prometheus.io/port annotation (the engine's port).
@@ -102,7 +104,7 @@ class Reconciler:
             if not spec.builtin_autoscaling_enabled:
                 return
             pods = await self.client.list(kube.PODS, namespace, labels.selector_labels(name))
-            serving = [p for p in pods if is_serving_and_ready(p)]
+            serving = serving_ready_pods(pods)
             targets = [(p["status"]["podIP"], scrape_port(p, metrics_port)) for p in serving]
             loads = await autoscaler.scrape_pods(targets)
             policy = spec.autoscaling
@@ -307,99 +309,3 @@ def api_error_message(err: ApiException) -> str:
         return str(json.loads(err.body).get("message") or err.body)
     except (TypeError, ValueError, AttributeError):
         return str(err.body)
-
-
-def scaling_condition(spec: LLMDeploymentSpec, existing: Sequence[Mapping[str, Any]]) -> Condition:
-    autoscaling = spec.autoscaling
-    if not autoscaling.enabled:
-        return Condition("ScalingActive", False, "AutoscalingDisabled", "spec.replicas is set by hand")
-    if autoscaling.mode == "hpa":
-        return Condition(
-            "ScalingActive",
-            True,
-            "HorizontalPodAutoscaler",
-            "an HPA scales on vllm_num_requests_waiting and vllm_kv_cache_usage_perc",
-        )
-    current = find_condition(existing, "ScalingActive")
-    if current is not None and current.get("reason") not in (
-        "AutoscalingDisabled",
-        "HorizontalPodAutoscaler",
-    ):
-        # The builtin autoscaler's own tick owns this condition.
-        return Condition(
-            "ScalingActive",
-            current.get("status") == "True",
-            current.get("reason", ""),
-            current.get("message", ""),
-        )
-    return Condition(
-        "ScalingActive", True, "BuiltinAutoscaler", "the operator scrapes the serving pods' /metrics"
-    )
-
-
-def contains(live: Any, desired: Any) -> bool:
-    """Whether `live` holds everything `desired` says; the server's defaults may add more."""
-    if isinstance(desired, Mapping):
-        return isinstance(live, Mapping) and all(
-            k in live and contains(live[k], v) for k, v in desired.items()
-        )
-    if isinstance(desired, list):
-        return (
-            isinstance(live, list)
-            and len(live) == len(desired)
-            and all(contains(a, b) for a, b in zip(live, desired))
-        )
-    return bool(live == desired) or same_quantity(live, desired)
-
-
-def same_quantity(live: Any, desired: Any) -> bool:
-    """The API server rewrites quantities canonically (2 -> "2", "0.5" -> "500m", "1.5Gi" -> "1536Mi")."""
-    if isinstance(live, bool) or isinstance(desired, bool) or not isinstance(live, (int, str)):
-        return False
-    if not isinstance(desired, (int, str)):
-        return False
-    try:
-        return parse_quantity(live) == parse_quantity(desired)
-    except InvalidSpecError:
-        return False
-
-
-def is_serving_and_ready(pod: Mapping[str, Any]) -> bool:
-    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-    ready = any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
-    )
-    return (
-        (meta.get("labels") or {}).get(labels.SERVING) == "true"
-        and ready
-        and not meta.get("deletionTimestamp")
-        and bool(status.get("podIP"))
-    )
-
-
-def scrape_port(pod: Mapping[str, Any], default: int) -> int:
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    try:
-        return int(annotations.get("prometheus.io/port", default))
-    except ValueError:
-        return default
-
-
-def to_rfc3339(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def from_rfc3339(value: str | None) -> float | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-
-
-def window_from_status(autoscaler_status: Mapping[str, Any]) -> autoscaler.ScalingWindow:
-    return autoscaler.ScalingWindow(
-        above_since=from_rfc3339(autoscaler_status.get("aboveSince")),
-        below_since=from_rfc3339(autoscaler_status.get("belowSince")),
-        window_peak=autoscaler_status.get("windowPeak"),
-    )

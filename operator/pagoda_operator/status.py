@@ -9,6 +9,7 @@ from typing import Any
 
 from pagoda_operator import labels
 from pagoda_operator.builders import endpoint_url
+from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_quantity
 from pagoda_operator.warmpool import PoolSummary
 
 # Container states that will not fix themselves without the user.
@@ -126,3 +127,58 @@ def base_status(
     if generation is not None:
         status["observedGeneration"] = generation
     return status
+
+
+def scaling_condition(spec: LLMDeploymentSpec, existing: Sequence[Mapping[str, Any]]) -> Condition:
+    autoscaling = spec.autoscaling
+    if not autoscaling.enabled:
+        return Condition("ScalingActive", False, "AutoscalingDisabled", "spec.replicas is set by hand")
+    if autoscaling.mode == "hpa":
+        return Condition(
+            "ScalingActive",
+            True,
+            "HorizontalPodAutoscaler",
+            "an HPA scales on vllm_num_requests_waiting and vllm_kv_cache_usage_perc",
+        )
+    current = find_condition(existing, "ScalingActive")
+    if current is not None and current.get("reason") not in (
+        "AutoscalingDisabled",
+        "HorizontalPodAutoscaler",
+    ):
+        # The builtin autoscaler's own tick owns this condition.
+        return Condition(
+            "ScalingActive",
+            current.get("status") == "True",
+            current.get("reason", ""),
+            current.get("message", ""),
+        )
+    return Condition(
+        "ScalingActive", True, "BuiltinAutoscaler", "the operator scrapes the serving pods' /metrics"
+    )
+
+
+def contains(live: Any, desired: Any) -> bool:
+    """Whether `live` holds everything `desired` says; the server's defaults may add more."""
+    if isinstance(desired, Mapping):
+        return isinstance(live, Mapping) and all(
+            k in live and contains(live[k], v) for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(live, list)
+            and len(live) == len(desired)
+            and all(contains(a, b) for a, b in zip(live, desired))
+        )
+    return bool(live == desired) or same_quantity(live, desired)
+
+
+def same_quantity(live: Any, desired: Any) -> bool:
+    """The API server rewrites quantities canonically (2 -> "2", "0.5" -> "500m", "1.5Gi" -> "1536Mi")."""
+    if isinstance(live, bool) or isinstance(desired, bool) or not isinstance(live, (int, str)):
+        return False
+    if not isinstance(desired, (int, str)):
+        return False
+    try:
+        return parse_quantity(live) == parse_quantity(desired)
+    except InvalidSpecError:
+        return False

@@ -17,6 +17,14 @@ from pagoda_operator import labels
 from pagoda_operator.builders import SERVING_DELETION_COST, UNREADY_DELETION_COST, WARM_DELETION_COST
 
 
+def is_ready(pod: Mapping[str, Any]) -> bool:
+    """The one readiness test: running with its Ready condition true (the kubelet's readiness probe)."""
+    status = pod.get("status") or {}
+    return status.get("phase") == "Running" and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    )
+
+
 @dataclass(frozen=True)
 class PodRole:
     """What the planner needs to know of one pod."""
@@ -31,14 +39,9 @@ class PodRole:
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> PodRole:
         meta = pod.get("metadata") or {}
-        status = pod.get("status") or {}
-        conditions = status.get("conditions") or []
-        ready = status.get("phase") == "Running" and any(
-            c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
-        )
         return cls(
             name=meta["name"],
-            ready=ready,
+            ready=is_ready(pod),
             serving=(meta.get("labels") or {}).get(labels.SERVING) == "true",
             terminating=bool(meta.get("deletionTimestamp")),
             created=meta.get("creationTimestamp") or "",
@@ -121,3 +124,15 @@ def summarize_pool(pods: Sequence[Mapping[str, Any]], desired_serving: int) -> P
         warm=ready - ready_serving,
         loading=len(live) - ready,
     )
+
+
+def serving_ready_pods(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The pods behind the Service that answer now: what the autoscaler scrapes."""
+    return [
+        pod
+        for pod in pods
+        if (role := PodRole.from_pod(pod)).serving
+        and role.ready
+        and not role.terminating
+        and (pod.get("status") or {}).get("podIP")
+    ]

@@ -170,7 +170,8 @@ def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 def test_operator_runs_kopf_standalone_over_the_watched_namespaces(tmp_path: Path) -> None:
     cluster_wide = operator_container(render(tmp_path))
     assert cluster_wide["command"] == ["kopf", "run"]
-    assert {"--module=pagoda_operator", "--standalone", "--all-namespaces"} <= set(cluster_wide["args"])
+    wanted = {"--module=pagoda_operator.handlers", "--standalone", "--all-namespaces"}
+    assert wanted <= set(cluster_wide["args"])
 
     namespaced = operator_container(render(tmp_path, ALL_FEATURES))["args"]
     assert "--all-namespaces" not in namespaced

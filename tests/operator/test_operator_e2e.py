@@ -322,7 +322,7 @@ async def test_builtin_autoscaler_scales_on_scraped_metrics(
 
 
 async def test_kopf_run_cli_serves_the_package(kube: kmock.KubernetesEmulator) -> None:
-    """What the chart's container runs: `kopf run -m pagoda_operator --all-namespaces --standalone`."""
+    """What the chart's container runs: `kopf run -m pagoda_operator.handlers --all-namespaces ...`."""
     await create_llmd(kube, "cli", {"model": BUILTIN})
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -330,7 +330,7 @@ async def test_kopf_run_cli_serves_the_package(kube: kmock.KubernetesEmulator) -
         "kopf",
         "run",
         "-m",
-        "pagoda_operator",
+        "pagoda_operator.handlers",
         "--all-namespaces",
         "--standalone",
         stdout=asyncio.subprocess.DEVNULL,
