@@ -19,6 +19,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from pagoda_operator.spec import GROUP, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+# Server-side apply's owner of every field the operator sets on its children. Applying the whole desired
+# manifest under one manager makes the API server drop whatever this manager set before and no longer
+# sets (a merge patch would keep it), while fields other controllers own (an admission webhook's
+# sidecar, a VPA's requests) stay theirs: a full replace would have to copy those back by hand.
+FIELD_MANAGER = "pagoda-operator"
 REQUEST_TIMEOUT_SECONDS = 30
 
 
@@ -118,6 +124,21 @@ class KubeClient:
         """A JSON merge patch: maps merge, lists are replaced whole (a template's containers become ours)."""
         return await self._call(
             "PATCH", resource.path(namespace, name, subresource), body=dict(body), content_type=MERGE_PATCH
+        )
+
+    async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply: create the object, or make the operator's fields exactly `manifest`'s.
+
+        `force` takes over fields another manager last wrote (a hand edit with kubectl): the operator's
+        spec is the source of truth for everything it sets.
+        """
+        meta = manifest["metadata"]
+        return await self._call(
+            "PATCH",
+            resource_of(manifest).path(meta["namespace"], meta["name"]),
+            body=dict(manifest),
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            content_type=APPLY_PATCH,
         )
 
     async def delete(self, resource: Resource, namespace: str, name: str) -> bool:

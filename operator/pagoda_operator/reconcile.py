@@ -202,7 +202,7 @@ class Reconciler:
         kopf.adopt(manifests, owner=body)  # type: ignore[arg-type]
         for manifest in manifests:
             # A claim's spec is immutable once bound (only its size may grow): create it, never patch it.
-            action = await self.apply(manifest, patch_drift=manifest["kind"] != "PersistentVolumeClaim")
+            action = await self.apply(manifest, create_only=manifest["kind"] == "PersistentVolumeClaim")
             if action is not None:
                 announce(
                     body,
@@ -217,26 +217,18 @@ class Reconciler:
                 f"mode is {spec.autoscaling.mode}, enabled={spec.autoscaling.enabled}",
             )
 
-    async def apply(self, manifest: dict[str, Any], patch_drift: bool = True) -> str | None:
-        """Create the object or patch it back to the manifest; returns what it did, None when in sync."""
+    async def apply(self, manifest: dict[str, Any], create_only: bool = False) -> str | None:
+        """Server-side apply the manifest; returns what it did, None when the object was already so."""
         resource = kube.resource_of(manifest)
         meta = manifest["metadata"]
         live = await self.client.get(resource, meta["namespace"], meta["name"])
         if live is None:
-            await self.client.create(manifest)
+            await self.client.apply(manifest)
             return "Created"
-        if not patch_drift or contains(live, manifest):
+        if create_only:
             return None
-        await self.client.patch(
-            resource,
-            meta["namespace"],
-            meta["name"],
-            {
-                "metadata": {"labels": meta.get("labels"), "ownerReferences": meta["ownerReferences"]},
-                "spec": manifest["spec"],
-            },
-        )
-        return "Updated"
+        applied = await self.client.apply(manifest)
+        return "Updated" if without_bookkeeping(applied) != without_bookkeeping(live) else None
 
     async def delete_owned(self, resource: kube.Resource, body: Mapping[str, Any]) -> bool:
         """Delete a child only if this LLMDeployment owns it (never a user's object with the same name)."""
@@ -309,3 +301,13 @@ def api_error_message(err: ApiException) -> str:
         return str(json.loads(err.body).get("message") or err.body)
     except (TypeError, ValueError, AttributeError):
         return str(err.body)
+
+
+def without_bookkeeping(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The object minus what moves without the operator (status) and on every write (resourceVersion)."""
+    meta = {
+        k: v
+        for k, v in (obj.get("metadata") or {}).items()
+        if k not in ("resourceVersion", "managedFields", "generation")
+    }
+    return {**{k: v for k, v in obj.items() if k != "status"}, "metadata": meta}

@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -23,9 +24,16 @@ os.environ.setdefault("PAGODA_AUTOSCALE_INTERVAL_SECONDS", "0.5")
 
 import kmock  # noqa: E402
 import kopf  # noqa: E402
+from applying_emulator import ApplyingEmulator  # noqa: E402
 from llmd_testkit import LLMD_RESOURCE, NAMESPACE, load_crd  # noqa: E402
 
 import pagoda_operator.handlers  # noqa: E402  (registers the handlers)
+
+
+@pytest.fixture()
+def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
+    """kmock's emulator, plus server-side apply (which the operator applies its children with)."""
+    return {**kmock_options, "cls": ApplyingEmulator}
 
 
 @pytest_asyncio.fixture()
