@@ -18,8 +18,6 @@ PVC_SOURCE_MOUNT = f"{CACHE_ROOT}/pvc"
 DEFAULT_ENGINE_IMAGE = "ghcr.io/pagoda-dev/pagoda-server:0.1.0"
 RUN_AS_USER = 10001  # the engine image's `pagoda` user (Dockerfile)
 
-# Loading and warming a large model (download, weights, CUDA graphs) can take hours, not minutes.
-STARTUP_BUDGET_SECONDS = 6 * 3600
 STARTUP_PROBE_PERIOD_SECONDS = 10
 # Long enough for every kube-proxy / ingress to drop the pod from its endpoints before SIGTERM.
 PRESTOP_SLEEP_SECONDS = 10
@@ -165,8 +163,12 @@ def engine_container(
         "env": engine_env(spec),
         "resources": spec.resources,
         # Ready only once the model is loaded and warmed up; the startup budget is hours.
+        # The weights are on disk by now (the init container fetched them): this budget is for loading.
         "startupProbe": http_probe(
-            "/ready", STARTUP_PROBE_PERIOD_SECONDS, 5, STARTUP_BUDGET_SECONDS // STARTUP_PROBE_PERIOD_SECONDS
+            "/ready",
+            STARTUP_PROBE_PERIOD_SECONDS,
+            5,
+            -(-spec.engine.startup_timeout_seconds // STARTUP_PROBE_PERIOD_SECONDS),
         ),
         "readinessProbe": http_probe("/ready", 5, 5, 3),
         "livenessProbe": http_probe("/health", 15, 10, 4),
@@ -176,8 +178,27 @@ def engine_container(
     }
 
 
+def pod_security_context(run_as_user: int | None) -> dict[str, Any]:
+    """None leaves the UID to the platform (OpenShift assigns one per namespace); the image runs as any."""
+    context: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    if run_as_user is not None:
+        context.update(runAsUser=run_as_user, runAsGroup=run_as_user, fsGroup=run_as_user)
+    return context
+
+
+def rollout_strategy(spec: LLMDeploymentSpec) -> dict[str, Any]:
+    return {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": spec.max_surge, "maxUnavailable": spec.max_unavailable},
+    }
+
+
 def build_deployment(
-    name: str, namespace: str, spec: LLMDeploymentSpec, default_image: str = DEFAULT_ENGINE_IMAGE
+    name: str,
+    namespace: str,
+    spec: LLMDeploymentSpec,
+    default_image: str = DEFAULT_ENGINE_IMAGE,
+    run_as_user: int | None = RUN_AS_USER,
 ) -> dict[str, Any]:
     """Engine pods: the serving replicas plus the warm pool, all starting outside the Service."""
     image = spec.engine.image or default_image
@@ -186,13 +207,7 @@ def build_deployment(
         "automountServiceAccountToken": False,  # the engine never talks to the API server
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": termination_grace_seconds(spec),
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(run_as_user),
         "containers": [engine_container(name, spec, image, mounts)],
         "volumes": volumes,
     }
@@ -213,9 +228,8 @@ def build_deployment(
         "spec": {
             "replicas": spec.replicas + spec.warm_pool_size,
             "selector": {"matchLabels": labels.selector_labels(name)},
-            # A rollout starts a new pod before it stops an old one: capacity never drops.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "progressDeadlineSeconds": STARTUP_BUDGET_SECONDS + 600,
+            "strategy": rollout_strategy(spec),
+            "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
             "revisionHistoryLimit": 3,
             "template": {
                 "metadata": {

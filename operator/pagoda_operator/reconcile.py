@@ -25,7 +25,7 @@ from pagoda_operator.status import (
     contains,
     find_condition,
     merge_conditions,
-    pod_failures,
+    problems_of,
     readiness_conditions,
     scaling_condition,
     utc_now,
@@ -33,12 +33,21 @@ from pagoda_operator.status import (
 from pagoda_operator.warmpool import plan_pod_roles, serving_ready_pods, summarize_pool
 
 RETRY_DELAY_SECONDS = 30
+# A claim may wait for its first pod (WaitForFirstConsumer) or a slow provisioner: unbound after this
+# long, it is reported as Degraded.
+CLAIM_BIND_GRACE_SECONDS = 120
 # The scrape port when a pod has no prometheus.io/port annotation (the engine's port).
 DEFAULT_METRICS_PORT = 8000
 
 
 def engine_image() -> str:
     return os.environ.get("PAGODA_ENGINE_IMAGE") or builders.DEFAULT_ENGINE_IMAGE
+
+
+def engine_run_as_user() -> int | None:
+    """The chart's engineSecurity.runAsUser; "" leaves the UID to the platform (OpenShift)."""
+    value = os.environ.get("PAGODA_ENGINE_RUN_AS_USER", str(builders.RUN_AS_USER)).strip()
+    return int(value) if value else None
 
 
 class Reconciler:
@@ -191,7 +200,7 @@ class Reconciler:
     async def apply_children(self, body: Mapping[str, Any], spec: LLMDeploymentSpec) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         manifests = [
-            builders.build_deployment(name, namespace, spec, engine_image()),
+            builders.build_deployment(name, namespace, spec, engine_image(), engine_run_as_user()),
             builders.build_service(name, namespace),
             builders.build_pdb(name, namespace),
         ]
@@ -246,9 +255,14 @@ class Reconciler:
         generation = body["metadata"].get("generation")
         pool = summarize_pool(pods, spec.replicas)
         existing = (body.get("status") or {}).get("conditions") or []
-        updates = readiness_conditions(
-            spec.replicas, pool, spec.replicas + spec.warm_pool_size, pod_failures(pods)
+        deployment = await self.client.get(kube.DEPLOYMENTS, namespace, name)
+        claim = (
+            await self.client.get(kube.PVCS, namespace, builders.cache_claim_name(name))
+            if spec.cache.enabled
+            else None
         )
+        problems = problems_of(pods, deployment, claim, time.time(), CLAIM_BIND_GRACE_SECONDS)
+        updates = readiness_conditions(spec.replicas, pool, spec.replicas + spec.warm_pool_size, problems)
         updates.append(scaling_condition(spec, existing))
         status = base_status(name, namespace, generation, spec.replicas, pool)
         status["conditions"] = merge_conditions(existing, updates, utc_now(), generation)

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pagoda_operator import labels
+from pagoda_operator.autoscaler import from_rfc3339
 from pagoda_operator.builders import endpoint_url
 from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_quantity
 from pagoda_operator.warmpool import PoolSummary
@@ -65,6 +66,14 @@ def find_condition(conditions: Sequence[Mapping[str, Any]], type_: str) -> Mappi
     return next((c for c in conditions if c.get("type") == type_), None)
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Something that will not fix itself, for the Degraded condition (reason: CamelCase, for machines)."""
+
+    reason: str
+    message: str
+
+
 def pod_failures(pods: Sequence[Mapping[str, Any]]) -> list[str]:
     """'pod/container: Reason: message' for every container stuck in a state it will not leave alone."""
     failures = []
@@ -82,8 +91,57 @@ def pod_failures(pods: Sequence[Mapping[str, Any]]) -> list[str]:
     return failures
 
 
+def unschedulable_pods(pods: Sequence[Mapping[str, Any]]) -> list[str]:
+    """'pod: the scheduler's message' for pods no node can take (no free GPU, an unbound claim, taints)."""
+    found = []
+    for pod in pods:
+        for condition in (pod.get("status") or {}).get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("reason") == "Unschedulable":
+                found.append(f"{pod['metadata']['name']}: {condition.get('message', 'Unschedulable')}")
+    return found
+
+
+def rollout_problem(deployment: Mapping[str, Any] | None) -> Problem | None:
+    """The Deployment's own verdict on a rollout that stopped moving (progressDeadlineSeconds passed)."""
+    conditions = ((deployment or {}).get("status") or {}).get("conditions") or []
+    progressing = find_condition(conditions, "Progressing")
+    if progressing is not None and progressing.get("reason") == "ProgressDeadlineExceeded":
+        return Problem("ProgressDeadlineExceeded", str(progressing.get("message") or "the rollout stalled"))
+    return None
+
+
+def claim_problem(claim: Mapping[str, Any] | None, now: float, grace_seconds: float) -> Problem | None:
+    """A cache claim still unbound after `grace_seconds`: no storage class provisions it as asked."""
+    if claim is None or ((claim.get("status") or {}).get("phase") or "Pending") != "Pending":
+        return None
+    created = from_rfc3339((claim.get("metadata") or {}).get("creationTimestamp"))
+    if created is None or now - created < grace_seconds:
+        return None
+    spec = claim.get("spec") or {}
+    return Problem(
+        "CacheClaimUnbound",
+        f"PersistentVolumeClaim {claim['metadata']['name']} is not bound after {int(now - created)} s: no "
+        f"volume or storage class ({spec.get('storageClassName') or 'the default class'}) provides "
+        f"{', '.join(spec.get('accessModes') or [])}; set spec.cache.storageClassName or accessMode",
+    )
+
+
+def problems_of(
+    pods: Sequence[Mapping[str, Any]],
+    deployment: Mapping[str, Any] | None,
+    claim: Mapping[str, Any] | None,
+    now: float,
+    claim_grace_seconds: float,
+) -> list[Problem]:
+    problems = [Problem("PodsFailing", "; ".join(f[:3])) for f in [pod_failures(pods)] if f]
+    problems += [Problem("PodsUnschedulable", "; ".join(u[:3])) for u in [unschedulable_pods(pods)] if u]
+    return problems + [
+        p for p in (rollout_problem(deployment), claim_problem(claim, now, claim_grace_seconds)) if p
+    ]
+
+
 def readiness_conditions(
-    desired: int, pool: PoolSummary, desired_pods: int, failures: Sequence[str]
+    desired: int, pool: PoolSummary, desired_pods: int, problems: Sequence[Problem]
 ) -> list[Condition]:
     if pool.ready_serving >= desired:
         ready = Condition(
@@ -97,7 +155,10 @@ def readiness_conditions(
             f"{pool.ready_serving}/{desired} serving replicas ready, {pool.loading} pod(s) loading",
         )
     starting = desired_pods - pool.loading - pool.ready_serving - pool.warm
-    if pool.loading or starting > 0:
+    if problems:
+        # Stalled, not progressing: waiting will not help until someone acts on Degraded's message.
+        progressing = Condition("Progressing", False, problems[0].reason, "stalled: see Degraded")
+    elif pool.loading or starting > 0:
         progressing = Condition(
             "Progressing",
             True,
@@ -106,8 +167,10 @@ def readiness_conditions(
         )
     else:
         progressing = Condition("Progressing", False, "Stable", "every pod is loaded and ready")
-    if failures:
-        degraded = Condition("Degraded", True, "PodsFailing", "; ".join(failures[:3]))
+    if problems:
+        degraded = Condition(
+            "Degraded", True, problems[0].reason, "; ".join(f"{p.reason}: {p.message}" for p in problems)
+        )
     else:
         degraded = Condition("Degraded", False, "AsExpected", "")
     return [ready, progressing, degraded]

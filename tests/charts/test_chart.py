@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "pagoda"
 CRD_FILE = "llmdeployments.pagoda.dev.yaml"
 KUBERNETES_VERSION = "1.37"
+# The chart's kubeVersion floor (preStop sleep is on from 1.30), a mid version, and the newest schemas.
+SUPPORTED_VERSIONS = ("1.30", "1.33", KUBERNETES_VERSION)
 RELEASE_NAMESPACE = "pagoda-system"
 
 ALL_FEATURES = {
@@ -113,7 +115,10 @@ def test_chart_crd_is_the_repository_crd() -> None:
         f"the chart's CRD differs from crds/: run `cp crds/{CRD_FILE} charts/pagoda/crds/{CRD_FILE}`")
 
 
-def test_every_object_validates_against_kubernetes_schemas(rendered: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_every_object_validates_against_kubernetes_schemas(
+    rendered: list[dict[str, Any]], version: str
+) -> None:
     kinds = set()
     for obj in rendered:
         kinds.add(obj["kind"])
@@ -121,10 +126,10 @@ def test_every_object_validates_against_kubernetes_schemas(rendered: list[dict[s
             check_pod_monitor(obj)
             continue
         try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+            kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as err:
             where = ".".join(map(str, err.path))
-            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {where}: {err.message}")
+            pytest.fail(f"{version}: {obj['kind']}/{obj['metadata']['name']}: {where}: {err.message}")
     assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
 
 
@@ -192,6 +197,31 @@ def test_operator_pod_is_locked_down(tmp_path: Path) -> None:
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
 
 
+@pytest.mark.parametrize(("version", "installs"), [("1.29.10", False), ("1.30.0", True), ("1.33.1", True)])
+def test_chart_requires_kubernetes_1_30(version: str, installs: bool, tmp_path: Path) -> None:
+    """The engine pods' preStop `sleep` action is alpha and off in 1.29: helm refuses such a cluster."""
+    result = helm("template", "pagoda", str(CHART), "--kube-version", version, check=False)
+    assert (result.returncode == 0) is installs, result.stderr
+    if not installs:
+        assert "kubeVersion" in result.stderr or "incompatible" in result.stderr
+
+
+def test_engine_uid_can_be_left_to_the_platform(tmp_path: Path) -> None:
+    """OpenShift assigns a UID per namespace: the operator pod and the engine pods can run as any."""
+    env = {e["name"]: e.get("value") for e in operator_container(render(tmp_path))["env"]}
+    assert env["PAGODA_ENGINE_RUN_AS_USER"] == "10001"
+    values = {
+        "engineSecurity": {"runAsUser": ""},
+        "podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},
+    }
+    objects = render(tmp_path, values)
+    env = {e["name"]: e.get("value") for e in operator_container(objects)["env"]}
+    assert env["PAGODA_ENGINE_RUN_AS_USER"] == ""
+    (deployment,) = by_kind(objects, "Deployment")
+    context = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert context["runAsNonRoot"] is True and not {"runAsUser", "runAsGroup", "fsGroup"} & set(context)
+
+
 # ------------------------------------------------------------------------------------------------ RBAC
 
 
@@ -211,7 +241,9 @@ REQUIRED_NAMESPACED = {
     (g, r, v) for g, r in [("apps", "deployments"), ("", "services"), ("", "persistentvolumeclaims"),
                            ("autoscaling", "horizontalpodautoscalers"), ("policy", "poddisruptionbudgets")]
     for v in ("get", "list", "watch", "create", "patch", "delete")} | {
-    ("", "pods", v) for v in ("list", "watch", "patch")} | {("", "events", "create")}
+    ("", "pods", v) for v in ("list", "watch", "patch")} | {("", "events", "create")} | {
+    # blockOwnerDeletion on the children needs it where owner-reference permissions are enforced.
+    ("pagoda.dev", "llmdeployments/finalizers", "update")}
 REQUIRED_CLUSTER = {("", "namespaces", "list"), ("", "namespaces", "watch"),
                     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
                     ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}

@@ -10,13 +10,26 @@ from typing import Any
 
 import kmock
 import pytest
-from llmd_testkit import NAMESPACE, api_call, api_path, create_llmd, obj, posted_events, wait_for
+from llmd_testkit import (
+    NAMESPACE,
+    api_call,
+    api_path,
+    condition,
+    create_llmd,
+    fake_pod,
+    obj,
+    pod_status,
+    posted_events,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 DEPLOYMENTS = "apps/v1/deployments"
 SERVICES = "v1/services"
 PDBS = "policy/v1/poddisruptionbudgets"
+PVCS = "v1/persistentvolumeclaims"
+BUILTIN = {"source": "builtin://smollm2-135m-instruct"}
 
 FULL = {
     "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct", "revision": "main"},
@@ -80,3 +93,67 @@ async def test_removed_fields_leave_every_child(operator: Any) -> None:
         ]
         assert stored["spec"] == applied["spec"], resource
         assert stored["metadata"]["labels"] == applied["metadata"]["labels"], resource
+
+
+def degraded(kube: kmock.KubernetesEmulator, name: str) -> dict[str, Any]:
+    found = condition(kube, name, "Degraded")
+    return found if found.get("status") == "True" else {}
+
+
+async def test_a_pending_pod_with_no_gpu_is_reported_not_progressing_forever(operator: Any) -> None:
+    kube = operator
+    await create_llmd(kube, "full", {"model": BUILTIN, "replicas": 1})
+    await wait_for(lambda: obj(kube, DEPLOYMENTS, "full"))
+    pod = fake_pod("full", "full-pod-0", ready=False, created="2026-01-01T00:00:00Z")
+    message = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    pod["status"] = {
+        "phase": "Pending",
+        "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+        ],
+    }
+    await api_call(kube, "POST", api_path("pods"), pod)
+    found = await wait_for(lambda: degraded(kube, "full"))
+    assert found["reason"] == "PodsUnschedulable" and message in found["message"]
+    assert condition(kube, "full", "Progressing")["status"] == "False"
+
+    # The pod gets a node and turns ready: the problem clears.
+    await api_call(kube, "PATCH", api_path("pods", "full-pod-0"), {"status": pod_status(ready=True)})
+    await wait_for(lambda: condition(kube, "full", "Degraded").get("status") == "False")
+    await wait_for(lambda: condition(kube, "full", "Ready").get("status") == "True")
+
+
+async def test_a_stalled_rollout_is_copied_into_the_status(operator: Any) -> None:
+    kube = operator
+    await create_llmd(kube, "stall", {"model": BUILTIN})
+    await wait_for(lambda: obj(kube, DEPLOYMENTS, "stall"))
+    # What the Deployment controller writes once progressDeadlineSeconds passes without progress.
+    stalled = {
+        "type": "Progressing",
+        "status": "False",
+        "reason": "ProgressDeadlineExceeded",
+        "message": 'ReplicaSet "stall-5d8f" has timed out progressing.',
+    }
+    await api_call(
+        kube, "PATCH", api_path("deployments", "stall", "status"), {"status": {"conditions": [stalled]}}
+    )
+    found = await wait_for(lambda: degraded(kube, "stall"), timeout=15)  # the periodic reconcile sees it
+    assert found["reason"] == "ProgressDeadlineExceeded" and "timed out progressing" in found["message"]
+    assert condition(kube, "stall", "Progressing")["reason"] == "ProgressDeadlineExceeded"
+
+
+async def test_an_unbound_cache_claim_is_reported(operator: Any) -> None:
+    kube = operator
+    spec = {"model": {"source": "hf://org/model"}, "cache": {"enabled": True}}
+    await create_llmd(kube, "nocls", spec)
+    await wait_for(lambda: obj(kube, PVCS, "nocls-model-cache"))
+    assert condition(kube, "nocls", "Degraded").get("status") != "True"  # a fresh claim may still bind
+    # Minutes later the claim is still Pending: no class provisions ReadWriteMany.
+    await api_call(
+        kube,
+        "PATCH",
+        f"/api/v1/namespaces/{NAMESPACE}/persistentvolumeclaims/nocls-model-cache",
+        {"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}, "status": {"phase": "Pending"}},
+    )
+    found = await wait_for(lambda: degraded(kube, "nocls"), timeout=15)
+    assert found["reason"] == "CacheClaimUnbound" and "ReadWriteMany" in found["message"]

@@ -48,6 +48,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 The rights the operator uses in a namespace it watches:
 - llmdeployments: kopf watches them and patches finalizers, its progress annotations and status;
   the builtin autoscaler writes the replica count through the scale subresource.
+- llmdeployments/finalizers: the children's owner references set blockOwnerDeletion, which the
+  OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift) allows only with this right.
 - the children it creates, adopts and removes when the spec stops asking for them.
 - pods: it lists the engine pods, flips pagoda.dev/serving and sets pod-deletion-cost (patch only).
 - events: kopf reports handler progress and errors as events.
@@ -59,6 +61,9 @@ The rights the operator uses in a namespace it watches:
 - apiGroups: [pagoda.dev]
   resources: [llmdeployments/status, llmdeployments/scale]
   verbs: [get, patch, update]
+- apiGroups: [pagoda.dev]
+  resources: [llmdeployments/finalizers]
+  verbs: [update]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch, update, delete]
