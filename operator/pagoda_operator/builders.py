@@ -23,6 +23,13 @@ STARTUP_PROBE_PERIOD_SECONDS = 10
 PRESTOP_SLEEP_SECONDS = 10
 GRACE_MARGIN_SECONDS = 15
 
+# Requests for an engine that names none: without them the scheduler packs pods onto a node that cannot
+# hold them and the kubelet evicts them under pressure first (BestEffort).
+DEFAULT_ENGINE_REQUESTS = {"cpu": "1", "memory": "4Gi"}
+# Scratch space that would otherwise grow on the node's disk without bound.
+TMP_SIZE_LIMIT = "1Gi"
+SHM_SIZE_LIMIT = "8Gi"
+
 # The replica set deletes the lowest cost first: idle warm pods before pods that serve traffic.
 SERVING_DELETION_COST = 1000
 WARM_DELETION_COST = 0
@@ -94,12 +101,17 @@ def volumes_and_mounts(
     name: str, spec: LLMDeploymentSpec
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The root filesystem is read-only: weights go to /models (the cache PVC or scratch), Python to /tmp."""
+    # Without a claim the weights land in scratch space: bounded by cache.size like the claim would be,
+    # so a 70B model cannot fill the node's disk on every pod start unnoticed.
     cache_volume: dict[str, Any] = (
         {"persistentVolumeClaim": {"claimName": cache_claim_name(name)}}
         if spec.cache.enabled
-        else {"emptyDir": {}}
+        else {"emptyDir": {"sizeLimit": spec.cache.size}}
     )
-    volumes = [{"name": "model-cache", **cache_volume}, {"name": "tmp", "emptyDir": {}}]
+    volumes = [
+        {"name": "model-cache", **cache_volume},
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
+    ]
     mounts = [{"name": "model-cache", "mountPath": CACHE_ROOT}, {"name": "tmp", "mountPath": "/tmp"}]
     if spec.model.scheme == "pvc":
         claim = spec.model.source.removeprefix("pvc://").split("/", 1)[0]
@@ -109,9 +121,40 @@ def volumes_and_mounts(
         mounts.append({"name": "model-source", "mountPath": PVC_SOURCE_MOUNT, "readOnly": True})
     if spec.engine.tensor_parallel_size > 1:
         # NCCL and torch.distributed exchange tensors through shared memory; 64 MiB is too small.
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return volumes, mounts
+
+
+def engine_resources(spec: LLMDeploymentSpec) -> dict[str, Any]:
+    """The spec's resources, with default requests for CPU and memory it neither requests nor limits
+    (a limit alone already sets the request)."""
+    resources = {key: dict(value) for key, value in spec.resources.items()}
+    named = set(resources.get("requests") or {}) | set(resources.get("limits") or {})
+    defaults = {k: v for k, v in DEFAULT_ENGINE_REQUESTS.items() if k not in named}
+    if defaults:
+        resources["requests"] = {**defaults, **(resources.get("requests") or {})}
+    return resources
+
+
+def engine_mounts(mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The engine only reads the weights: the cache is writable for the fetcher alone."""
+    return [{**m, "readOnly": True} if m["mountPath"] == CACHE_ROOT else m for m in mounts]
+
+
+def default_topology_spread(name: str) -> list[dict[str, Any]]:
+    """Replicas spread over nodes and zones where the cluster allows it (never blocks scheduling), per
+    revision (pod-template-hash), so a rollout's new pods spread too."""
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": key,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": labels.selector_labels(name)},
+            "matchLabelKeys": ["pod-template-hash"],
+        }
+        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
+    ]
 
 
 def engine_env(spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
@@ -161,7 +204,7 @@ def engine_container(
         "args": engine_args(name, spec),
         "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
         "env": engine_env(spec),
-        "resources": spec.resources,
+        "resources": engine_resources(spec),
         # Ready only once the model is loaded and warmed up; the startup budget is hours.
         # The weights are on disk by now (the init container fetched them): this budget is for loading.
         "startupProbe": http_probe(
@@ -174,7 +217,7 @@ def engine_container(
         "livenessProbe": http_probe("/health", 15, 10, 4),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
         "securityContext": container_security_context(),
-        "volumeMounts": mounts,
+        "volumeMounts": engine_mounts(mounts),
     }
 
 
@@ -221,6 +264,17 @@ def build_deployment(
         pod_spec["affinity"] = spec.affinity
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
+    spread = spec.topology_spread_constraints
+    pod_spec["topologySpreadConstraints"] = (
+        default_topology_spread(name) if spread is None else [dict(c) for c in spread]
+    )
+    if not pod_spec["topologySpreadConstraints"]:  # [] opts out
+        del pod_spec["topologySpreadConstraints"]
+    if spec.runtime_class_name:
+        pod_spec["runtimeClassName"] = spec.runtime_class_name
+    if spec.service_account_name:
+        # Workload identity for s3:// (IRSA, GKE/Azure workload identity) binds to a service account.
+        pod_spec["serviceAccountName"] = spec.service_account_name
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

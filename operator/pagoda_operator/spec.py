@@ -154,6 +154,9 @@ class LLMDeploymentSpec:
     affinity: dict[str, Any] | None = None
     priority_class_name: str | None = None
     rollout: RolloutSpec = field(default_factory=RolloutSpec)
+    topology_spread_constraints: tuple[dict[str, Any], ...] | None = None  # None: the operator's default
+    runtime_class_name: str | None = None
+    service_account_name: str | None = None
 
     @property
     def gpu_count(self) -> int:
@@ -377,6 +380,13 @@ def parse_spec(spec: Mapping[str, Any]) -> LLMDeploymentSpec:
         affinity=spec.get("affinity"),
         priority_class_name=spec.get("priorityClassName"),
         rollout=parse_rollout(_section(spec, "rollout")),
+        topology_spread_constraints=(
+            None
+            if spec.get("topologySpreadConstraints") is None
+            else tuple(dict(c) for c in spec["topologySpreadConstraints"])
+        ),
+        runtime_class_name=spec.get("runtimeClassName"),
+        service_account_name=spec.get("serviceAccountName"),
     )
     check_storage(parsed)
     tp, gpus = parsed.engine.tensor_parallel_size, parsed.gpu_count

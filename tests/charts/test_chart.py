@@ -329,6 +329,15 @@ def test_prometheus_adapter_rules_serve_the_hpa_metrics(tmp_path: Path) -> None:
         assert "<<.GroupBy>>" in rule["metricsQuery"]
         served[rule["name"]["as"]] = rule["name"]["matches"].strip("^$")
     assert served == HPA_METRICS
+    assert config_map["metadata"]["namespace"] == RELEASE_NAMESPACE
+
+
+def test_prometheus_adapter_rules_land_in_the_adapters_namespace(tmp_path: Path) -> None:
+    """prometheus-adapter's `rules.existing` mounts a ConfigMap from its own namespace."""
+    values = {"metrics": {"prometheusAdapter": {"enabled": True, "namespace": "monitoring"}}}
+    objects = render(tmp_path, values)
+    (config_map,) = [o for o in objects if o["metadata"]["name"].endswith("prometheus-adapter")]
+    assert config_map["metadata"]["namespace"] == "monitoring"
 
 
 def test_grafana_dashboard_charts_the_engine_metrics(tmp_path: Path) -> None:

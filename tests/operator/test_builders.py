@@ -182,7 +182,7 @@ def test_pods_run_non_root_on_a_read_only_root_filesystem() -> None:
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/models", "/tmp"}
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}} in pod["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in engine(deployment)["volumeMounts"]
 
 
@@ -363,3 +363,65 @@ def test_engine_pods_leave_the_uid_to_the_platform_when_asked() -> None:
     assert context["runAsNonRoot"] is True
     assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(context)
     kubernetes_validate.validate(deployment, "1.30.0", strict=True)
+
+
+def test_safe_defaults_requests_bounded_scratch_and_a_read_only_cache() -> None:
+    spec = parse_spec({"model": {"source": "hf://org/model"}, "cache": {"size": "80Gi"}})
+    deployment = builders.build_deployment("m", NS, spec)
+    pod = deployment["spec"]["template"]["spec"]
+    container = engine(deployment)
+    assert container["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"}}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model-cache"]["emptyDir"] == {"sizeLimit": "80Gi"}  # no claim: scratch, bounded
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "1Gi"}
+    # The fetcher writes the cache, the engine only reads it.
+    (fetch,) = pod["initContainers"]
+    assert not any(m.get("readOnly") for m in fetch["volumeMounts"] if m["mountPath"] == "/models")
+    (cache_mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/models"]
+    assert cache_mount["readOnly"] is True
+    kubernetes_validate.validate(deployment, "1.30.0", strict=True)
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        ({"limits": {"memory": "2Gi"}}, {"requests": {"cpu": "1"}, "limits": {"memory": "2Gi"}}),
+        ({"requests": {"cpu": "4"}}, {"requests": {"cpu": "4", "memory": "4Gi"}}),
+        (
+            {"requests": {"cpu": "2", "memory": "16Gi"}, "limits": {"nvidia.com/gpu": 1}},
+            {"requests": {"cpu": "2", "memory": "16Gi"}, "limits": {"nvidia.com/gpu": 1}},
+        ),
+    ],
+)
+def test_default_requests_never_override_what_the_spec_names(
+    resources: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    spec = parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"}, "resources": resources})
+    assert engine(builders.build_deployment("m", NS, spec))["resources"] == expected
+
+
+def test_placement_spreads_replicas_and_takes_runtime_class_and_service_account() -> None:
+    base = {"model": {"source": "s3://bucket/model"}, "replicas": 3}
+    pod = builders.build_deployment("m", NS, parse_spec(base))["spec"]["template"]["spec"]
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for constraint in spread.values():
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"  # spreading never blocks a pod
+        assert constraint["labelSelector"]["matchLabels"] == labels.selector_labels("m")
+    custom = [{"maxSkew": 2, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}]
+    spec = parse_spec(
+        {
+            **base,
+            "topologySpreadConstraints": custom,
+            "runtimeClassName": "nvidia",
+            "serviceAccountName": "s3-reader",
+        }
+    )
+    deployment = builders.build_deployment("m", NS, spec)
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["topologySpreadConstraints"] == custom
+    assert pod["runtimeClassName"] == "nvidia" and pod["serviceAccountName"] == "s3-reader"
+    kubernetes_validate.validate(deployment, "1.30.0", strict=True)
+    off = parse_spec({**base, "topologySpreadConstraints": []})
+    off_pod = builders.build_deployment("m", NS, off)["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in off_pod
