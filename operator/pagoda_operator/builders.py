@@ -243,7 +243,7 @@ def build_deployment(
     default_image: str = DEFAULT_ENGINE_IMAGE,
     run_as_user: int | None = RUN_AS_USER,
 ) -> dict[str, Any]:
-    """Engine pods: the serving replicas plus the warm pool, all starting outside the Service."""
+    """Engine pods: the serving replicas plus the warm pool, each joining the Service once ready."""
     image = spec.engine.image or default_image
     volumes, mounts = volumes_and_mounts(name, spec)
     pod_spec: dict[str, Any] = {
@@ -287,8 +287,9 @@ def build_deployment(
             "revisionHistoryLimit": 3,
             "template": {
                 "metadata": {
-                    # The operator promotes pods into the Service once they are ready and wanted.
-                    "labels": {**labels.common_labels(name), labels.SERVING: "false"},
+                    # Born serving: a ready pod joins the Service even while the operator is down
+                    # (fails open); the operator demotes the surplus into the warm pool.
+                    "labels": {**labels.common_labels(name), labels.SERVING: "true"},
                     "annotations": {
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(ENGINE_PORT),

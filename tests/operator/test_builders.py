@@ -191,7 +191,7 @@ def test_no_shared_memory_volume_without_tensor_parallelism() -> None:
     assert all(v["name"] != "dshm" for v in deployment["spec"]["template"]["spec"]["volumes"])
 
 
-def test_warm_pool_pods_start_outside_the_service_and_the_selector_ignores_the_serving_label() -> None:
+def test_pods_are_born_in_the_service_and_the_selector_ignores_the_serving_label() -> None:
     spec = parse_spec(
         {"model": {"source": "builtin://smollm2-135m-instruct"}, "replicas": 3, "warmPool": {"size": 2}}
     )
@@ -200,7 +200,8 @@ def test_warm_pool_pods_start_outside_the_service_and_the_selector_ignores_the_s
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert labels.SERVING not in selector
     template_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert template_labels[labels.SERVING] == "false"
+    # Fails open: a pod the replica set creates while the operator is down serves once ready.
+    assert template_labels.items() >= builders.build_service("m", NS)["spec"]["selector"].items()
     assert template_labels.items() >= selector.items()
     assert template_labels[labels.MANAGED_BY] == "pagoda-operator"
     assert template_labels[labels.NAME] == "pagoda" and template_labels[labels.INSTANCE] == "m"

@@ -200,9 +200,13 @@ async def test_warm_pool_promotion_and_demotion(operator: kmock.KubernetesEmulat
     # A serving pod turns unready: it leaves the Service, a freshly loaded warm pod takes its place.
     (spare,) = await create_pods_named(kube, "pool", ["pool-pod-9"])
     await api_call(kube, "PATCH", api_path("pods", pods[1], "status"), {"status": pod_status(ready=False)})
-    await wait_for(lambda: serving_pods(kube, pods + [spare]) == {pods[0], spare})
-    cost = obj(kube, PODS, pods[1])["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"]
-    assert int(cost) < 0  # the replica set removes it first
+
+    def cost(pod: str) -> int:
+        annotations = obj(kube, PODS, pod)["metadata"]["annotations"]
+        return int(annotations["controller.kubernetes.io/pod-deletion-cost"])
+
+    await wait_for(lambda: cost(pods[1]) < 0)  # the replica set removes it first
+    await wait_for(lambda: cost(spare) > 0 and serving_pods(kube, pods + [spare]) == {pods[0], spare})
 
     # Scale down: serving pods are demoted (they drain) before the Deployment shrinks.
     await api_call(kube, "PATCH", api_path("llmdeployments", "pool", "scale"), {"spec": {"replicas": 1}})
