@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,6 +17,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from pagoda_operator import autoscaler, builders, kube, labels
 from pagoda_operator.autoscaler import scrape_port, to_rfc3339, window_from_status
+from pagoda_operator.defaults import OperatorDefaults
 from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_spec
 from pagoda_operator.status import (
     Condition,
@@ -38,16 +38,6 @@ RETRY_DELAY_SECONDS = 30
 CLAIM_BIND_GRACE_SECONDS = 120
 # The scrape port when a pod has no prometheus.io/port annotation (the engine's port).
 DEFAULT_METRICS_PORT = 8000
-
-
-def engine_image() -> str:
-    return os.environ.get("PAGODA_ENGINE_IMAGE") or builders.DEFAULT_ENGINE_IMAGE
-
-
-def engine_run_as_user() -> int | None:
-    """The chart's engineSecurity.runAsUser; "" leaves the UID to the platform (OpenShift)."""
-    value = os.environ.get("PAGODA_ENGINE_RUN_AS_USER", str(builders.RUN_AS_USER)).strip()
-    return int(value) if value else None
 
 
 class Reconciler:
@@ -78,7 +68,7 @@ class Reconciler:
             self._warned.pop((namespace, name), None)
             try:
                 pods = await self.sync_pod_roles(body, spec)
-                await self.apply_children(body, spec)
+                await self.apply_children(body, spec, await self.pin_defaults(body))
                 await self.write_status(body, spec, pods)
             except ApiException as err:
                 message = (
@@ -197,10 +187,23 @@ class Reconciler:
                 announce(body, reason="Demoted", message=f"pod {patch.name} left the Service and drains")
         return pods
 
-    async def apply_children(self, body: Mapping[str, Any], spec: LLMDeploymentSpec) -> None:
+    async def pin_defaults(self, body: Mapping[str, Any]) -> OperatorDefaults:
+        """The operator's defaults pinned for this spec generation; pins the current ones on a new one."""
+        generation = body["metadata"].get("generation")
+        pinned = OperatorDefaults.pinned(body)
+        if pinned is not None and pinned.generation == generation:
+            return pinned
+        current = OperatorDefaults.current(generation)
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        await self.client.patch(kube.LLMDEPLOYMENTS, namespace, name, current.annotation_patch)
+        return current
+
+    async def apply_children(
+        self, body: Mapping[str, Any], spec: LLMDeploymentSpec, defaults: OperatorDefaults
+    ) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         manifests = [
-            builders.build_deployment(name, namespace, spec, engine_image(), engine_run_as_user()),
+            builders.build_deployment(name, namespace, spec, defaults.engine_image, defaults.run_as_user),
             builders.build_service(name, namespace),
             builders.build_pdb(name, namespace),
         ]

@@ -157,3 +157,34 @@ async def test_an_unbound_cache_claim_is_reported(operator: Any) -> None:
     )
     found = await wait_for(lambda: degraded(kube, "nocls"), timeout=15)
     assert found["reason"] == "CacheClaimUnbound" and "ReadWriteMany" in found["message"]
+
+
+async def test_upgrading_the_operator_does_not_roll_existing_models(
+    operator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart's engine image is pinned per spec generation: a `helm upgrade` rolls nothing; the next
+    spec change (which rolls the pods anyway) picks the new image up."""
+    kube = operator
+
+    def image() -> str:
+        return obj(kube, DEPLOYMENTS, "pinned")["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    monkeypatch.setenv("PAGODA_ENGINE_IMAGE", "registry/pagoda-server:1.0")
+    await create_llmd(kube, "pinned", {"model": BUILTIN})
+    await wait_for(lambda: obj(kube, DEPLOYMENTS, "pinned"))
+    assert image() == "registry/pagoda-server:1.0"
+
+    monkeypatch.setenv("PAGODA_ENGINE_IMAGE", "registry/pagoda-server:2.0")  # the upgraded chart
+    # Prove a reconcile ran after the upgrade: it repairs a deleted Service.
+    await api_call(kube, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/pinned")
+    await wait_for(lambda: obj(kube, SERVICES, "pinned"), timeout=10)
+    assert image() == "registry/pagoda-server:1.0"
+
+    # A spec change (the API server bumps the generation; the emulator needs telling).
+    await api_call(
+        kube,
+        "PATCH",
+        api_path("llmdeployments", "pinned"),
+        {"metadata": {"generation": 2}, "spec": {"engine": {"maxModelLen": 2048}}},
+    )
+    await wait_for(lambda: image() == "registry/pagoda-server:2.0")
