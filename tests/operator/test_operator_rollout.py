@@ -171,7 +171,7 @@ async def test_upgrading_the_operator_does_not_roll_existing_models(
 
     monkeypatch.setenv("PAGODA_ENGINE_IMAGE", "registry/pagoda-server:1.0")
     await create_llmd(kube, "pinned", {"model": BUILTIN})
-    await wait_for(lambda: obj(kube, DEPLOYMENTS, "pinned"))
+    await wait_for(lambda: obj(kube, DEPLOYMENTS, "pinned") and obj(kube, SERVICES, "pinned"))
     assert image() == "registry/pagoda-server:1.0"
 
     monkeypatch.setenv("PAGODA_ENGINE_IMAGE", "registry/pagoda-server:2.0")  # the upgraded chart
