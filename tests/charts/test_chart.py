@@ -238,10 +238,14 @@ def rules_of(role: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
 REQUIRED_NAMESPACED = {
     ("pagoda.dev", "llmdeployments", v) for v in ("get", "list", "watch", "patch")} | {
     ("pagoda.dev", "llmdeployments/status", "patch"), ("pagoda.dev", "llmdeployments/scale", "patch")} | {
-    (g, r, v) for g, r in [("apps", "deployments"), ("", "services"), ("", "persistentvolumeclaims"),
-                           ("autoscaling", "horizontalpodautoscalers"), ("policy", "poddisruptionbudgets")]
-    for v in ("get", "list", "watch", "create", "patch", "delete")} | {
-    ("", "pods", v) for v in ("list", "watch", "patch")} | {("", "events", "create")} | {
+    # Children are server-side applied: get, then create or patch; never listed, watched or replaced.
+    (g, r, v) for g, r in [("apps", "deployments"), ("", "services"), ("policy", "poddisruptionbudgets"),
+                           ("autoscaling", "horizontalpodautoscalers")]
+    for v in ("get", "create", "patch")} | {
+    ("", "persistentvolumeclaims", "get"), ("", "persistentvolumeclaims", "create"),  # never patched
+    ("autoscaling", "horizontalpodautoscalers", "delete")} | {
+    ("", "pods", v) for v in ("list", "watch", "patch")} | {("", "events", "create"),
+                                                             ("events.k8s.io", "events", "create")} | {
     # blockOwnerDeletion on the children needs it where owner-reference permissions are enforced.
     ("pagoda.dev", "llmdeployments/finalizers", "update")}
 REQUIRED_CLUSTER = {("", "namespaces", "list"), ("", "namespaces", "watch"),
@@ -266,7 +270,7 @@ def test_rbac_cluster_wide_mode(tmp_path: Path) -> None:
     (cluster_role,) = by_kind(objects, "ClusterRole")
     assert not by_kind(objects, "Role")
     triples = set(rules_of(cluster_role))
-    assert triples >= REQUIRED_NAMESPACED | REQUIRED_CLUSTER
+    assert triples == REQUIRED_NAMESPACED | REQUIRED_CLUSTER, "exactly what the operator uses"
     assert_least_privilege(triples)
     assert_bound_to_operator(objects, cluster_role, "ClusterRoleBinding")
 
@@ -280,7 +284,7 @@ def test_rbac_namespaced_mode(tmp_path: Path) -> None:
     assert {r["metadata"]["namespace"] for r in roles} == set(ALL_FEATURES["watchNamespaces"])
     for role in roles:
         triples = set(rules_of(role))
-        assert triples >= REQUIRED_NAMESPACED
+        assert triples == REQUIRED_NAMESPACED
         assert_least_privilege(triples)
         assert_bound_to_operator(objects, role, "RoleBinding")
 
