@@ -107,13 +107,14 @@ class Reconciler:
             targets = [(p["status"]["podIP"], scrape_port(p, metrics_port)) for p in serving]
             loads = await autoscaler.scrape_pods(targets)
             policy = spec.autoscaling
-            recommendation = autoscaler.recommend_replicas(loads, policy) if loads else None
+            missing = len(targets) - len(loads)
+            recommendation = autoscaler.recommend_with_missing(loads, missing, spec.replicas, policy)
             status = body.get("status") or {}
             window = window_from_status(status.get("autoscaler") or {})
             decision = autoscaler.decide_scale(
                 spec.replicas, len(serving), recommendation, policy, window, time.time()
             )
-            await self.write_autoscaler_status(body, decision, loads)
+            await self.write_autoscaler_status(body, decision, loads, missing)
             if decision.replicas != spec.replicas:
                 # through the scale subresource, as an HPA would: RBAC can grant it apart from the spec
                 await self.client.patch(
@@ -266,17 +267,23 @@ class Reconciler:
         )
         problems = problems_of(pods, deployment, claim, time.time(), CLAIM_BIND_GRACE_SECONDS)
         updates = readiness_conditions(spec.replicas, pool, spec.replicas + spec.warm_pool_size, problems)
-        updates.append(scaling_condition(spec, existing))
+        hpa = await self.client.get(kube.HPAS, namespace, name) if spec.hpa_enabled else None
+        updates.append(scaling_condition(spec, existing, hpa))
         status = base_status(name, namespace, generation, spec.replicas, pool)
         status["conditions"] = merge_conditions(existing, updates, utc_now(), generation)
         await self.patch_status(body, status)
 
     async def write_autoscaler_status(
-        self, body: Mapping[str, Any], decision: autoscaler.ScaleDecision, loads: Sequence[autoscaler.PodLoad]
+        self,
+        body: Mapping[str, Any],
+        decision: autoscaler.ScaleDecision,
+        loads: Sequence[autoscaler.PodLoad],
+        missing: int,
     ) -> None:
         status = body.get("status") or {}
         active = decision.reason != "NoMetrics"
-        condition = Condition("ScalingActive", active, decision.reason, decision.message)
+        unanswered = f"; {missing} serving pod(s) missed the scrape (counted at target)" if missing else ""
+        condition = Condition("ScalingActive", active, decision.reason, decision.message + unanswered)
         window = decision.window
         scaled = decision.reason in ("ScaleUp", "ScaleDown", "OutOfBounds")
         previous = status.get("autoscaler") or {}
@@ -287,6 +294,7 @@ class Reconciler:
             "aboveSince": to_rfc3339(window.above_since),
             "belowSince": to_rfc3339(window.below_since),
             "windowPeak": window.window_peak,
+            "waitingSince": to_rfc3339(window.waiting_since),
             "lastScaleTime": to_rfc3339(time.time()) if scaled else previous.get("lastScaleTime"),
         }
         conditions = merge_conditions(

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pagoda_operator import labels
-from pagoda_operator.autoscaler import from_rfc3339
+from pagoda_operator.autoscaler import DECISION_REASONS, from_rfc3339
 from pagoda_operator.builders import endpoint_url
 from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_quantity
 from pagoda_operator.warmpool import PoolSummary
@@ -192,22 +192,42 @@ def base_status(
     return status
 
 
-def scaling_condition(spec: LLMDeploymentSpec, existing: Sequence[Mapping[str, Any]]) -> Condition:
+def hpa_condition(hpa: Mapping[str, Any] | None) -> Condition:
+    """The HPA's own verdict (AbleToScale, ScalingActive, ScalingLimited), not a blanket True."""
+    conditions = ((hpa or {}).get("status") or {}).get("conditions") or []
+    blocking = next(
+        (
+            c
+            for c in conditions
+            if c.get("type") in ("AbleToScale", "ScalingActive") and c.get("status") == "False"
+        ),
+        None,
+    )
+    if blocking is not None:
+        reason, message = blocking.get("reason", "HPAFailing"), blocking.get("message", "")
+        return Condition("ScalingActive", False, reason, f"HPA: {message}")
+    active = find_condition(conditions, "ScalingActive")
+    if active is None:
+        return Condition(
+            "ScalingActive", False, "WaitingForHPA", "the HorizontalPodAutoscaler has not reported yet"
+        )
+    limited = find_condition(conditions, "ScalingLimited")
+    limit = f"; {limited.get('message', '')}" if limited and limited.get("status") == "True" else ""
+    return Condition(
+        "ScalingActive", True, active.get("reason", "HPAActive"), f"HPA: {active.get('message', '')}{limit}"
+    )
+
+
+def scaling_condition(
+    spec: LLMDeploymentSpec, existing: Sequence[Mapping[str, Any]], hpa: Mapping[str, Any] | None = None
+) -> Condition:
     autoscaling = spec.autoscaling
     if not autoscaling.enabled:
         return Condition("ScalingActive", False, "AutoscalingDisabled", "spec.replicas is set by hand")
     if autoscaling.mode == "hpa":
-        return Condition(
-            "ScalingActive",
-            True,
-            "HorizontalPodAutoscaler",
-            "an HPA scales on vllm_num_requests_waiting and vllm_kv_cache_usage_perc",
-        )
+        return hpa_condition(hpa)
     current = find_condition(existing, "ScalingActive")
-    if current is not None and current.get("reason") not in (
-        "AutoscalingDisabled",
-        "HorizontalPodAutoscaler",
-    ):
+    if current is not None and current.get("reason") in DECISION_REASONS:
         # The builtin autoscaler's own tick owns this condition.
         return Condition(
             "ScalingActive",

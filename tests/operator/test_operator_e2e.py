@@ -160,9 +160,26 @@ async def test_hpa_follows_the_autoscaling_mode(operator: kmock.KubernetesEmulat
     hpa = await wait_for(lambda: obj(kube, HPAS, "auto"))
     assert hpa["spec"]["scaleTargetRef"]["kind"] == "LLMDeployment" and hpa["spec"]["maxReplicas"] == 6
     assert hpa["metadata"]["ownerReferences"][0]["uid"] == "uid-auto"
-    await wait_for(
-        lambda: condition(kube, "auto", "ScalingActive").get("reason") == "HorizontalPodAutoscaler"
+    # No blanket True: the HPA's own conditions are copied once it reports.
+    await wait_for(lambda: condition(kube, "auto", "ScalingActive").get("reason") == "WaitingForHPA")
+    failing = {
+        "type": "ScalingActive",
+        "status": "False",
+        "reason": "FailedGetPodsMetric",
+        "message": "unable to get metric vllm_num_requests_waiting: no metrics returned",
+    }
+    await api_call(
+        kube,
+        "PATCH",
+        f"/apis/autoscaling/v2/namespaces/{NAMESPACE}/horizontalpodautoscalers/auto/status",
+        {"status": {"conditions": [{"type": "AbleToScale", "status": "True"}, failing]}},
     )
+    found = await wait_for(
+        lambda: condition(kube, "auto", "ScalingActive").get("reason") == "FailedGetPodsMetric"
+        and condition(kube, "auto", "ScalingActive"),
+        timeout=10,
+    )
+    assert found["status"] == "False" and "no metrics returned" in found["message"]
 
     await api_call(
         kube, "PATCH", api_path("llmdeployments", "auto"), {"spec": {"autoscaling": {"mode": "builtin"}}}
