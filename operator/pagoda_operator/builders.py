@@ -178,7 +178,8 @@ def fetch_container(spec: LLMDeploymentSpec, image: str, mounts: list[dict[str, 
         "imagePullPolicy": spec.engine.image_pull_policy,
         "command": command,
         "env": [{"name": "HOME", "value": "/tmp"}, *(dict(item) for item in spec.engine.env)],
-        "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}},
+        # Downloads stream to disk in chunks: a bounded memory limit keeps a runaway fetch off the node.
+        "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
         "securityContext": container_security_context(),
         "volumeMounts": mounts,
     }
