@@ -51,6 +51,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10
+    # Pod events come from the API server already filtered to the engine pods this operator manages:
+    # without a selector every pod event in the watched namespaces would cross the wire to be dropped here.
+    settings.watching.label_selectors["v1", "pods"] = f"{labels.MANAGED_BY}={labels.MANAGER}"
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
 

@@ -188,3 +188,22 @@ async def test_upgrading_the_operator_does_not_roll_existing_models(
         {"metadata": {"generation": 2}, "spec": {"engine": {"maxModelLen": 2048}}},
     )
     await wait_for(lambda: image() == "registry/pagoda-server:2.0")
+
+
+async def test_pod_events_are_filtered_on_the_api_server(operator: Any) -> None:
+    """The operator watches only its engine pods, not every pod event in the cluster."""
+    kube = operator
+
+    def pod_watches() -> list[Any]:
+        return [
+            r
+            for r in list(kube)
+            if r.method == kmock.method.GET
+            and r.url.path.endswith("/pods")
+            and r.params.get("watch") == "true"
+        ]
+
+    watches = await wait_for(pod_watches)
+    assert {w.params.get("labelSelector") for w in watches} == {
+        "app.kubernetes.io/managed-by=pagoda-operator"
+    }
