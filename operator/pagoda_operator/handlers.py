@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from typing import Any
 
 import kopf
@@ -49,6 +50,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Events are posted explicitly (kopf.event / kopf.warn); handler logs at INFO stay in the logs.
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING
+    # The chart runs replicas that meet on a kopf peering object: the highest priority works, the others
+    # stand by. Equal priorities would pause them all, so each replica draws its own.
+    settings.peering.priority = random.SystemRandom().randrange(1, 2**31)
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10
     # Pod events come from the API server already filtered to the engine pods this operator manages:

@@ -125,12 +125,23 @@ def test_every_object_validates_against_kubernetes_schemas(
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
             check_pod_monitor(obj)
             continue
+        if obj["apiVersion"] == "kopf.dev/v1":
+            check_peering(obj, rendered)
+            continue
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as err:
             where = ".".join(map(str, err.path))
             pytest.fail(f"{version}: {obj['kind']}/{obj['metadata']['name']}: {where}: {err.message}")
     assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
+
+
+def check_peering(obj: dict[str, Any], rendered: list[dict[str, Any]]) -> None:
+    """kopf's peering objects: their CRD ships with the chart, and they hold nothing but metadata."""
+    crds = {c["spec"]["names"]["kind"]: c for c in by_kind(rendered, "CustomResourceDefinition")}
+    assert obj["kind"] in crds and crds[obj["kind"]]["spec"]["group"] == "kopf.dev"
+    assert (crds[obj["kind"]]["spec"]["scope"] == "Namespaced") == ("namespace" in obj["metadata"])
+    assert set(obj) == {"apiVersion", "kind", "metadata"}
 
 
 def check_pod_monitor(obj: dict[str, Any]) -> None:
@@ -172,22 +183,33 @@ def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return container
 
 
-def test_operator_runs_kopf_standalone_over_the_watched_namespaces(tmp_path: Path) -> None:
-    cluster_wide = operator_container(render(tmp_path))
+def test_operator_runs_kopf_with_peering_over_the_watched_namespaces(tmp_path: Path) -> None:
+    objects = render(tmp_path)
+    cluster_wide = operator_container(objects)
     assert cluster_wide["command"] == ["kopf", "run"]
-    wanted = {"--module=pagoda_operator.handlers", "--standalone", "--all-namespaces"}
-    assert wanted <= set(cluster_wide["args"])
+    wanted = {"--module=pagoda_operator.handlers", "--peering=pagoda", "--all-namespaces"}
+    assert wanted <= set(cluster_wide["args"]) and "--standalone" not in cluster_wide["args"]
+    (peering,) = by_kind(objects, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "pagoda"
 
-    namespaced = operator_container(render(tmp_path, ALL_FEATURES))["args"]
+    objects = render(tmp_path, ALL_FEATURES)
+    namespaced = operator_container(objects)["args"]
     assert "--all-namespaces" not in namespaced
-    assert {"--namespace=ml-team", "--namespace=research", "--standalone", "--debug"} <= set(namespaced)
+    assert {"--namespace=ml-team", "--namespace=research", "--peering=pagoda", "--debug"} <= set(namespaced)
+    peerings = by_kind(objects, "KopfPeering")
+    assert {p["metadata"]["namespace"] for p in peerings} == {"ml-team", "research"}
+    assert not by_kind(objects, "ClusterKopfPeering")
 
 
 def test_operator_pod_is_locked_down(tmp_path: Path) -> None:
     objects = render(tmp_path)
     (deployment,) = by_kind(objects, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Highly available: two replicas on different nodes, kopf's peering keeps one active.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
     assert pod["securityContext"]["runAsNonRoot"] is True
     container = operator_container(objects)
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -251,8 +273,12 @@ REQUIRED_NAMESPACED = {
 REQUIRED_CLUSTER = {("", "namespaces", "list"), ("", "namespaces", "watch"),
                     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
                     ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
-ALLOWED_GROUPS = {"", "apps", "autoscaling", "policy", "pagoda.dev", "apiextensions.k8s.io", "events.k8s.io"}
-FORBIDDEN_RESOURCES = {"secrets", "configmaps", "nodes", "clusterkopfpeerings", "kopfpeerings", "pods/exec"}
+# kopf's peering: the replicas meet on one object, cluster-wide or per watched namespace.
+CLUSTER_PEERING = {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+NAMESPACED_PEERING = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+ALLOWED_GROUPS = {"", "apps", "autoscaling", "policy", "pagoda.dev", "apiextensions.k8s.io", "events.k8s.io",
+                  "kopf.dev"}
+FORBIDDEN_RESOURCES = {"secrets", "configmaps", "nodes", "pods/exec"}
 
 
 def assert_least_privilege(triples: set[tuple[str, str, str]]) -> None:
@@ -270,7 +296,7 @@ def test_rbac_cluster_wide_mode(tmp_path: Path) -> None:
     (cluster_role,) = by_kind(objects, "ClusterRole")
     assert not by_kind(objects, "Role")
     triples = set(rules_of(cluster_role))
-    assert triples == REQUIRED_NAMESPACED | REQUIRED_CLUSTER, "exactly what the operator uses"
+    assert triples == REQUIRED_NAMESPACED | REQUIRED_CLUSTER | CLUSTER_PEERING, "exactly what it uses"
     assert_least_privilege(triples)
     assert_bound_to_operator(objects, cluster_role, "ClusterRoleBinding")
 
@@ -284,7 +310,7 @@ def test_rbac_namespaced_mode(tmp_path: Path) -> None:
     assert {r["metadata"]["namespace"] for r in roles} == set(ALL_FEATURES["watchNamespaces"])
     for role in roles:
         triples = set(rules_of(role))
-        assert triples == REQUIRED_NAMESPACED
+        assert triples == REQUIRED_NAMESPACED | NAMESPACED_PEERING
         assert_least_privilege(triples)
         assert_bound_to_operator(objects, role, "RoleBinding")
 

@@ -41,3 +41,17 @@ print("ok")
 def test_importing_the_package_registers_nothing_and_reads_no_environment() -> None:
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_operator_replicas_draw_distinct_peering_priorities() -> None:
+    """kopf pauses every operator when two peers share a priority: the chart's replicas must not."""
+    import kopf
+
+    from pagoda_operator import handlers
+
+    priorities = set()
+    for _ in range(5):
+        settings = kopf.OperatorSettings()
+        handlers.configure(settings=settings)
+        priorities.add(settings.peering.priority)
+    assert len(priorities) == 5 and min(priorities) > 0

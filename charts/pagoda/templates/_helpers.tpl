@@ -88,6 +88,11 @@ The rights the operator uses in a namespace it watches:
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create]
+{{- if .Values.watchNamespaces }}
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [list, watch, patch, get]
+{{- end }}
 {{- end }}
 
 {{/* kopf's own cluster-wide needs: it follows namespaces and CRDs to know what it can watch. */}}
@@ -98,4 +103,9 @@ The rights the operator uses in a namespace it watches:
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
+{{- if not .Values.watchNamespaces }}
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [list, watch, patch, get]
+{{- end }}
 {{- end }}
