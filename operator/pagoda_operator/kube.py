@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ PODS = Resource("v1", "pods")
 PVCS = Resource("v1", "persistentvolumeclaims")
 HPAS = Resource("autoscaling/v2", "horizontalpodautoscalers")
 PDBS = Resource("policy/v1", "poddisruptionbudgets")
+EVENTS = Resource("v1", "events")
 RESOURCES_BY_KIND = {
     "Deployment": DEPLOYMENTS,
     "Service": SERVICES,
@@ -108,6 +109,16 @@ class KubeClient:
         result = await self._call("GET", resource.path(namespace), query=[("labelSelector", label_selector)])
         # Filter here too: the selector is the contract, whatever the server did with it.
         return [item for item in result.get("items") or [] if matches_labels(item, selector)]
+
+    async def events_about(self, namespace: str, kind: str, reasons: Collection[str]) -> list[dict[str, Any]]:
+        """Core events on objects of `kind` with one of `reasons` (the server filters by kind)."""
+        query = [("fieldSelector", f"involvedObject.kind={kind}")]
+        result = await self._call("GET", EVENTS.path(namespace), query=query)
+        return [
+            event
+            for event in result.get("items") or []
+            if event.get("reason") in reasons and (event.get("involvedObject") or {}).get("kind") == kind
+        ]
 
     async def create(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         namespace = manifest["metadata"]["namespace"]

@@ -20,6 +20,7 @@ from pagoda_operator.autoscaler import scrape_port, to_rfc3339, window_from_stat
 from pagoda_operator.defaults import OperatorDefaults
 from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_spec
 from pagoda_operator.status import (
+    VOLUME_FAILURE_REASONS,
     Condition,
     base_status,
     contains,
@@ -265,7 +266,13 @@ class Reconciler:
             if spec.cache.enabled
             else None
         )
-        problems = problems_of(pods, deployment, claim, time.time(), CLAIM_BIND_GRACE_SECONDS)
+        # Only while some pod is not ready: a healthy pool costs no event listing.
+        events = (
+            await self.client.events_about(namespace, "Pod", VOLUME_FAILURE_REASONS)
+            if pool.loading
+            else []
+        )
+        problems = problems_of(pods, deployment, claim, time.time(), CLAIM_BIND_GRACE_SECONDS, events)
         updates = readiness_conditions(spec.replicas, pool, spec.replicas + spec.warm_pool_size, problems)
         hpa = await self.client.get(kube.HPAS, namespace, name) if spec.hpa_enabled else None
         updates.append(scaling_condition(spec, existing, hpa))

@@ -11,7 +11,7 @@ from pagoda_operator import labels
 from pagoda_operator.autoscaler import DECISION_REASONS, from_rfc3339
 from pagoda_operator.builders import endpoint_url
 from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_quantity
-from pagoda_operator.warmpool import PoolSummary
+from pagoda_operator.warmpool import PoolSummary, is_ready
 
 # Container states that will not fix themselves without the user.
 FAILING_REASONS = frozenset(
@@ -101,6 +101,29 @@ def unschedulable_pods(pods: Sequence[Mapping[str, Any]]) -> list[str]:
     return found
 
 
+# The kubelet's and attach-detach controller's events for a volume that will not attach or mount, e.g. a
+# ReadWriteOnce claim already attached on another node ("Multi-Attach error").
+VOLUME_FAILURE_REASONS = frozenset({"FailedAttachVolume", "FailedMount"})
+
+
+def volume_failures(pods: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]]) -> list[str]:
+    """'pod: message' for unready pods whose volumes fail to attach or mount (old events of pods that
+    came up since are ignored)."""
+    waiting = {
+        (pod["metadata"]["name"], pod["metadata"].get("uid"))
+        for pod in pods
+        if not is_ready(pod) and not pod["metadata"].get("deletionTimestamp")
+    }
+    found = []
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        if event.get("reason") in VOLUME_FAILURE_REASONS and any(
+            involved.get("name") == name and involved.get("uid") in (None, uid) for name, uid in waiting
+        ):
+            found.append(f"{involved['name']}: {event.get('reason')}: {event.get('message', '')}")
+    return sorted(set(found))
+
+
 def rollout_problem(deployment: Mapping[str, Any] | None) -> Problem | None:
     """The Deployment's own verdict on a rollout that stopped moving (progressDeadlineSeconds passed)."""
     conditions = ((deployment or {}).get("status") or {}).get("conditions") or []
@@ -132,12 +155,16 @@ def problems_of(
     claim: Mapping[str, Any] | None,
     now: float,
     claim_grace_seconds: float,
+    events: Sequence[Mapping[str, Any]] = (),
 ) -> list[Problem]:
-    problems = [Problem("PodsFailing", "; ".join(f[:3])) for f in [pod_failures(pods)] if f]
-    problems += [Problem("PodsUnschedulable", "; ".join(u[:3])) for u in [unschedulable_pods(pods)] if u]
-    return problems + [
-        p for p in (rollout_problem(deployment), claim_problem(claim, now, claim_grace_seconds)) if p
+    per_pod = [
+        ("PodsFailing", pod_failures(pods)),
+        ("PodsUnschedulable", unschedulable_pods(pods)),
+        ("VolumeAttachFailed", volume_failures(pods, events)),
     ]
+    problems = [Problem(reason, "; ".join(found[:3])) for reason, found in per_pod if found]
+    whole = (rollout_problem(deployment), claim_problem(claim, now, claim_grace_seconds))
+    return problems + [problem for problem in whole if problem is not None]
 
 
 def readiness_conditions(

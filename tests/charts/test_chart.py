@@ -266,7 +266,7 @@ REQUIRED_NAMESPACED = {
     for v in ("get", "create", "patch")} | {
     ("", "persistentvolumeclaims", "get"), ("", "persistentvolumeclaims", "create"),  # never patched
     ("autoscaling", "horizontalpodautoscalers", "delete")} | {
-    ("", "pods", v) for v in ("list", "watch", "patch")} | {("", "events", "create"),
+    ("", "pods", v) for v in ("list", "watch", "patch")} | {("", "events", "create"), ("", "events", "list"),
                                                              ("events.k8s.io", "events", "create")} | {
     # blockOwnerDeletion on the children needs it where owner-reference permissions are enforced.
     ("pagoda.dev", "llmdeployments/finalizers", "update")}

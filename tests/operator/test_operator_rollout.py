@@ -207,3 +207,34 @@ async def test_pod_events_are_filtered_on_the_api_server(operator: Any) -> None:
     assert {w.params.get("labelSelector") for w in watches} == {
         "app.kubernetes.io/managed-by=pagoda-operator"
     }
+
+
+async def test_a_volume_that_will_not_attach_is_reported(operator: Any) -> None:
+    """A ReadWriteOnce claim attached on another node: the pod hangs in ContainerCreating, and only the
+    attach-detach controller's event says why."""
+    kube = operator
+    await create_llmd(kube, "attach", {"model": BUILTIN})
+    await wait_for(lambda: obj(kube, DEPLOYMENTS, "attach"))
+    pod = fake_pod("attach", "attach-pod-1", ready=False, created="2026-01-01T00:00:00Z")
+    pod["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}
+    await api_call(kube, "POST", api_path("pods"), pod)
+    message = (
+        'Multi-Attach error for volume "pvc-1" Volume is already used by pod(s) other-pod-0 on another node'
+    )
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": "attach-pod-1.17a", "namespace": NAMESPACE},
+        "involvedObject": {
+            "kind": "Pod",
+            "name": "attach-pod-1",
+            "namespace": NAMESPACE,
+            "uid": "uid-attach-pod-1",
+        },
+        "reason": "FailedAttachVolume",
+        "message": message,
+        "type": "Warning",
+    }
+    await api_call(kube, "POST", f"/api/v1/namespaces/{NAMESPACE}/events", event)
+    found = await wait_for(lambda: degraded(kube, "attach"), timeout=15)  # the periodic reconcile sees it
+    assert found["reason"] == "VolumeAttachFailed" and "Multi-Attach error" in found["message"]

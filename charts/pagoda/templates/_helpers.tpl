@@ -88,6 +88,10 @@ The rights the operator uses in a namespace it watches:
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create]
+{{- /* Reads the volume attach/mount failures of its engine pods, to report them as Degraded. */}}
+- apiGroups: [""]
+  resources: [events]
+  verbs: [list]
 {{- if .Values.watchNamespaces }}
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
