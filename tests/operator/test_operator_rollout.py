@@ -29,6 +29,7 @@ DEPLOYMENTS = "apps/v1/deployments"
 SERVICES = "v1/services"
 PDBS = "policy/v1/poddisruptionbudgets"
 PVCS = "v1/persistentvolumeclaims"
+LLMD = "pagoda.dev/v1alpha1/llmdeployments"
 BUILTIN = {"source": "builtin://smollm2-135m-instruct"}
 
 FULL = {
@@ -238,3 +239,15 @@ async def test_a_volume_that_will_not_attach_is_reported(operator: Any) -> None:
     await api_call(kube, "POST", f"/api/v1/namespaces/{NAMESPACE}/events", event)
     found = await wait_for(lambda: degraded(kube, "attach"), timeout=15)  # the periodic reconcile sees it
     assert found["reason"] == "VolumeAttachFailed" and "Multi-Attach error" in found["message"]
+
+
+async def test_deleting_an_llmdeployment_releases_the_finalizer(operator: Any) -> None:
+    """With the operator running, deletion completes: kopf's finalizer (its timers need one) goes away.
+    Without the operator it would hang: docs/operator-in-production.md says to delete LLMDeployments
+    before `helm uninstall`, and how to release one by hand."""
+    kube = operator
+    await create_llmd(kube, "gone", {"model": BUILTIN})
+    finalizers = await wait_for(lambda: obj(kube, LLMD, "gone")["metadata"].get("finalizers"))
+    assert finalizers == ["pagoda.dev/finalizer"]
+    await api_call(kube, "DELETE", api_path("llmdeployments", "gone"))
+    await wait_for(lambda: obj(kube, LLMD, "gone") is None, timeout=15)
