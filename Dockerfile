@@ -54,6 +54,7 @@ FROM base AS operator
 COPY operator/ /app/operator/
 RUN pip install --no-cache-dir /app/operator
 USER 10001:10001
-# The Helm chart passes the full command line (`kopf run ... --standalone --all-namespaces`).
+# A single operator by default (`docker run`); the Helm chart passes its own command line, with
+# `--peering` for its highly available replicas instead of `--standalone`.
 ENTRYPOINT ["kopf", "run"]
-CMD ["--module=pagoda_operator", "--standalone", "--all-namespaces"]
+CMD ["--module=pagoda_operator.handlers", "--standalone", "--all-namespaces"]

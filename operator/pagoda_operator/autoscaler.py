@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,8 +25,28 @@ WAITING_METRIC = "vllm:num_requests_waiting"
 KV_CACHE_METRIC = "vllm:kv_cache_usage_perc"
 KV_CACHE_METRIC_LEGACY = "vllm:gpu_cache_usage_perc"  # vLLM's older name, still served by Pagoda
 SCRAPE_TIMEOUT_SECONDS = 3.0
+# Scale-up waits for the pods of the last scale-up, but not forever: a pod that no node can take (no free
+# GPU) would otherwise freeze the autoscaler while the queue grows.
+SCALE_UP_WAIT_LIMIT_SECONDS = 600.0
+# The most one tick may add: the HPA's default (100% or 4 pods, whichever is more).
+SCALE_UP_STEP_PODS = 4
 # Float sums like 0.7 + 0.9 land a hair above 1.6; do not let that cost a whole replica.
 CEIL_TOLERANCE = 1e-9
+
+
+# Every reason decide_scale gives: the ScalingActive condition is the builtin autoscaler's while it has one.
+DECISION_REASONS = frozenset(
+    {
+        "OutOfBounds",
+        "NoMetrics",
+        "WaitingForPods",
+        "ScaleUp",
+        "StabilizingScaleUp",
+        "ScaleDown",
+        "StabilizingScaleDown",
+        "AtTarget",
+    }
+)
 
 
 class MetricsError(ValueError):
@@ -44,6 +66,7 @@ class ScalingWindow:
     above_since: float | None = None
     below_since: float | None = None
     window_peak: int | None = None  # the highest recommendation while below
+    waiting_since: float | None = None  # scale-up held back for unready pods since
 
 
 @dataclass(frozen=True)
@@ -90,6 +113,20 @@ def clamp(replicas: int, policy: AutoscalingSpec) -> int:
     return max(policy.min_replicas, min(policy.max_replicas, replicas))
 
 
+def recommend_with_missing(
+    loads: Sequence[PodLoad], missing: int, current: int, policy: AutoscalingSpec
+) -> int | None:
+    """As the HPA treats pods it has no metrics for: at zero load when scaling up (they add nothing), at
+    the target when scaling down (an overloaded pod that missed the scrape must not shrink the fleet)."""
+    if not loads:
+        return None
+    recommendation = recommend_replicas(loads, policy)
+    if missing and recommendation < current:
+        at_target = PodLoad(policy.target_waiting_requests, policy.target_kv_cache_usage)
+        recommendation = min(current, recommend_replicas([*loads, *[at_target] * missing], policy))
+    return recommendation
+
+
 def recommend_replicas(loads: Sequence[PodLoad], policy: AutoscalingSpec) -> int:
     waiting = sum(load.waiting for load in loads)
     kv_cache = sum(load.kv_cache_usage for load in loads)
@@ -118,22 +155,26 @@ def decide_scale(
     if recommendation is None:
         return ScaleDecision(current, None, "NoMetrics", "no serving pod answered on /metrics", window)
     if recommendation > current:
-        if ready_serving < current:
+        waiting_since = window.waiting_since if window.waiting_since is not None else now
+        if ready_serving < current and now - waiting_since < SCALE_UP_WAIT_LIMIT_SECONDS:
             return ScaleDecision(
                 current,
                 recommendation,
                 "WaitingForPods",
-                f"{ready_serving}/{current} serving pods ready: not scaling up to "
-                f"{recommendation} before the last scale-up has landed",
-                ScalingWindow(),
+                f"{ready_serving}/{current} serving pods ready: not scaling up to {recommendation} before "
+                f"the last scale-up has landed (for at most {SCALE_UP_WAIT_LIMIT_SECONDS:.0f}s)",
+                ScalingWindow(waiting_since=waiting_since),
             )
         above_since = window.above_since if window.above_since is not None else now
         if now - above_since >= policy.scale_up_stabilization_seconds:
+            target = min(recommendation, current + max(SCALE_UP_STEP_PODS, current))
+            capped = f" (capped from {recommendation})" if target < recommendation else ""
+            stuck = f", although only {ready_serving}/{current} are ready" if ready_serving < current else ""
             return ScaleDecision(
-                recommendation,
+                target,
                 recommendation,
                 "ScaleUp",
-                f"scaling up from {current} to {recommendation} replicas",
+                f"scaling up from {current} to {target} replicas{capped}{stuck}",
                 ScalingWindow(),
             )
         return ScaleDecision(
@@ -165,4 +206,35 @@ def decide_scale(
         )
     return ScaleDecision(
         current, recommendation, "AtTarget", f"{current} replicas match the load", ScalingWindow()
+    )
+
+
+def scrape_port(pod: Mapping[str, Any], default: int) -> int:
+    """The pod's prometheus.io/port annotation, else `default` (the engine's port)."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    try:
+        return int(annotations.get("prometheus.io/port", default))
+    except ValueError:
+        return default
+
+
+def to_rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def from_rfc3339(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def window_from_status(autoscaler_status: Mapping[str, Any]) -> ScalingWindow:
+    """The stabilization window as the last tick left it in status.autoscaler."""
+    return ScalingWindow(
+        above_since=from_rfc3339(autoscaler_status.get("aboveSince")),
+        below_since=from_rfc3339(autoscaler_status.get("belowSince")),
+        window_peak=autoscaler_status.get("windowPeak"),
+        waiting_since=from_rfc3339(autoscaler_status.get("waitingSince")),
     )

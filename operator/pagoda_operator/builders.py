@@ -18,12 +18,17 @@ PVC_SOURCE_MOUNT = f"{CACHE_ROOT}/pvc"
 DEFAULT_ENGINE_IMAGE = "ghcr.io/pagoda-dev/pagoda-server:0.1.0"
 RUN_AS_USER = 10001  # the engine image's `pagoda` user (Dockerfile)
 
-# Loading and warming a large model (download, weights, CUDA graphs) can take hours, not minutes.
-STARTUP_BUDGET_SECONDS = 6 * 3600
 STARTUP_PROBE_PERIOD_SECONDS = 10
 # Long enough for every kube-proxy / ingress to drop the pod from its endpoints before SIGTERM.
 PRESTOP_SLEEP_SECONDS = 10
 GRACE_MARGIN_SECONDS = 15
+
+# Requests for an engine that names none: without them the scheduler packs pods onto a node that cannot
+# hold them and the kubelet evicts them under pressure first (BestEffort).
+DEFAULT_ENGINE_REQUESTS = {"cpu": "1", "memory": "4Gi"}
+# Scratch space that would otherwise grow on the node's disk without bound.
+TMP_SIZE_LIMIT = "1Gi"
+SHM_SIZE_LIMIT = "8Gi"
 
 # The replica set deletes the lowest cost first: idle warm pods before pods that serve traffic.
 SERVING_DELETION_COST = 1000
@@ -96,12 +101,17 @@ def volumes_and_mounts(
     name: str, spec: LLMDeploymentSpec
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The root filesystem is read-only: weights go to /models (the cache PVC or scratch), Python to /tmp."""
+    # Without a claim the weights land in scratch space: bounded by cache.size like the claim would be,
+    # so a 70B model cannot fill the node's disk on every pod start unnoticed.
     cache_volume: dict[str, Any] = (
         {"persistentVolumeClaim": {"claimName": cache_claim_name(name)}}
         if spec.cache.enabled
-        else {"emptyDir": {}}
+        else {"emptyDir": {"sizeLimit": spec.cache.size}}
     )
-    volumes = [{"name": "model-cache", **cache_volume}, {"name": "tmp", "emptyDir": {}}]
+    volumes = [
+        {"name": "model-cache", **cache_volume},
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
+    ]
     mounts = [{"name": "model-cache", "mountPath": CACHE_ROOT}, {"name": "tmp", "mountPath": "/tmp"}]
     if spec.model.scheme == "pvc":
         claim = spec.model.source.removeprefix("pvc://").split("/", 1)[0]
@@ -111,9 +121,40 @@ def volumes_and_mounts(
         mounts.append({"name": "model-source", "mountPath": PVC_SOURCE_MOUNT, "readOnly": True})
     if spec.engine.tensor_parallel_size > 1:
         # NCCL and torch.distributed exchange tensors through shared memory; 64 MiB is too small.
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return volumes, mounts
+
+
+def engine_resources(spec: LLMDeploymentSpec) -> dict[str, Any]:
+    """The spec's resources, with default requests for CPU and memory it neither requests nor limits
+    (a limit alone already sets the request)."""
+    resources = {key: dict(value) for key, value in spec.resources.items()}
+    named = set(resources.get("requests") or {}) | set(resources.get("limits") or {})
+    defaults = {k: v for k, v in DEFAULT_ENGINE_REQUESTS.items() if k not in named}
+    if defaults:
+        resources["requests"] = {**defaults, **(resources.get("requests") or {})}
+    return resources
+
+
+def engine_mounts(mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The engine only reads the weights: the cache is writable for the fetcher alone."""
+    return [{**m, "readOnly": True} if m["mountPath"] == CACHE_ROOT else m for m in mounts]
+
+
+def default_topology_spread(name: str) -> list[dict[str, Any]]:
+    """Replicas spread over nodes and zones where the cluster allows it (never blocks scheduling), per
+    revision (pod-template-hash), so a rollout's new pods spread too."""
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": key,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": labels.selector_labels(name)},
+            "matchLabelKeys": ["pod-template-hash"],
+        }
+        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
+    ]
 
 
 def engine_env(spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
@@ -137,7 +178,8 @@ def fetch_container(spec: LLMDeploymentSpec, image: str, mounts: list[dict[str, 
         "imagePullPolicy": spec.engine.image_pull_policy,
         "command": command,
         "env": [{"name": "HOME", "value": "/tmp"}, *(dict(item) for item in spec.engine.env)],
-        "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}},
+        # Downloads stream to disk in chunks: a bounded memory limit keeps a runaway fetch off the node.
+        "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
         "securityContext": container_security_context(),
         "volumeMounts": mounts,
     }
@@ -163,36 +205,53 @@ def engine_container(
         "args": engine_args(name, spec),
         "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
         "env": engine_env(spec),
-        "resources": spec.resources,
+        "resources": engine_resources(spec),
         # Ready only once the model is loaded and warmed up; the startup budget is hours.
+        # The weights are on disk by now (the init container fetched them): this budget is for loading.
         "startupProbe": http_probe(
-            "/ready", STARTUP_PROBE_PERIOD_SECONDS, 5, STARTUP_BUDGET_SECONDS // STARTUP_PROBE_PERIOD_SECONDS
+            "/ready",
+            STARTUP_PROBE_PERIOD_SECONDS,
+            5,
+            -(-spec.engine.startup_timeout_seconds // STARTUP_PROBE_PERIOD_SECONDS),
         ),
         "readinessProbe": http_probe("/ready", 5, 5, 3),
         "livenessProbe": http_probe("/health", 15, 10, 4),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
         "securityContext": container_security_context(),
-        "volumeMounts": mounts,
+        "volumeMounts": engine_mounts(mounts),
+    }
+
+
+def pod_security_context(run_as_user: int | None) -> dict[str, Any]:
+    """None leaves the UID to the platform (OpenShift assigns one per namespace); the image runs as any."""
+    context: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    if run_as_user is not None:
+        context.update(runAsUser=run_as_user, runAsGroup=run_as_user, fsGroup=run_as_user)
+    return context
+
+
+def rollout_strategy(spec: LLMDeploymentSpec) -> dict[str, Any]:
+    return {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": spec.max_surge, "maxUnavailable": spec.max_unavailable},
     }
 
 
 def build_deployment(
-    name: str, namespace: str, spec: LLMDeploymentSpec, default_image: str = DEFAULT_ENGINE_IMAGE
+    name: str,
+    namespace: str,
+    spec: LLMDeploymentSpec,
+    default_image: str = DEFAULT_ENGINE_IMAGE,
+    run_as_user: int | None = RUN_AS_USER,
 ) -> dict[str, Any]:
-    """Engine pods: the serving replicas plus the warm pool, all starting outside the Service."""
+    """Engine pods: the serving replicas plus the warm pool, each joining the Service once ready."""
     image = spec.engine.image or default_image
     volumes, mounts = volumes_and_mounts(name, spec)
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,  # the engine never talks to the API server
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": termination_grace_seconds(spec),
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(run_as_user),
         "containers": [engine_container(name, spec, image, mounts)],
         "volumes": volumes,
     }
@@ -206,6 +265,17 @@ def build_deployment(
         pod_spec["affinity"] = spec.affinity
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
+    spread = spec.topology_spread_constraints
+    pod_spec["topologySpreadConstraints"] = (
+        default_topology_spread(name) if spread is None else [dict(c) for c in spread]
+    )
+    if not pod_spec["topologySpreadConstraints"]:  # [] opts out
+        del pod_spec["topologySpreadConstraints"]
+    if spec.runtime_class_name:
+        pod_spec["runtimeClassName"] = spec.runtime_class_name
+    if spec.service_account_name:
+        # Workload identity for s3:// (IRSA, GKE/Azure workload identity) binds to a service account.
+        pod_spec["serviceAccountName"] = spec.service_account_name
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -213,14 +283,14 @@ def build_deployment(
         "spec": {
             "replicas": spec.replicas + spec.warm_pool_size,
             "selector": {"matchLabels": labels.selector_labels(name)},
-            # A rollout starts a new pod before it stops an old one: capacity never drops.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "progressDeadlineSeconds": STARTUP_BUDGET_SECONDS + 600,
+            "strategy": rollout_strategy(spec),
+            "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
             "revisionHistoryLimit": 3,
             "template": {
                 "metadata": {
-                    # The operator promotes pods into the Service once they are ready and wanted.
-                    "labels": {**labels.common_labels(name), labels.SERVING: "false"},
+                    # Born serving: a ready pod joins the Service even while the operator is down
+                    # (fails open); the operator demotes the surplus into the warm pool.
+                    "labels": {**labels.common_labels(name), labels.SERVING: "true"},
                     "annotations": {
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(ENGINE_PORT),

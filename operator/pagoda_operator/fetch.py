@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import fcntl
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -144,14 +145,17 @@ class _SameHostAuthRedirectHandler(urllib.request.HTTPRedirectHandler):
         return new_req
 
 
-_opener = urllib.request.build_opener(_SameHostAuthRedirectHandler)
+@functools.cache
+def opener() -> urllib.request.OpenerDirector:
+    """Built on first use: building reads the proxy settings from the environment, never at import."""
+    return urllib.request.build_opener(_SameHostAuthRedirectHandler)
 
 
 def http_get(url: str, headers: Mapping[str, str]) -> Any:
     """Open `url` (redirects followed); HTTP errors become a FetchError that names the URL and status."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **headers})
     try:
-        return _opener.open(request, timeout=HTTP_TIMEOUT_S)
+        return opener().open(request, timeout=HTTP_TIMEOUT_S)
     except urllib.error.HTTPError as err:
         hint = " (a private or gated repository needs HF_TOKEN)" if err.code in (401, 403) else ""
         raise FetchError(f"GET {url}: HTTP {err.code} {err.reason}{hint}") from None

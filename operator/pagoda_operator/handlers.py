@@ -1,20 +1,22 @@
 """kopf handlers: thin wrappers that hand the object to the Reconciler.
 
-Importing `pagoda_operator` registers them, so `kopf run -m pagoda_operator --all-namespaces --standalone`
-runs the operator. Intervals come from the environment (the chart sets them; tests shorten them).
+Importing this module (and only this one) registers them: `kopf run -m pagoda_operator.handlers
+--all-namespaces --standalone` runs the operator. kopf fixes a timer's interval when the decorator runs,
+so the intervals are read from the environment here, at import (the chart sets them; tests shorten them).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 from typing import Any
 
 import kopf
 
 from pagoda_operator import kube, labels
 from pagoda_operator.reconcile import DEFAULT_METRICS_PORT, Reconciler
-from pagoda_operator.spec import GROUP, PLURAL, VERSION
+from pagoda_operator.spec import GROUP, PLURAL, VERSION, InvalidSpecError, parse_spec
 
 LLMD = (GROUP, VERSION, PLURAL)
 RECONCILE_INTERVAL_SECONDS = float(os.environ.get("PAGODA_RECONCILE_INTERVAL_SECONDS", "30"))
@@ -48,8 +50,14 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Events are posted explicitly (kopf.event / kopf.warn); handler logs at INFO stay in the logs.
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING
+    # The chart runs replicas that meet on a kopf peering object: the highest priority works, the others
+    # stand by. Equal priorities would pause them all, so each replica draws its own.
+    settings.peering.priority = random.SystemRandom().randrange(1, 2**31)
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10
+    # Pod events come from the API server already filtered to the engine pods this operator manages:
+    # without a selector every pod event in the watched namespaces would cross the wire to be dropped here.
+    settings.watching.label_selectors["v1", "pods"] = f"{labels.MANAGED_BY}={labels.MANAGER}"
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
 
@@ -100,8 +108,11 @@ async def pod_changed(meta: kopf.Meta, namespace: str, **_: Any) -> None:
 
 
 def uses_builtin_autoscaler(spec: kopf.Spec, **_: Any) -> bool:
-    autoscaling = spec.get("autoscaling") or {}
-    return bool(autoscaling.get("enabled")) and autoscaling.get("mode", "builtin") == "builtin"
+    """The spec's own test, so the timer and the tick never disagree; an invalid spec scales nothing."""
+    try:
+        return parse_spec(spec).builtin_autoscaling_enabled
+    except InvalidSpecError:
+        return False
 
 
 @kopf.timer(*LLMD, interval=AUTOSCALE_INTERVAL_SECONDS, when=uses_builtin_autoscaler)

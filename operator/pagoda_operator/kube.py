@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from pagoda_operator.spec import GROUP, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+# Server-side apply's owner of every field the operator sets on its children. Applying the whole desired
+# manifest under one manager makes the API server drop whatever this manager set before and no longer
+# sets (a merge patch would keep it), while fields other controllers own (an admission webhook's
+# sidecar, a VPA's requests) stay theirs: a full replace would have to copy those back by hand.
+FIELD_MANAGER = "pagoda-operator"
 REQUEST_TIMEOUT_SECONDS = 30
 
 
@@ -44,6 +50,7 @@ PODS = Resource("v1", "pods")
 PVCS = Resource("v1", "persistentvolumeclaims")
 HPAS = Resource("autoscaling/v2", "horizontalpodautoscalers")
 PDBS = Resource("policy/v1", "poddisruptionbudgets")
+EVENTS = Resource("v1", "events")
 RESOURCES_BY_KIND = {
     "Deployment": DEPLOYMENTS,
     "Service": SERVICES,
@@ -103,6 +110,16 @@ class KubeClient:
         # Filter here too: the selector is the contract, whatever the server did with it.
         return [item for item in result.get("items") or [] if matches_labels(item, selector)]
 
+    async def events_about(self, namespace: str, kind: str, reasons: Collection[str]) -> list[dict[str, Any]]:
+        """Core events on objects of `kind` with one of `reasons` (the server filters by kind)."""
+        query = [("fieldSelector", f"involvedObject.kind={kind}")]
+        result = await self._call("GET", EVENTS.path(namespace), query=query)
+        return [
+            event
+            for event in result.get("items") or []
+            if event.get("reason") in reasons and (event.get("involvedObject") or {}).get("kind") == kind
+        ]
+
     async def create(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         namespace = manifest["metadata"]["namespace"]
         return await self._call("POST", resource_of(manifest).path(namespace), body=dict(manifest))
@@ -118,6 +135,21 @@ class KubeClient:
         """A JSON merge patch: maps merge, lists are replaced whole (a template's containers become ours)."""
         return await self._call(
             "PATCH", resource.path(namespace, name, subresource), body=dict(body), content_type=MERGE_PATCH
+        )
+
+    async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply: create the object, or make the operator's fields exactly `manifest`'s.
+
+        `force` takes over fields another manager last wrote (a hand edit with kubectl): the operator's
+        spec is the source of truth for everything it sets.
+        """
+        meta = manifest["metadata"]
+        return await self._call(
+            "PATCH",
+            resource_of(manifest).path(meta["namespace"], meta["name"]),
+            body=dict(manifest),
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            content_type=APPLY_PATCH,
         )
 
     async def delete(self, resource: Resource, namespace: str, name: str) -> bool:

@@ -8,35 +8,37 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import kopf
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from pagoda_operator import autoscaler, builders, kube, labels
-from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_quantity, parse_spec
+from pagoda_operator.autoscaler import scrape_port, to_rfc3339, window_from_status
+from pagoda_operator.defaults import OperatorDefaults
+from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_spec
 from pagoda_operator.status import (
+    VOLUME_FAILURE_REASONS,
     Condition,
     base_status,
+    contains,
     find_condition,
     merge_conditions,
-    pod_failures,
+    problems_of,
     readiness_conditions,
+    scaling_condition,
     utc_now,
 )
-from pagoda_operator.warmpool import plan_pod_roles, summarize_pool
+from pagoda_operator.warmpool import plan_pod_roles, serving_ready_pods, summarize_pool
 
 RETRY_DELAY_SECONDS = 30
+# A claim may wait for its first pod (WaitForFirstConsumer) or a slow provisioner: unbound after this
+# long, it is reported as Degraded.
+CLAIM_BIND_GRACE_SECONDS = 120
 # The scrape port when a pod has no prometheus.io/port annotation (the engine's port).
 DEFAULT_METRICS_PORT = 8000
-
-
-def engine_image() -> str:
-    return os.environ.get("PAGODA_ENGINE_IMAGE") or builders.DEFAULT_ENGINE_IMAGE
 
 
 class Reconciler:
@@ -67,7 +69,7 @@ class Reconciler:
             self._warned.pop((namespace, name), None)
             try:
                 pods = await self.sync_pod_roles(body, spec)
-                await self.apply_children(body, spec)
+                await self.apply_children(body, spec, await self.pin_defaults(body))
                 await self.write_status(body, spec, pods)
             except ApiException as err:
                 message = (
@@ -102,17 +104,18 @@ class Reconciler:
             if not spec.builtin_autoscaling_enabled:
                 return
             pods = await self.client.list(kube.PODS, namespace, labels.selector_labels(name))
-            serving = [p for p in pods if is_serving_and_ready(p)]
+            serving = serving_ready_pods(pods)
             targets = [(p["status"]["podIP"], scrape_port(p, metrics_port)) for p in serving]
             loads = await autoscaler.scrape_pods(targets)
             policy = spec.autoscaling
-            recommendation = autoscaler.recommend_replicas(loads, policy) if loads else None
+            missing = len(targets) - len(loads)
+            recommendation = autoscaler.recommend_with_missing(loads, missing, spec.replicas, policy)
             status = body.get("status") or {}
             window = window_from_status(status.get("autoscaler") or {})
             decision = autoscaler.decide_scale(
                 spec.replicas, len(serving), recommendation, policy, window, time.time()
             )
-            await self.write_autoscaler_status(body, decision, loads)
+            await self.write_autoscaler_status(body, decision, loads, missing)
             if decision.replicas != spec.replicas:
                 # through the scale subresource, as an HPA would: RBAC can grant it apart from the spec
                 await self.client.patch(
@@ -186,10 +189,23 @@ class Reconciler:
                 announce(body, reason="Demoted", message=f"pod {patch.name} left the Service and drains")
         return pods
 
-    async def apply_children(self, body: Mapping[str, Any], spec: LLMDeploymentSpec) -> None:
+    async def pin_defaults(self, body: Mapping[str, Any]) -> OperatorDefaults:
+        """The operator's defaults pinned for this spec generation; pins the current ones on a new one."""
+        generation = body["metadata"].get("generation")
+        pinned = OperatorDefaults.pinned(body)
+        if pinned is not None and pinned.generation == generation:
+            return pinned
+        current = OperatorDefaults.current(generation)
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        await self.client.patch(kube.LLMDEPLOYMENTS, namespace, name, current.annotation_patch)
+        return current
+
+    async def apply_children(
+        self, body: Mapping[str, Any], spec: LLMDeploymentSpec, defaults: OperatorDefaults
+    ) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         manifests = [
-            builders.build_deployment(name, namespace, spec, engine_image()),
+            builders.build_deployment(name, namespace, spec, defaults.engine_image, defaults.run_as_user),
             builders.build_service(name, namespace),
             builders.build_pdb(name, namespace),
         ]
@@ -200,7 +216,7 @@ class Reconciler:
         kopf.adopt(manifests, owner=body)  # type: ignore[arg-type]
         for manifest in manifests:
             # A claim's spec is immutable once bound (only its size may grow): create it, never patch it.
-            action = await self.apply(manifest, patch_drift=manifest["kind"] != "PersistentVolumeClaim")
+            action = await self.apply(manifest, create_only=manifest["kind"] == "PersistentVolumeClaim")
             if action is not None:
                 announce(
                     body,
@@ -215,26 +231,18 @@ class Reconciler:
                 f"mode is {spec.autoscaling.mode}, enabled={spec.autoscaling.enabled}",
             )
 
-    async def apply(self, manifest: dict[str, Any], patch_drift: bool = True) -> str | None:
-        """Create the object or patch it back to the manifest; returns what it did, None when in sync."""
+    async def apply(self, manifest: dict[str, Any], create_only: bool = False) -> str | None:
+        """Server-side apply the manifest; returns what it did, None when the object was already so."""
         resource = kube.resource_of(manifest)
         meta = manifest["metadata"]
         live = await self.client.get(resource, meta["namespace"], meta["name"])
         if live is None:
-            await self.client.create(manifest)
+            await self.client.apply(manifest)
             return "Created"
-        if not patch_drift or contains(live, manifest):
+        if create_only:
             return None
-        await self.client.patch(
-            resource,
-            meta["namespace"],
-            meta["name"],
-            {
-                "metadata": {"labels": meta.get("labels"), "ownerReferences": meta["ownerReferences"]},
-                "spec": manifest["spec"],
-            },
-        )
-        return "Updated"
+        applied = await self.client.apply(manifest)
+        return "Updated" if without_bookkeeping(applied) != without_bookkeeping(live) else None
 
     async def delete_owned(self, resource: kube.Resource, body: Mapping[str, Any]) -> bool:
         """Delete a child only if this LLMDeployment owns it (never a user's object with the same name)."""
@@ -252,20 +260,37 @@ class Reconciler:
         generation = body["metadata"].get("generation")
         pool = summarize_pool(pods, spec.replicas)
         existing = (body.get("status") or {}).get("conditions") or []
-        updates = readiness_conditions(
-            spec.replicas, pool, spec.replicas + spec.warm_pool_size, pod_failures(pods)
+        deployment = await self.client.get(kube.DEPLOYMENTS, namespace, name)
+        claim = (
+            await self.client.get(kube.PVCS, namespace, builders.cache_claim_name(name))
+            if spec.cache.enabled
+            else None
         )
-        updates.append(scaling_condition(spec, existing))
+        # Only while some pod is not ready: a healthy pool costs no event listing.
+        events = (
+            await self.client.events_about(namespace, "Pod", VOLUME_FAILURE_REASONS)
+            if pool.loading
+            else []
+        )
+        problems = problems_of(pods, deployment, claim, time.time(), CLAIM_BIND_GRACE_SECONDS, events)
+        updates = readiness_conditions(spec.replicas, pool, spec.replicas + spec.warm_pool_size, problems)
+        hpa = await self.client.get(kube.HPAS, namespace, name) if spec.hpa_enabled else None
+        updates.append(scaling_condition(spec, existing, hpa))
         status = base_status(name, namespace, generation, spec.replicas, pool)
         status["conditions"] = merge_conditions(existing, updates, utc_now(), generation)
         await self.patch_status(body, status)
 
     async def write_autoscaler_status(
-        self, body: Mapping[str, Any], decision: autoscaler.ScaleDecision, loads: Sequence[autoscaler.PodLoad]
+        self,
+        body: Mapping[str, Any],
+        decision: autoscaler.ScaleDecision,
+        loads: Sequence[autoscaler.PodLoad],
+        missing: int,
     ) -> None:
         status = body.get("status") or {}
         active = decision.reason != "NoMetrics"
-        condition = Condition("ScalingActive", active, decision.reason, decision.message)
+        unanswered = f"; {missing} serving pod(s) missed the scrape (counted at target)" if missing else ""
+        condition = Condition("ScalingActive", active, decision.reason, decision.message + unanswered)
         window = decision.window
         scaled = decision.reason in ("ScaleUp", "ScaleDown", "OutOfBounds")
         previous = status.get("autoscaler") or {}
@@ -276,6 +301,7 @@ class Reconciler:
             "aboveSince": to_rfc3339(window.above_since),
             "belowSince": to_rfc3339(window.below_since),
             "windowPeak": window.window_peak,
+            "waitingSince": to_rfc3339(window.waiting_since),
             "lastScaleTime": to_rfc3339(time.time()) if scaled else previous.get("lastScaleTime"),
         }
         conditions = merge_conditions(
@@ -309,97 +335,11 @@ def api_error_message(err: ApiException) -> str:
         return str(err.body)
 
 
-def scaling_condition(spec: LLMDeploymentSpec, existing: Sequence[Mapping[str, Any]]) -> Condition:
-    autoscaling = spec.autoscaling
-    if not autoscaling.enabled:
-        return Condition("ScalingActive", False, "AutoscalingDisabled", "spec.replicas is set by hand")
-    if autoscaling.mode == "hpa":
-        return Condition(
-            "ScalingActive",
-            True,
-            "HorizontalPodAutoscaler",
-            "an HPA scales on vllm_num_requests_waiting and vllm_kv_cache_usage_perc",
-        )
-    current = find_condition(existing, "ScalingActive")
-    if current is not None and current.get("reason") not in (
-        "AutoscalingDisabled",
-        "HorizontalPodAutoscaler",
-    ):
-        # The builtin autoscaler's own tick owns this condition.
-        return Condition(
-            "ScalingActive",
-            current.get("status") == "True",
-            current.get("reason", ""),
-            current.get("message", ""),
-        )
-    return Condition(
-        "ScalingActive", True, "BuiltinAutoscaler", "the operator scrapes the serving pods' /metrics"
-    )
-
-
-def contains(live: Any, desired: Any) -> bool:
-    """Whether `live` holds everything `desired` says; the server's defaults may add more."""
-    if isinstance(desired, Mapping):
-        return isinstance(live, Mapping) and all(
-            k in live and contains(live[k], v) for k, v in desired.items()
-        )
-    if isinstance(desired, list):
-        return (
-            isinstance(live, list)
-            and len(live) == len(desired)
-            and all(contains(a, b) for a, b in zip(live, desired))
-        )
-    return bool(live == desired) or same_quantity(live, desired)
-
-
-def same_quantity(live: Any, desired: Any) -> bool:
-    """The API server rewrites quantities canonically (2 -> "2", "0.5" -> "500m", "1.5Gi" -> "1536Mi")."""
-    if isinstance(live, bool) or isinstance(desired, bool) or not isinstance(live, (int, str)):
-        return False
-    if not isinstance(desired, (int, str)):
-        return False
-    try:
-        return parse_quantity(live) == parse_quantity(desired)
-    except InvalidSpecError:
-        return False
-
-
-def is_serving_and_ready(pod: Mapping[str, Any]) -> bool:
-    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-    ready = any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
-    )
-    return (
-        (meta.get("labels") or {}).get(labels.SERVING) == "true"
-        and ready
-        and not meta.get("deletionTimestamp")
-        and bool(status.get("podIP"))
-    )
-
-
-def scrape_port(pod: Mapping[str, Any], default: int) -> int:
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    try:
-        return int(annotations.get("prometheus.io/port", default))
-    except ValueError:
-        return default
-
-
-def to_rfc3339(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def from_rfc3339(value: str | None) -> float | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-
-
-def window_from_status(autoscaler_status: Mapping[str, Any]) -> autoscaler.ScalingWindow:
-    return autoscaler.ScalingWindow(
-        above_since=from_rfc3339(autoscaler_status.get("aboveSince")),
-        below_since=from_rfc3339(autoscaler_status.get("belowSince")),
-        window_peak=autoscaler_status.get("windowPeak"),
-    )
+def without_bookkeeping(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The object minus what moves without the operator (status) and on every write (resourceVersion)."""
+    meta = {
+        k: v
+        for k, v in (obj.get("metadata") or {}).items()
+        if k not in ("resourceVersion", "managedFields", "generation")
+    }
+    return {**{k: v for k, v in obj.items() if k != "status"}, "metadata": meta}

@@ -96,6 +96,9 @@ class EngineSpec:
     kv_cache_memory_bytes: int | None = None
     max_num_seqs: int | None = None
     shutdown_timeout_seconds: int = 60
+    # The startup probe's budget for loading and warming the model (the download runs before, in an init
+    # container): a hung start gives its GPUs back after this, not after hours.
+    startup_timeout_seconds: int = 1800
     extra_args: tuple[str, ...] = ()
     env: tuple[dict[str, Any], ...] = ()
 
@@ -121,6 +124,16 @@ class CacheSpec:
 
 
 @dataclass(frozen=True)
+class RolloutSpec:
+    """How the Deployment replaces pods; None means the operator picks (see `LLMDeploymentSpec`)."""
+
+    max_surge: int | None = None
+    max_unavailable: int | None = None
+    # Beyond this the Deployment reports ProgressDeadlineExceeded, copied into the status as Degraded.
+    progress_deadline_seconds: int = 3600
+
+
+@dataclass(frozen=True)
 class SecretKeyRef:
     name: str
     key: str = "api-key"
@@ -140,6 +153,10 @@ class LLMDeploymentSpec:
     tolerations: tuple[dict[str, Any], ...] = ()
     affinity: dict[str, Any] | None = None
     priority_class_name: str | None = None
+    rollout: RolloutSpec = field(default_factory=RolloutSpec)
+    topology_spread_constraints: tuple[dict[str, Any], ...] | None = None  # None: the operator's default
+    runtime_class_name: str | None = None
+    service_account_name: str | None = None
 
     @property
     def gpu_count(self) -> int:
@@ -153,6 +170,26 @@ class LLMDeploymentSpec:
     @property
     def builtin_autoscaling_enabled(self) -> bool:
         return self.autoscaling.enabled and self.autoscaling.mode == "builtin"
+
+    @property
+    def max_surge(self) -> int:
+        """A surge pod needs a spare GPU, which a full pool does not have: with a warm pool, replace a
+        warm pod first (the replica set deletes warm pods before serving ones) and keep serving capacity."""
+        if self.rollout.max_surge is not None:
+            return self.rollout.max_surge
+        return 0 if self.warm_pool_size > 0 else 1
+
+    @property
+    def max_unavailable(self) -> int:
+        if self.rollout.max_unavailable is not None:
+            return self.rollout.max_unavailable
+        return 1 if self.max_surge == 0 else 0
+
+    @property
+    def max_pods(self) -> int:
+        """The most engine pods that can exist at once: the scaling ceiling, the warm pool, a surge."""
+        serving = self.autoscaling.max_replicas if self.autoscaling.enabled else self.replicas
+        return serving + self.warm_pool_size + self.max_surge
 
 
 def _int(section: Mapping[str, Any], key: str, default: int | None, low: int, high: int, where: str) -> Any:
@@ -240,6 +277,7 @@ def parse_engine(engine: Mapping[str, Any]) -> EngineSpec:
         kv_cache_memory_bytes=kv_cache_bytes,
         max_num_seqs=_int(engine, "maxNumSeqs", None, 1, 65536, where),
         shutdown_timeout_seconds=_int(engine, "shutdownTimeoutSeconds", 60, 0, 3600, where),
+        startup_timeout_seconds=_int(engine, "startupTimeoutSeconds", 1800, 60, 6 * 3600, where),
         extra_args=extra_args,
         env=tuple(dict(item) for item in engine.get("env") or ()),
     )
@@ -284,6 +322,39 @@ def parse_cache(cache: Mapping[str, Any]) -> CacheSpec:
     )
 
 
+def parse_rollout(rollout: Mapping[str, Any]) -> RolloutSpec:
+    where = "spec.rollout"
+    parsed = RolloutSpec(
+        max_surge=_int(rollout, "maxSurge", None, 0, 100, where),
+        max_unavailable=_int(rollout, "maxUnavailable", None, 0, 100, where),
+        progress_deadline_seconds=_int(rollout, "progressDeadlineSeconds", 3600, 60, 6 * 3600, where),
+    )
+    if parsed.max_surge == 0 and parsed.max_unavailable == 0:
+        raise InvalidSpecError(f"{where}: maxSurge and maxUnavailable cannot both be 0 (no pod could move)")
+    return parsed
+
+
+def check_storage(spec: LLMDeploymentSpec) -> None:
+    """A single-node access mode cannot serve pods that may land on several nodes at once."""
+    mode, pods = spec.cache.access_mode, spec.max_pods
+    if not spec.cache.enabled or mode == "ReadWriteMany" or pods <= 1:
+        return
+    how = (
+        f"up to {pods} engine pods can exist at once (replicas or autoscaling.maxReplicas, "
+        f"warmPool.size {spec.warm_pool_size}, rollout surge {spec.max_surge})"
+    )
+    if mode == "ReadWriteOncePod":
+        raise InvalidSpecError(
+            f"spec.cache.accessMode ReadWriteOncePod lets one pod mount the cache, but {how}: a rollout "
+            "would wait forever for the old pod's claim; use ReadWriteMany (a storage class that offers it)"
+        )
+    raise InvalidSpecError(
+        f"spec.cache.accessMode ReadWriteOnce attaches the cache to one node, but {how} and pods on "
+        "other nodes fail with multi-attach errors; use ReadWriteMany with a storage class that offers "
+        "it (e.g. NFS, CephFS, EFS, Filestore, Azure Files), or disable the cache"
+    )
+
+
 def parse_secret_ref(ref: Any) -> SecretKeyRef:
     if not isinstance(ref, Mapping) or not ref.get("name"):
         raise InvalidSpecError("spec.apiKeySecretRef needs the Secret's name (and optionally its key)")
@@ -308,7 +379,16 @@ def parse_spec(spec: Mapping[str, Any]) -> LLMDeploymentSpec:
         tolerations=tuple(spec.get("tolerations") or ()),
         affinity=spec.get("affinity"),
         priority_class_name=spec.get("priorityClassName"),
+        rollout=parse_rollout(_section(spec, "rollout")),
+        topology_spread_constraints=(
+            None
+            if spec.get("topologySpreadConstraints") is None
+            else tuple(dict(c) for c in spec["topologySpreadConstraints"])
+        ),
+        runtime_class_name=spec.get("runtimeClassName"),
+        service_account_name=spec.get("serviceAccountName"),
     )
+    check_storage(parsed)
     tp, gpus = parsed.engine.tensor_parallel_size, parsed.gpu_count
     if tp > 1 and gpus < tp:
         raise InvalidSpecError(

@@ -8,8 +8,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pagoda_operator import labels
+from pagoda_operator.autoscaler import DECISION_REASONS, from_rfc3339
 from pagoda_operator.builders import endpoint_url
-from pagoda_operator.warmpool import PoolSummary
+from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_quantity
+from pagoda_operator.warmpool import PoolSummary, is_ready
 
 # Container states that will not fix themselves without the user.
 FAILING_REASONS = frozenset(
@@ -64,6 +66,14 @@ def find_condition(conditions: Sequence[Mapping[str, Any]], type_: str) -> Mappi
     return next((c for c in conditions if c.get("type") == type_), None)
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Something that will not fix itself, for the Degraded condition (reason: CamelCase, for machines)."""
+
+    reason: str
+    message: str
+
+
 def pod_failures(pods: Sequence[Mapping[str, Any]]) -> list[str]:
     """'pod/container: Reason: message' for every container stuck in a state it will not leave alone."""
     failures = []
@@ -81,8 +91,84 @@ def pod_failures(pods: Sequence[Mapping[str, Any]]) -> list[str]:
     return failures
 
 
+def unschedulable_pods(pods: Sequence[Mapping[str, Any]]) -> list[str]:
+    """'pod: the scheduler's message' for pods no node can take (no free GPU, an unbound claim, taints)."""
+    found = []
+    for pod in pods:
+        for condition in (pod.get("status") or {}).get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("reason") == "Unschedulable":
+                found.append(f"{pod['metadata']['name']}: {condition.get('message', 'Unschedulable')}")
+    return found
+
+
+# The kubelet's and attach-detach controller's events for a volume that will not attach or mount, e.g. a
+# ReadWriteOnce claim already attached on another node ("Multi-Attach error").
+VOLUME_FAILURE_REASONS = frozenset({"FailedAttachVolume", "FailedMount"})
+
+
+def volume_failures(pods: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]]) -> list[str]:
+    """'pod: message' for unready pods whose volumes fail to attach or mount (old events of pods that
+    came up since are ignored)."""
+    waiting = {
+        (pod["metadata"]["name"], pod["metadata"].get("uid"))
+        for pod in pods
+        if not is_ready(pod) and not pod["metadata"].get("deletionTimestamp")
+    }
+    found = []
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        if event.get("reason") in VOLUME_FAILURE_REASONS and any(
+            involved.get("name") == name and involved.get("uid") in (None, uid) for name, uid in waiting
+        ):
+            found.append(f"{involved['name']}: {event.get('reason')}: {event.get('message', '')}")
+    return sorted(set(found))
+
+
+def rollout_problem(deployment: Mapping[str, Any] | None) -> Problem | None:
+    """The Deployment's own verdict on a rollout that stopped moving (progressDeadlineSeconds passed)."""
+    conditions = ((deployment or {}).get("status") or {}).get("conditions") or []
+    progressing = find_condition(conditions, "Progressing")
+    if progressing is not None and progressing.get("reason") == "ProgressDeadlineExceeded":
+        return Problem("ProgressDeadlineExceeded", str(progressing.get("message") or "the rollout stalled"))
+    return None
+
+
+def claim_problem(claim: Mapping[str, Any] | None, now: float, grace_seconds: float) -> Problem | None:
+    """A cache claim still unbound after `grace_seconds`: no storage class provisions it as asked."""
+    if claim is None or ((claim.get("status") or {}).get("phase") or "Pending") != "Pending":
+        return None
+    created = from_rfc3339((claim.get("metadata") or {}).get("creationTimestamp"))
+    if created is None or now - created < grace_seconds:
+        return None
+    spec = claim.get("spec") or {}
+    return Problem(
+        "CacheClaimUnbound",
+        f"PersistentVolumeClaim {claim['metadata']['name']} is not bound after {int(now - created)} s: no "
+        f"volume or storage class ({spec.get('storageClassName') or 'the default class'}) provides "
+        f"{', '.join(spec.get('accessModes') or [])}; set spec.cache.storageClassName or accessMode",
+    )
+
+
+def problems_of(
+    pods: Sequence[Mapping[str, Any]],
+    deployment: Mapping[str, Any] | None,
+    claim: Mapping[str, Any] | None,
+    now: float,
+    claim_grace_seconds: float,
+    events: Sequence[Mapping[str, Any]] = (),
+) -> list[Problem]:
+    per_pod = [
+        ("PodsFailing", pod_failures(pods)),
+        ("PodsUnschedulable", unschedulable_pods(pods)),
+        ("VolumeAttachFailed", volume_failures(pods, events)),
+    ]
+    problems = [Problem(reason, "; ".join(found[:3])) for reason, found in per_pod if found]
+    whole = (rollout_problem(deployment), claim_problem(claim, now, claim_grace_seconds))
+    return problems + [problem for problem in whole if problem is not None]
+
+
 def readiness_conditions(
-    desired: int, pool: PoolSummary, desired_pods: int, failures: Sequence[str]
+    desired: int, pool: PoolSummary, desired_pods: int, problems: Sequence[Problem]
 ) -> list[Condition]:
     if pool.ready_serving >= desired:
         ready = Condition(
@@ -96,7 +182,10 @@ def readiness_conditions(
             f"{pool.ready_serving}/{desired} serving replicas ready, {pool.loading} pod(s) loading",
         )
     starting = desired_pods - pool.loading - pool.ready_serving - pool.warm
-    if pool.loading or starting > 0:
+    if problems:
+        # Stalled, not progressing: waiting will not help until someone acts on Degraded's message.
+        progressing = Condition("Progressing", False, problems[0].reason, "stalled: see Degraded")
+    elif pool.loading or starting > 0:
         progressing = Condition(
             "Progressing",
             True,
@@ -105,8 +194,10 @@ def readiness_conditions(
         )
     else:
         progressing = Condition("Progressing", False, "Stable", "every pod is loaded and ready")
-    if failures:
-        degraded = Condition("Degraded", True, "PodsFailing", "; ".join(failures[:3]))
+    if problems:
+        degraded = Condition(
+            "Degraded", True, problems[0].reason, "; ".join(f"{p.reason}: {p.message}" for p in problems)
+        )
     else:
         degraded = Condition("Degraded", False, "AsExpected", "")
     return [ready, progressing, degraded]
@@ -126,3 +217,78 @@ def base_status(
     if generation is not None:
         status["observedGeneration"] = generation
     return status
+
+
+def hpa_condition(hpa: Mapping[str, Any] | None) -> Condition:
+    """The HPA's own verdict (AbleToScale, ScalingActive, ScalingLimited), not a blanket True."""
+    conditions = ((hpa or {}).get("status") or {}).get("conditions") or []
+    blocking = next(
+        (
+            c
+            for c in conditions
+            if c.get("type") in ("AbleToScale", "ScalingActive") and c.get("status") == "False"
+        ),
+        None,
+    )
+    if blocking is not None:
+        reason, message = blocking.get("reason", "HPAFailing"), blocking.get("message", "")
+        return Condition("ScalingActive", False, reason, f"HPA: {message}")
+    active = find_condition(conditions, "ScalingActive")
+    if active is None:
+        return Condition(
+            "ScalingActive", False, "WaitingForHPA", "the HorizontalPodAutoscaler has not reported yet"
+        )
+    limited = find_condition(conditions, "ScalingLimited")
+    limit = f"; {limited.get('message', '')}" if limited and limited.get("status") == "True" else ""
+    return Condition(
+        "ScalingActive", True, active.get("reason", "HPAActive"), f"HPA: {active.get('message', '')}{limit}"
+    )
+
+
+def scaling_condition(
+    spec: LLMDeploymentSpec, existing: Sequence[Mapping[str, Any]], hpa: Mapping[str, Any] | None = None
+) -> Condition:
+    autoscaling = spec.autoscaling
+    if not autoscaling.enabled:
+        return Condition("ScalingActive", False, "AutoscalingDisabled", "spec.replicas is set by hand")
+    if autoscaling.mode == "hpa":
+        return hpa_condition(hpa)
+    current = find_condition(existing, "ScalingActive")
+    if current is not None and current.get("reason") in DECISION_REASONS:
+        # The builtin autoscaler's own tick owns this condition.
+        return Condition(
+            "ScalingActive",
+            current.get("status") == "True",
+            current.get("reason", ""),
+            current.get("message", ""),
+        )
+    return Condition(
+        "ScalingActive", True, "BuiltinAutoscaler", "the operator scrapes the serving pods' /metrics"
+    )
+
+
+def contains(live: Any, desired: Any) -> bool:
+    """Whether `live` holds everything `desired` says; the server's defaults may add more."""
+    if isinstance(desired, Mapping):
+        return isinstance(live, Mapping) and all(
+            k in live and contains(live[k], v) for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(live, list)
+            and len(live) == len(desired)
+            and all(contains(a, b) for a, b in zip(live, desired))
+        )
+    return bool(live == desired) or same_quantity(live, desired)
+
+
+def same_quantity(live: Any, desired: Any) -> bool:
+    """The API server rewrites quantities canonically (2 -> "2", "0.5" -> "500m", "1.5Gi" -> "1536Mi")."""
+    if isinstance(live, bool) or isinstance(desired, bool) or not isinstance(live, (int, str)):
+        return False
+    if not isinstance(desired, (int, str)):
+        return False
+    try:
+        return parse_quantity(live) == parse_quantity(desired)
+    except InvalidSpecError:
+        return False

@@ -1,10 +1,13 @@
 """The warm pool: which engine pods serve, decided by labels, never by restarts.
 
-The Deployment runs `replicas + warmPool.size` pods, all born with `pagoda.dev/serving: "false"`. Of the
-ready pods, exactly `replicas` carry "true" and so sit behind the Service; the rest stay loaded and warm.
-Scaling up flips the label on a warm pod (seconds); scaling down flips serving pods back (they leave the
-endpoints and finish their requests) before the Deployment shrinks, and the pod-deletion-cost annotation
-makes the replica set remove idle warm pods and unready pods before any pod that serves.
+The Deployment runs `replicas + warmPool.size` pods, all born with `pagoda.dev/serving: "true"`: a pod
+joins the Service the moment it is ready, with or without the operator, so while the operator is down
+(one pod, being rescheduled) evicted, drained or rolled pods still come back as capacity: the pool fails
+open. Of the ready pods the operator keeps exactly `replicas` serving and demotes the surplus to "false",
+where they stay loaded and warm. Scaling up flips the label on a warm pod (seconds); scaling down flips
+serving pods back (they leave the endpoints and finish their requests) before the Deployment shrinks, and
+the pod-deletion-cost annotation makes the replica set remove unready pods and idle warm pods before any
+pod that serves. Unready pods keep (or get back) "true": they serve as soon as they are ready again.
 """
 
 from __future__ import annotations
@@ -15,6 +18,14 @@ from typing import Any
 
 from pagoda_operator import labels
 from pagoda_operator.builders import SERVING_DELETION_COST, UNREADY_DELETION_COST, WARM_DELETION_COST
+
+
+def is_ready(pod: Mapping[str, Any]) -> bool:
+    """The one readiness test: running with its Ready condition true (the kubelet's readiness probe)."""
+    status = pod.get("status") or {}
+    return status.get("phase") == "Running" and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    )
 
 
 @dataclass(frozen=True)
@@ -31,14 +42,9 @@ class PodRole:
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> PodRole:
         meta = pod.get("metadata") or {}
-        status = pod.get("status") or {}
-        conditions = status.get("conditions") or []
-        ready = status.get("phase") == "Running" and any(
-            c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
-        )
         return cls(
             name=meta["name"],
-            ready=ready,
+            ready=is_ready(pod),
             serving=(meta.get("labels") or {}).get(labels.SERVING) == "true",
             terminating=bool(meta.get("deletionTimestamp")),
             created=meta.get("creationTimestamp") or "",
@@ -54,6 +60,7 @@ class PodPatch:
     serving: bool
     deletion_cost: int
     was_serving: bool
+    ready: bool
 
     @property
     def body(self) -> dict[str, Any]:
@@ -66,7 +73,7 @@ class PodPatch:
 
     @property
     def promotes(self) -> bool:
-        return self.serving and not self.was_serving
+        return self.serving and not self.was_serving and self.ready
 
     @property
     def demotes(self) -> bool:
@@ -91,7 +98,8 @@ def choose_serving(pods: Sequence[PodRole], desired_serving: int) -> set[str]:
 def plan_pod_roles(pods: Sequence[Mapping[str, Any]], desired_serving: int) -> list[PodPatch]:
     """The label/annotation patches that leave exactly `desired_serving` ready pods serving.
 
-    Terminating pods are left alone: they are already out of the endpoints and draining.
+    Terminating pods are left alone: they are already out of the endpoints and draining. Unready pods
+    carry "true" (outside the endpoints anyway until ready), so they serve on readiness unaided.
     """
     roles = [PodRole.from_pod(pod) for pod in pods]
     serving = choose_serving(roles, desired_serving)
@@ -99,13 +107,23 @@ def plan_pod_roles(pods: Sequence[Mapping[str, Any]], desired_serving: int) -> l
     for role in roles:
         if role.terminating:
             continue
-        wanted = role.name in serving
+        wanted = role.name in serving or not role.ready
         cost = (
-            SERVING_DELETION_COST if wanted else WARM_DELETION_COST if role.ready else UNREADY_DELETION_COST
+            SERVING_DELETION_COST
+            if role.name in serving
+            else WARM_DELETION_COST
+            if role.ready
+            else UNREADY_DELETION_COST
         )
         if wanted != role.serving or role.deletion_cost != str(cost):
             patches.append(
-                PodPatch(name=role.name, serving=wanted, deletion_cost=cost, was_serving=role.serving)
+                PodPatch(
+                    name=role.name,
+                    serving=wanted,
+                    deletion_cost=cost,
+                    was_serving=role.serving,
+                    ready=role.ready,
+                )
             )
     return patches
 
@@ -121,3 +139,15 @@ def summarize_pool(pods: Sequence[Mapping[str, Any]], desired_serving: int) -> P
         warm=ready - ready_serving,
         loading=len(live) - ready,
     )
+
+
+def serving_ready_pods(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The pods behind the Service that answer now: what the autoscaler scrapes."""
+    return [
+        pod
+        for pod in pods
+        if (role := PodRole.from_pod(pod)).serving
+        and role.ready
+        and not role.terminating
+        and (pod.get("status") or {}).get("podIP")
+    ]

@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "pagoda"
 CRD_FILE = "llmdeployments.pagoda.dev.yaml"
 KUBERNETES_VERSION = "1.37"
+# The chart's kubeVersion floor (preStop sleep is on from 1.30), a mid version, and the newest schemas.
+SUPPORTED_VERSIONS = ("1.30", "1.33", KUBERNETES_VERSION)
 RELEASE_NAMESPACE = "pagoda-system"
 
 ALL_FEATURES = {
@@ -113,19 +115,33 @@ def test_chart_crd_is_the_repository_crd() -> None:
         f"the chart's CRD differs from crds/: run `cp crds/{CRD_FILE} charts/pagoda/crds/{CRD_FILE}`")
 
 
-def test_every_object_validates_against_kubernetes_schemas(rendered: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_every_object_validates_against_kubernetes_schemas(
+    rendered: list[dict[str, Any]], version: str
+) -> None:
     kinds = set()
     for obj in rendered:
         kinds.add(obj["kind"])
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
             check_pod_monitor(obj)
             continue
+        if obj["apiVersion"] == "kopf.dev/v1":
+            check_peering(obj, rendered)
+            continue
         try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+            kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as err:
             where = ".".join(map(str, err.path))
-            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {where}: {err.message}")
+            pytest.fail(f"{version}: {obj['kind']}/{obj['metadata']['name']}: {where}: {err.message}")
     assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
+
+
+def check_peering(obj: dict[str, Any], rendered: list[dict[str, Any]]) -> None:
+    """kopf's peering objects: their CRD ships with the chart, and they hold nothing but metadata."""
+    crds = {c["spec"]["names"]["kind"]: c for c in by_kind(rendered, "CustomResourceDefinition")}
+    assert obj["kind"] in crds and crds[obj["kind"]]["spec"]["group"] == "kopf.dev"
+    assert (crds[obj["kind"]]["spec"]["scope"] == "Namespaced") == ("namespace" in obj["metadata"])
+    assert set(obj) == {"apiVersion", "kind", "metadata"}
 
 
 def check_pod_monitor(obj: dict[str, Any]) -> None:
@@ -167,21 +183,33 @@ def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return container
 
 
-def test_operator_runs_kopf_standalone_over_the_watched_namespaces(tmp_path: Path) -> None:
-    cluster_wide = operator_container(render(tmp_path))
+def test_operator_runs_kopf_with_peering_over_the_watched_namespaces(tmp_path: Path) -> None:
+    objects = render(tmp_path)
+    cluster_wide = operator_container(objects)
     assert cluster_wide["command"] == ["kopf", "run"]
-    assert {"--module=pagoda_operator", "--standalone", "--all-namespaces"} <= set(cluster_wide["args"])
+    wanted = {"--module=pagoda_operator.handlers", "--peering=pagoda", "--all-namespaces"}
+    assert wanted <= set(cluster_wide["args"]) and "--standalone" not in cluster_wide["args"]
+    (peering,) = by_kind(objects, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "pagoda"
 
-    namespaced = operator_container(render(tmp_path, ALL_FEATURES))["args"]
+    objects = render(tmp_path, ALL_FEATURES)
+    namespaced = operator_container(objects)["args"]
     assert "--all-namespaces" not in namespaced
-    assert {"--namespace=ml-team", "--namespace=research", "--standalone", "--debug"} <= set(namespaced)
+    assert {"--namespace=ml-team", "--namespace=research", "--peering=pagoda", "--debug"} <= set(namespaced)
+    peerings = by_kind(objects, "KopfPeering")
+    assert {p["metadata"]["namespace"] for p in peerings} == {"ml-team", "research"}
+    assert not by_kind(objects, "ClusterKopfPeering")
 
 
 def test_operator_pod_is_locked_down(tmp_path: Path) -> None:
     objects = render(tmp_path)
     (deployment,) = by_kind(objects, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Highly available: two replicas on different nodes, kopf's peering keeps one active.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
     assert pod["securityContext"]["runAsNonRoot"] is True
     container = operator_container(objects)
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -189,6 +217,31 @@ def test_operator_pod_is_locked_down(tmp_path: Path) -> None:
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+
+
+@pytest.mark.parametrize(("version", "installs"), [("1.29.10", False), ("1.30.0", True), ("1.33.1", True)])
+def test_chart_requires_kubernetes_1_30(version: str, installs: bool, tmp_path: Path) -> None:
+    """The engine pods' preStop `sleep` action is alpha and off in 1.29: helm refuses such a cluster."""
+    result = helm("template", "pagoda", str(CHART), "--kube-version", version, check=False)
+    assert (result.returncode == 0) is installs, result.stderr
+    if not installs:
+        assert "kubeVersion" in result.stderr or "incompatible" in result.stderr
+
+
+def test_engine_uid_can_be_left_to_the_platform(tmp_path: Path) -> None:
+    """OpenShift assigns a UID per namespace: the operator pod and the engine pods can run as any."""
+    env = {e["name"]: e.get("value") for e in operator_container(render(tmp_path))["env"]}
+    assert env["PAGODA_ENGINE_RUN_AS_USER"] == "10001"
+    values = {
+        "engineSecurity": {"runAsUser": ""},
+        "podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},
+    }
+    objects = render(tmp_path, values)
+    env = {e["name"]: e.get("value") for e in operator_container(objects)["env"]}
+    assert env["PAGODA_ENGINE_RUN_AS_USER"] == ""
+    (deployment,) = by_kind(objects, "Deployment")
+    context = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert context["runAsNonRoot"] is True and not {"runAsUser", "runAsGroup", "fsGroup"} & set(context)
 
 
 # ------------------------------------------------------------------------------------------------ RBAC
@@ -207,15 +260,25 @@ def rules_of(role: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
 REQUIRED_NAMESPACED = {
     ("pagoda.dev", "llmdeployments", v) for v in ("get", "list", "watch", "patch")} | {
     ("pagoda.dev", "llmdeployments/status", "patch"), ("pagoda.dev", "llmdeployments/scale", "patch")} | {
-    (g, r, v) for g, r in [("apps", "deployments"), ("", "services"), ("", "persistentvolumeclaims"),
-                           ("autoscaling", "horizontalpodautoscalers"), ("policy", "poddisruptionbudgets")]
-    for v in ("get", "list", "watch", "create", "patch", "delete")} | {
-    ("", "pods", v) for v in ("list", "watch", "patch")} | {("", "events", "create")}
+    # Children are server-side applied: get, then create or patch; never listed, watched or replaced.
+    (g, r, v) for g, r in [("apps", "deployments"), ("", "services"), ("policy", "poddisruptionbudgets"),
+                           ("autoscaling", "horizontalpodautoscalers")]
+    for v in ("get", "create", "patch")} | {
+    ("", "persistentvolumeclaims", "get"), ("", "persistentvolumeclaims", "create"),  # never patched
+    ("autoscaling", "horizontalpodautoscalers", "delete")} | {
+    ("", "pods", v) for v in ("list", "watch", "patch")} | {("", "events", "create"), ("", "events", "list"),
+                                                             ("events.k8s.io", "events", "create")} | {
+    # blockOwnerDeletion on the children needs it where owner-reference permissions are enforced.
+    ("pagoda.dev", "llmdeployments/finalizers", "update")}
 REQUIRED_CLUSTER = {("", "namespaces", "list"), ("", "namespaces", "watch"),
                     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
                     ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
-ALLOWED_GROUPS = {"", "apps", "autoscaling", "policy", "pagoda.dev", "apiextensions.k8s.io", "events.k8s.io"}
-FORBIDDEN_RESOURCES = {"secrets", "configmaps", "nodes", "clusterkopfpeerings", "kopfpeerings", "pods/exec"}
+# kopf's peering: the replicas meet on one object, cluster-wide or per watched namespace.
+CLUSTER_PEERING = {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+NAMESPACED_PEERING = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+ALLOWED_GROUPS = {"", "apps", "autoscaling", "policy", "pagoda.dev", "apiextensions.k8s.io", "events.k8s.io",
+                  "kopf.dev"}
+FORBIDDEN_RESOURCES = {"secrets", "configmaps", "nodes", "pods/exec"}
 
 
 def assert_least_privilege(triples: set[tuple[str, str, str]]) -> None:
@@ -233,7 +296,7 @@ def test_rbac_cluster_wide_mode(tmp_path: Path) -> None:
     (cluster_role,) = by_kind(objects, "ClusterRole")
     assert not by_kind(objects, "Role")
     triples = set(rules_of(cluster_role))
-    assert triples >= REQUIRED_NAMESPACED | REQUIRED_CLUSTER
+    assert triples == REQUIRED_NAMESPACED | REQUIRED_CLUSTER | CLUSTER_PEERING, "exactly what it uses"
     assert_least_privilege(triples)
     assert_bound_to_operator(objects, cluster_role, "ClusterRoleBinding")
 
@@ -247,7 +310,7 @@ def test_rbac_namespaced_mode(tmp_path: Path) -> None:
     assert {r["metadata"]["namespace"] for r in roles} == set(ALL_FEATURES["watchNamespaces"])
     for role in roles:
         triples = set(rules_of(role))
-        assert triples >= REQUIRED_NAMESPACED
+        assert triples == REQUIRED_NAMESPACED | NAMESPACED_PEERING
         assert_least_privilege(triples)
         assert_bound_to_operator(objects, role, "RoleBinding")
 
@@ -296,6 +359,15 @@ def test_prometheus_adapter_rules_serve_the_hpa_metrics(tmp_path: Path) -> None:
         assert "<<.GroupBy>>" in rule["metricsQuery"]
         served[rule["name"]["as"]] = rule["name"]["matches"].strip("^$")
     assert served == HPA_METRICS
+    assert config_map["metadata"]["namespace"] == RELEASE_NAMESPACE
+
+
+def test_prometheus_adapter_rules_land_in_the_adapters_namespace(tmp_path: Path) -> None:
+    """prometheus-adapter's `rules.existing` mounts a ConfigMap from its own namespace."""
+    values = {"metrics": {"prometheusAdapter": {"enabled": True, "namespace": "monitoring"}}}
+    objects = render(tmp_path, values)
+    (config_map,) = [o for o in objects if o["metadata"]["name"].endswith("prometheus-adapter")]
+    assert config_map["metadata"]["namespace"] == "monitoring"
 
 
 def test_grafana_dashboard_charts_the_engine_metrics(tmp_path: Path) -> None:

@@ -12,20 +12,28 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 import yaml
 
-# Short intervals, read when pagoda_operator.handlers is imported (below, through the package).
+# Short intervals, read when pagoda_operator.handlers is imported (below).
 os.environ.setdefault("PAGODA_RECONCILE_INTERVAL_SECONDS", "2")
 os.environ.setdefault("PAGODA_AUTOSCALE_INTERVAL_SECONDS", "0.5")
 
 import kmock  # noqa: E402
 import kopf  # noqa: E402
+from applying_emulator import ApplyingEmulator  # noqa: E402
 from llmd_testkit import LLMD_RESOURCE, NAMESPACE, load_crd  # noqa: E402
 
-import pagoda_operator  # noqa: E402  (registers the handlers)
+import pagoda_operator.handlers  # noqa: E402  (registers the handlers)
+
+
+@pytest.fixture()
+def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
+    """kmock's emulator, plus server-side apply (which the operator applies its children with)."""
+    return {**kmock_options, "cls": ApplyingEmulator}
 
 
 @pytest_asyncio.fixture()
@@ -63,35 +71,40 @@ async def kube(
     yield kmock
 
 
+STOP_TIMEOUT_SECONDS = 60
+
+
 @pytest_asyncio.fixture()
 async def operator(kube: kmock.KubernetesEmulator) -> AsyncIterator[kmock.KubernetesEmulator]:
-    """`kopf run -m pagoda_operator --all-namespaces --standalone` in a thread with its own event loop.
+    """`kopf run -m pagoda_operator.handlers --all-namespaces --standalone` in a thread, on its own loop.
 
     Not a task on the test's loop: on exit kopf cancels every task left in its loop, the test's included.
     """
     stop = threading.Event()
     loop = asyncio.new_event_loop()
-    task = loop.create_task(kopf.operator(standalone=True, clusterwide=True, stop_flag=stop))
+    settings = kopf.OperatorSettings()
+    # At exit kopf lets workers drain queued events for exit_timeout (2 s), racing its own daemon killer:
+    # an event handled after the killer re-spawns a timer that then holds the exit for kopf's fixed 5 s
+    # grace. The tests' last events matter to nobody, so the queues get 0.1 s; the stop stays graceful.
+    settings.queueing.exit_timeout = 0.1
+    task = loop.create_task(
+        kopf.operator(standalone=True, clusterwide=True, stop_flag=stop, settings=settings)
+    )
     thread = threading.Thread(target=run_until_stopped, args=(loop, task), name="kopf", daemon=True)
     thread.start()
     yield kube
     stop.set()
-    # Join off the loop: the emulator (on this loop) must keep answering while kopf shuts down.
-    await asyncio.to_thread(thread.join, 1.0)
-    if thread.is_alive():
-        # kopf gives timers re-spawned during shutdown a fixed 5 s to exit; cancelling skips that wait.
-        loop.call_soon_threadsafe(task.cancel)
-        await asyncio.to_thread(thread.join, 10)
-    assert not thread.is_alive(), "the operator did not stop"
+    # Wait off the loop (the emulator on this loop must keep answering while kopf shuts down) and never
+    # cancel: kopf's graceful stop runs the cleanup handler, then gives leftover tasks their own time.
+    # The bound only keeps a hung operator from hanging the suite; a healthy stop takes well under it.
+    await asyncio.to_thread(thread.join, STOP_TIMEOUT_SECONDS)
+    assert not thread.is_alive(), f"the operator did not stop within {STOP_TIMEOUT_SECONDS} s"
     assert pagoda_operator.handlers.current_reconciler() is None, "the cleanup handler did not run"
-
 
 def run_until_stopped(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(task)
-    except asyncio.CancelledError:
-        pass
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()

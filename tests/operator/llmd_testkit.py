@@ -122,11 +122,18 @@ def condition(kube: kmock.KubernetesEmulator, name: str, type_: str) -> dict[str
 
 
 def serving_pods(kube: kmock.KubernetesEmulator, names: list[str]) -> set[str]:
-    return {
-        n
-        for n in names
-        if ((obj(kube, PODS, n) or {}).get("metadata", {}).get("labels") or {}).get(SERVING) == "true"
-    }
+    """The pods the Service's endpoints hold: selected by the serving label, and ready."""
+    found = set()
+    for name in names:
+        pod = obj(kube, PODS, name) or {}
+        labelled = (pod.get("metadata", {}).get("labels") or {}).get(SERVING) == "true"
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in (pod.get("status") or {}).get("conditions") or []
+        )
+        if labelled and ready:
+            found.add(name)
+    return found
 
 
 async def create_llmd(kube: kmock.KubernetesEmulator, name: str, spec: dict[str, Any]) -> None:
@@ -150,7 +157,7 @@ def fake_pod(
                 "app.kubernetes.io/name": "pagoda",
                 "app.kubernetes.io/instance": instance,
                 "app.kubernetes.io/managed-by": "pagoda-operator",
-                "pagoda.dev/serving": "false",
+                "pagoda.dev/serving": "true",  # as the Deployment's template has it
             },
             "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(metrics_port)},
         },

@@ -6,12 +6,14 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from pagoda_operator.autoscaler import (
+    SCALE_UP_WAIT_LIMIT_SECONDS,
     MetricsError,
     PodLoad,
     ScalingWindow,
     decide_scale,
     parse_metrics,
     recommend_replicas,
+    recommend_with_missing,
 )
 from pagoda_operator.spec import AutoscalingSpec
 
@@ -144,3 +146,39 @@ def test_without_metrics_it_holds() -> None:
 def test_replicas_outside_the_bounds_are_clamped_first() -> None:
     assert decide_scale(0, 0, None, POLICY, ScalingWindow(), now=0.0).replicas == 1
     assert decide_scale(12, 12, 12, POLICY, ScalingWindow(), now=0.0).replicas == 10
+
+
+# ------------------------------------------------------------------- issue 11: no scale-down under load
+
+
+def test_a_pod_that_misses_the_scrape_cannot_shrink_the_fleet() -> None:
+    """Three pods serve; the overloaded one times out on /metrics. Summing only the two idle ones would
+    recommend 1 replica; as the HPA does, the missing pod counts at the target when scaling down."""
+    policy = AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=10)
+    idle = [PodLoad(waiting=0.0, kv_cache_usage=0.05)] * 2
+    assert recommend_replicas(idle, policy) == 1  # what the tick used to decide on
+    assert recommend_with_missing(idle, missing=1, current=3, policy=policy) == 2
+    # Scaling up, a missing pod adds nothing (it does not invent load).
+    busy = [PodLoad(waiting=20.0, kv_cache_usage=0.5)] * 2
+    expected = recommend_replicas(busy, policy)
+    assert recommend_with_missing(busy, missing=1, current=3, policy=policy) == expected
+    assert recommend_with_missing([], missing=3, current=3, policy=policy) is None
+
+
+def test_a_pending_pod_holds_scale_up_for_a_bounded_time() -> None:
+    policy = AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=10)
+    first = decide_scale(3, 2, 6, policy, ScalingWindow(), now=1000.0)
+    assert (first.replicas, first.reason) == (3, "WaitingForPods")
+    still = decide_scale(3, 2, 6, policy, first.window, now=1000.0 + SCALE_UP_WAIT_LIMIT_SECONDS - 1)
+    assert still.reason == "WaitingForPods" and still.window.waiting_since == 1000.0
+    late = decide_scale(3, 2, 6, policy, still.window, now=1000.0 + SCALE_UP_WAIT_LIMIT_SECONDS)
+    assert (late.replicas, late.reason) == (6, "ScaleUp")
+    assert "only 2/3 are ready" in late.message
+
+
+def test_one_tick_adds_at_most_four_pods_or_doubles() -> None:
+    policy = AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=100)
+    small = decide_scale(1, 1, 40, policy, ScalingWindow(), now=0.0)
+    assert (small.replicas, small.recommendation) == (5, 40) and "capped from 40" in small.message
+    large = decide_scale(10, 10, 40, policy, ScalingWindow(), now=0.0)
+    assert large.replicas == 20

@@ -213,6 +213,7 @@ def test_cel_accepts_every_supported_model_source(source: str) -> None:
         ),  # default max 4
         ({"model": BUILTIN, "engine": {"extraArgs": ["--port=9000"]}}, "engine.extraArgs must not"),
         ({"model": BUILTIN, "engine": {"extraArgs": ["--api-key", "secret"]}}, "engine.extraArgs must not"),
+        ({"model": BUILTIN, "rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "rollout.maxSurge and"),
     ],
 )
 def test_cel_rules_reject_specs_the_operator_cannot_serve(spec: dict[str, Any], message_start: str) -> None:

@@ -160,9 +160,26 @@ async def test_hpa_follows_the_autoscaling_mode(operator: kmock.KubernetesEmulat
     hpa = await wait_for(lambda: obj(kube, HPAS, "auto"))
     assert hpa["spec"]["scaleTargetRef"]["kind"] == "LLMDeployment" and hpa["spec"]["maxReplicas"] == 6
     assert hpa["metadata"]["ownerReferences"][0]["uid"] == "uid-auto"
-    await wait_for(
-        lambda: condition(kube, "auto", "ScalingActive").get("reason") == "HorizontalPodAutoscaler"
+    # No blanket True: the HPA's own conditions are copied once it reports.
+    await wait_for(lambda: condition(kube, "auto", "ScalingActive").get("reason") == "WaitingForHPA")
+    failing = {
+        "type": "ScalingActive",
+        "status": "False",
+        "reason": "FailedGetPodsMetric",
+        "message": "unable to get metric vllm_num_requests_waiting: no metrics returned",
+    }
+    await api_call(
+        kube,
+        "PATCH",
+        f"/apis/autoscaling/v2/namespaces/{NAMESPACE}/horizontalpodautoscalers/auto/status",
+        {"status": {"conditions": [{"type": "AbleToScale", "status": "True"}, failing]}},
     )
+    found = await wait_for(
+        lambda: condition(kube, "auto", "ScalingActive").get("reason") == "FailedGetPodsMetric"
+        and condition(kube, "auto", "ScalingActive"),
+        timeout=10,
+    )
+    assert found["status"] == "False" and "no metrics returned" in found["message"]
 
     await api_call(
         kube, "PATCH", api_path("llmdeployments", "auto"), {"spec": {"autoscaling": {"mode": "builtin"}}}
@@ -200,9 +217,13 @@ async def test_warm_pool_promotion_and_demotion(operator: kmock.KubernetesEmulat
     # A serving pod turns unready: it leaves the Service, a freshly loaded warm pod takes its place.
     (spare,) = await create_pods_named(kube, "pool", ["pool-pod-9"])
     await api_call(kube, "PATCH", api_path("pods", pods[1], "status"), {"status": pod_status(ready=False)})
-    await wait_for(lambda: serving_pods(kube, pods + [spare]) == {pods[0], spare})
-    cost = obj(kube, PODS, pods[1])["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"]
-    assert int(cost) < 0  # the replica set removes it first
+
+    def cost(pod: str) -> int:
+        annotations = obj(kube, PODS, pod)["metadata"]["annotations"]
+        return int(annotations["controller.kubernetes.io/pod-deletion-cost"])
+
+    await wait_for(lambda: cost(pods[1]) < 0)  # the replica set removes it first
+    await wait_for(lambda: cost(spare) > 0 and serving_pods(kube, pods + [spare]) == {pods[0], spare})
 
     # Scale down: serving pods are demoted (they drain) before the Deployment shrinks.
     await api_call(kube, "PATCH", api_path("llmdeployments", "pool", "scale"), {"spec": {"replicas": 1}})
@@ -322,7 +343,7 @@ async def test_builtin_autoscaler_scales_on_scraped_metrics(
 
 
 async def test_kopf_run_cli_serves_the_package(kube: kmock.KubernetesEmulator) -> None:
-    """What the chart's container runs: `kopf run -m pagoda_operator --all-namespaces --standalone`."""
+    """What the chart's container runs: `kopf run -m pagoda_operator.handlers --all-namespaces ...`."""
     await create_llmd(kube, "cli", {"model": BUILTIN})
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -330,7 +351,7 @@ async def test_kopf_run_cli_serves_the_package(kube: kmock.KubernetesEmulator) -
         "kopf",
         "run",
         "-m",
-        "pagoda_operator",
+        "pagoda_operator.handlers",
         "--all-namespaces",
         "--standalone",
         stdout=asyncio.subprocess.DEVNULL,

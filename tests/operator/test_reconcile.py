@@ -7,10 +7,9 @@ import copy
 from typing import Any
 
 from pagoda_operator import builders
-from pagoda_operator.autoscaler import ScalingWindow
-from pagoda_operator.reconcile import contains, from_rfc3339, to_rfc3339, window_from_status
+from pagoda_operator.autoscaler import ScalingWindow, from_rfc3339, to_rfc3339, window_from_status
 from pagoda_operator.spec import parse_spec
-from pagoda_operator.status import Condition, merge_conditions
+from pagoda_operator.status import Condition, contains, merge_conditions
 
 SPEC = parse_spec(
     {

@@ -90,3 +90,41 @@ def test_tensor_parallelism_with_enough_gpus_is_fine() -> None:
         }
     )
     assert spec.gpu_count == 2
+
+
+CACHED = {"model": {"source": "hf://org/model"}, "cache": {"enabled": True}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        # Two serving pods may land on two nodes: a single-node volume ends in multi-attach errors.
+        ({"replicas": 2, "cache": {"accessMode": "ReadWriteOnce"}}, "ReadWriteOnce attaches the cache"),
+        # One pod, but a rollout surges a second one next to it.
+        ({"cache": {"accessMode": "ReadWriteOnce"}}, "rollout surge 1"),
+        ({"warmPool": {"size": 1}, "cache": {"accessMode": "ReadWriteOncePod"}}, "ReadWriteOncePod"),
+        (
+            {"autoscaling": {"enabled": True, "maxReplicas": 3}, "cache": {"accessMode": "ReadWriteOnce"}},
+            "up to 4 engine pods",
+        ),
+        ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "cannot both be 0"),
+    ],
+)
+def test_storage_and_rollout_that_cannot_work_are_refused(extra: dict[str, Any], message: str) -> None:
+    raw = {**CACHED, **extra, "cache": {**CACHED["cache"], **extra.get("cache", {})}}
+    with pytest.raises(InvalidSpecError) as err:
+        parse_spec(raw)
+    assert message in str(err.value)
+
+
+def test_single_node_storage_works_for_a_single_pod_that_is_replaced_in_place() -> None:
+    for mode in ("ReadWriteOnce", "ReadWriteOncePod"):
+        spec = parse_spec(
+            {
+                **CACHED,
+                "cache": {"enabled": True, "accessMode": mode},
+                "rollout": {"maxSurge": 0, "maxUnavailable": 1},
+            }
+        )
+        assert spec.max_pods == 1
+    assert parse_spec({**CACHED, "replicas": 3, "warmPool": {"size": 2}}).cache.access_mode == "ReadWriteMany"

@@ -59,10 +59,13 @@ def test_new_ready_pods_fill_the_serving_slots_oldest_first() -> None:
     assert roles["a"][1] > roles["c"][1]  # warm pod goes first when the Deployment shrinks
 
 
-def test_unready_pods_never_serve_and_are_deleted_first() -> None:
-    roles = roles_after([pod("ready"), pod("loading", ready=False)], desired=2)
-    assert roles["ready"][0] is True and roles["loading"][0] is False
+def test_unready_pods_do_not_count_as_serving_and_are_deleted_first() -> None:
+    pods = [pod("ready"), pod("loading", ready=False)]
+    roles = roles_after(pods, desired=2)
+    assert roles["ready"][0] is True
     assert roles["loading"][1] < roles["ready"][1]
+    summary = summarize_pool(pods, 2)
+    assert (summary.ready_serving, summary.loading) == (1, 1)  # labelled, but not in the endpoints
 
 
 def test_scale_up_promotes_a_warm_pod_and_keeps_the_serving_ones() -> None:
@@ -88,7 +91,20 @@ def test_scale_down_demotes_serving_pods_before_anything_is_deleted() -> None:
 def test_a_serving_pod_that_turns_unready_is_replaced_by_a_warm_one() -> None:
     pods = [pod("s1", serving=True, ready=False, cost=1000), pod("w1", cost=0)]
     roles = roles_after(pods, desired=1)
-    assert roles == {"s1": (False, -1000), "w1": (True, 1000)}
+    # s1 keeps its label (unready, it is out of the endpoints) and goes first if the Deployment shrinks.
+    assert roles == {"s1": (True, -1000), "w1": (True, 1000)}
+    assert [p.name for p in plan_pod_roles(pods, 1) if p.promotes] == ["w1"]
+
+
+def test_unready_pods_are_labelled_to_serve_on_readiness_without_the_operator() -> None:
+    """A warm pod that restarts, or a pod the operator never saw, joins the Service once ready."""
+    pods = [pod("s1", serving=True, cost=1000), pod("w1", serving=False, ready=False, cost=0)]
+    (patch,) = plan_pod_roles(pods, desired_serving=1)
+    assert (patch.name, patch.serving, patch.deletion_cost) == ("w1", True, -1000)
+    assert not patch.promotes  # not an event: it joins nothing until it is ready
+    # Once ready it is surplus: demoted into the warm pool.
+    ready = [pod("s1", serving=True, cost=1000), pod("w1", serving=True, cost=-1000)]
+    assert roles_after(ready, desired=1) == {"s1": (True, 1000), "w1": (False, 0)}
 
 
 def test_terminating_pods_are_left_alone_and_do_not_count() -> None:
@@ -100,7 +116,11 @@ def test_terminating_pods_are_left_alone_and_do_not_count() -> None:
 
 
 def test_a_settled_pool_needs_no_patches() -> None:
-    pods = [pod("s1", serving=True, cost=1000), pod("w1", cost=0), pod("l1", ready=False, cost=-1000)]
+    pods = [
+        pod("s1", serving=True, cost=1000),
+        pod("w1", cost=0),
+        pod("l1", serving=True, ready=False, cost=-1000),
+    ]
     assert plan_pod_roles(pods, desired_serving=1) == []
 
 

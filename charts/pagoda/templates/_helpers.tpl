@@ -48,8 +48,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 The rights the operator uses in a namespace it watches:
 - llmdeployments: kopf watches them and patches finalizers, its progress annotations and status;
   the builtin autoscaler writes the replica count through the scale subresource.
+- llmdeployments/finalizers: the children's owner references set blockOwnerDeletion, which the
+  OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift) allows only with this right.
 - the children it creates, adopts and removes when the spec stops asking for them.
-- pods: it lists the engine pods, flips pagoda.dev/serving and sets pod-deletion-cost (patch only).
+- pods: it lists and watches the engine pods, flips pagoda.dev/serving and sets pod-deletion-cost
+  (patch only: no create, delete or exec).
 - events: kopf reports handler progress and errors as events.
 */}}
 {{- define "pagoda.namespacedRules" -}}
@@ -58,25 +61,42 @@ The rights the operator uses in a namespace it watches:
   verbs: [get, list, watch, patch]
 - apiGroups: [pagoda.dev]
   resources: [llmdeployments/status, llmdeployments/scale]
-  verbs: [get, patch, update]
+  verbs: [patch]
+- apiGroups: [pagoda.dev]
+  resources: [llmdeployments/finalizers]
+  verbs: [update]
+{{- /* Children are server-side applied (get, then create or patch) and never watched or listed. */}}
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, create, patch]
 - apiGroups: [""]
-  resources: [services, persistentvolumeclaims]
-  verbs: [get, list, watch, create, patch, update, delete]
-- apiGroups: [autoscaling]
-  resources: [horizontalpodautoscalers]
-  verbs: [get, list, watch, create, patch, update, delete]
+  resources: [services]
+  verbs: [get, create, patch]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, create]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, create, patch]
+{{- /* The one child the operator removes: the HPA, when autoscaling leaves hpa mode. */}}
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, patch]
+  verbs: [list, watch, patch]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
+{{- /* Reads the volume attach/mount failures of its engine pods, to report them as Degraded. */}}
+- apiGroups: [""]
+  resources: [events]
+  verbs: [list]
+{{- if .Values.watchNamespaces }}
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [list, watch, patch, get]
+{{- end }}
 {{- end }}
 
 {{/* kopf's own cluster-wide needs: it follows namespaces and CRDs to know what it can watch. */}}
@@ -87,4 +107,9 @@ The rights the operator uses in a namespace it watches:
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
+{{- if not .Values.watchNamespaces }}
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [list, watch, patch, get]
+{{- end }}
 {{- end }}
