@@ -1,6 +1,6 @@
 """Limits that keep one client from holding the server: fair admission, a queue that counts sequences,
 bounded request sizes, template render time, and read timeouts for half-open connections. One server with
-small limits: 4 batch slots, 16 queued sequences, a 2 s read timeout, request chat templates allowed."""
+small limits: 2 batch slots, 16 queued sequences, a 2 s read timeout, request chat templates allowed."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import httpx
 import pytest
 from conftest import LiveServer, start_server
 
-BIG = {"prompt": "go", "n": 16, "max_tokens": 200, "ignore_eos": True, "stream": True}  # 4 rounds of 4
+# 8 rounds of 2 sequences: the small request must only arrive before the last round for the test to hold
+BIG = {"prompt": "go", "n": 16, "max_tokens": 160, "ignore_eos": True, "stream": True}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def limited(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     server = start_server(
         tmp_path_factory.mktemp("limited"),
         str(tiny_model),
-        "--max-num-seqs", "4",
+        "--max-num-seqs", "2",
         "--max-queue-len", "16",
         "--http-read-timeout", "2",
         "--trust-request-chat-template",
@@ -64,8 +65,8 @@ def test_a_big_request_neither_starves_a_small_one_nor_overflows_the_queue(limit
     big = Stream(limited.base_url, BIG)
     big.start()
     assert big.first.wait(120)
-    # 4 of its sequences run, 12 wait: 8 more would overflow the 16-sequence queue, 1 more does not
-    full = completions(limited, {"prompt": "x", "n": 8, "max_tokens": 2})
+    # 2 of its sequences run, up to 14 wait: 16 more overflow the 16-sequence queue, 1 more does not
+    full = completions(limited, {"prompt": "x", "n": 16, "max_tokens": 2})
     assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full", full.text
     assert int(full.headers["Retry-After"]) >= 1
     small = completions(limited, {"prompt": "x", "max_tokens": 4, "ignore_eos": True})
