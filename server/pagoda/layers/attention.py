@@ -60,7 +60,7 @@ class Attention(nn.Module):
         key = k.reshape(-1, self.num_kv_heads, self.head_dim)
         value = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if is_fp8(self.k_cache):
-            return self._forward_fp8_cache(query, key, value).view(-1, self.num_heads * self.head_dim)
+            return self._forward_fp8_cache(query, key, value, sinks).view(-1, self.num_heads * self.head_dim)
         if sinks is not None:
             torch_backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping)
             out = torch_backend.paged_attention(
@@ -76,7 +76,9 @@ class Attention(nn.Module):
         )
         return out.view(-1, self.num_heads * self.head_dim)
 
-    def _forward_fp8_cache(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def _forward_fp8_cache(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: torch.Tensor | None
+    ) -> torch.Tensor:
         md = get_attention_metadata()
         if self.kv_scales is None:
             self.kv_scales = (calibrate_scale(key), calibrate_scale(value))
@@ -84,7 +86,7 @@ class Attention(nn.Module):
         torch_backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping, k_scale, v_scale)
         return torch_backend.paged_attention(
             query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap,
-            k_scale, v_scale,
+            k_scale, v_scale, sinks,
         )
 
 

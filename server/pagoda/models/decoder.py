@@ -1,5 +1,6 @@
 """The decoder shared by every architecture: Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3, and the
-mixtures of experts Mixtral, Qwen2/3-MoE and gpt-oss (whose sparse layers swap the MLP for `SparseMoeBlock`).
+mixtures of experts Mixtral, Qwen2/3-MoE, gpt-oss and DeepSeek V2/V3, whose sparse layers swap the MLP
+for `SparseMoeBlock` (and DeepSeek's attention for `MultiLatentAttention`).
 
 They differ only by flags of the ModelSpec (biases, q/k norms, Gemma's norm flavour and sandwich norms,
 embedding scale, soft-caps, per-layer sliding windows and RoPE). Module names mirror the Hugging Face
