@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagoda.structured_outputs.params import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -24,6 +26,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled one is always included)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (JSON schema, regex...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

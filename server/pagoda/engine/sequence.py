@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from enum import Enum, auto
 from itertools import count
+from typing import TYPE_CHECKING
 
 import torch
 
 from pagoda.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda.structured_outputs.backend import Matcher
 
 
 class SequenceStatus(Enum):
@@ -57,6 +61,9 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)
+        # structured outputs: where the completion stands in its grammar. It follows `token_ids`, which a
+        # preemption keeps, so a recomputed sequence resumes with its matcher where it was.
+        self.matcher: Matcher | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -111,3 +118,5 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.matcher is not None:
+            self.matcher.consume(token_id)

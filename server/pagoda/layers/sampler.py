@@ -2,7 +2,8 @@
 
 One vectorised pass serves the whole batch; a step that no row needs (a sort, the penalty scatter, the
 noise) is skipped. The order is vLLM's: repetition, frequency and presence penalties, the min_tokens mask,
-then temperature, top-k, top-p, min-p and the draw. Greedy rows take the argmax of the penalised logits.
+the grammar masks of constrained rows (structured outputs), then temperature, top-k, top-p, min-p and the
+draw. Greedy rows take the argmax of the penalised (and masked) logits.
 
 Sampling uses the exponential race: argmax(p / E) with E ~ Exponential(1) i.i.d. picks token i with
 probability p_i. It needs no cumsum and lets a seeded row draw its noise from its own generator, so its
@@ -18,6 +19,7 @@ import torch
 
 from pagoda.engine.sequence import Sequence
 from pagoda.sampling_params import SamplingParams
+from pagoda.structured_outputs.bitmask import apply_grammar_masks
 
 _NEUTRAL = SamplingParams()  # temperature 1, no top-k / top-p / min-p
 NUCLEUS_CANDIDATES = 1024  # top-p looks for its nucleus among this many best tokens before sorting a row
@@ -40,7 +42,7 @@ class Sampler:
         """Pick one token for each row of `logits` [B, V]; row b belongs to seqs[b]."""
         logits = logits.float()
         params = [seq.params for seq in seqs]
-        processed = self.penalised_logits(logits, seqs)
+        processed = apply_grammar_masks(self.penalised_logits(logits, seqs), seqs)
         if all(p.greedy for p in params):
             token_ids = processed.argmax(dim=-1)
         else:
