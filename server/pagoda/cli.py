@@ -13,6 +13,9 @@ import re
 import sys
 import time
 
+from pagoda.entrypoints.reasoning import REASONING_PARSERS
+from pagoda.entrypoints.tool_parsers import PARSERS as TOOL_CALL_PARSERS
+
 ENV_PREFIX = "PAGODA_"
 _SIZE_UNITS = {
     "": 1,
@@ -103,6 +106,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="Log level. Default: %(default)s.",
+    )
+    server.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='Let the model decide when to call tools (tool_choice "auto"); needs --tool-call-parser.',
+    )
+    server.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(TOOL_CALL_PARSERS),
+        help="How the model writes tool calls: hermes (Hermes, Qwen2.5, Qwen3), llama3_json (Llama 3.x), "
+        "mistral. Default: none.",
+    )
+    server.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=sorted(REASONING_PARSERS),
+        help="Return a thinking model's <think>...</think> as reasoning_content, apart from content.",
     )
     engine = parser.add_argument_group("engine")
     engine.add_argument("--tokenizer", default=None, help="Tokenizer directory. Default: the model's own.")
@@ -248,6 +269,7 @@ def serve(args: argparse.Namespace) -> int:
     import pagoda.engine.llm_engine  # noqa: F401
     from pagoda.config import EngineConfig
     from pagoda.entrypoints.api_server import ServerSettings, run_server
+    from pagoda.entrypoints.constraints import ToolOptions
 
     import_seconds = time.perf_counter() - start
     config = EngineConfig(
@@ -275,6 +297,7 @@ def serve(args: argparse.Namespace) -> int:
         max_queue_len=args.max_queue_len,
         shutdown_timeout=args.shutdown_timeout,
         import_seconds=import_seconds,
+        tool_options=ToolOptions(args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser),
     )
     logging.getLogger("pagoda.server").info("imports done in %.2f s; loading the model", import_seconds)
     return run_server(config, settings, args.host, args.port, args.log_level)
@@ -283,6 +306,8 @@ def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "serve" and args.enable_auto_tool_choice and not args.tool_call_parser:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser")
     if args.command == "serve":
         try:
             return serve(args)

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import pagoda
 from pagoda.config import EngineConfig
 from pagoda.engine.async_engine import AsyncLLM
+from pagoda.entrypoints.constraints import ToolOptions
 from pagoda.entrypoints.errors import OpenAIError, error_response, install_error_handlers
 from pagoda.entrypoints.metrics import ServerMetrics
 from pagoda.entrypoints.protocol import (
@@ -71,6 +72,7 @@ class ServerSettings:
     api_key: str | None = None
     max_queue_len: int | None = None
     shutdown_timeout: float = 30.0
+    tool_options: ToolOptions = field(default_factory=ToolOptions)  # tool calling and reasoning parsers
     import_seconds: float = 0.0  # measured by the CLI, reported in the cold-start line
 
 
@@ -210,7 +212,7 @@ def build_app(config: EngineConfig, settings: ServerSettings, engine_factory: An
         names = settings.served_model_names or [engine.model_name]
         state.metrics = ServerMetrics(names[0], state.llm.get_stats)
         state.completion = ServingCompletion(state.llm, names, settings.max_queue_len)
-        state.chat = ServingChat(state.llm, names, settings.max_queue_len)
+        state.chat = ServingChat(state.llm, names, settings.max_queue_len, tool_options=settings.tool_options)
         times = state.llm.startup_times
         total = settings.import_seconds + times.load_s + times.warmup_s
         logger.info(

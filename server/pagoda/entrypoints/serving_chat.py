@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from pagoda.engine.async_engine import EngineDeadError, RequestAbortedError, RequestStream
+from pagoda.entrypoints.chat_output import ChatDeltas, ChatOutputParser
+from pagoda.entrypoints.constraints import ToolOptions, plan_chat
 from pagoda.entrypoints.errors import OpenAIError
 from pagoda.entrypoints.protocol import (
     ChatCompletionChoice,
@@ -23,24 +26,31 @@ from pagoda.outputs import CompletionOutput, RequestOutput
 
 
 class ServingChat(ServingEngine):
+    def __init__(self, *args: Any, tool_options: ToolOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_options = tool_options or ToolOptions()
+
     async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         """Validate and submit; returns the response, or the SSE stream when streaming."""
         self.check_model(request.model)
         self.check_queue()
+        plan = plan_chat(request, self.tool_options)
         prompt_ids = self.chat_prompt_ids(
-            request.messages, request.add_generation_prompt, request.chat_template_kwargs
+            request.messages, request.add_generation_prompt, request.chat_template_kwargs, plan.tools
         )
         max_tokens = self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = request.sampling_params(max_tokens, logprobs)
+        if plan.constraint is not None:
+            params = await self.constrain_to(plan.constraint, params)
         request_id = random_id("chatcmpl")
         stream = await self.submit(request_id, prompt_ids, params)
         if request.stream:
-            return self._stream(request, request_id, stream)
-        return await self._complete(request, request_id, stream)
+            return self._stream(request, request_id, stream, plan.parser)
+        return await self._complete(request, request_id, stream, plan.parser)
 
     async def _complete(
-        self, request: ChatCompletionRequest, request_id: str, stream: RequestStream
+        self, request: ChatCompletionRequest, request_id: str, stream: RequestStream, parser: ChatOutputParser
     ) -> ChatCompletionResponse:
         final: RequestOutput | None = None
         try:
@@ -53,16 +63,18 @@ class ServingChat(ServingEngine):
         except EngineDeadError as error:
             raise OpenAIError(500, str(error), code="engine_dead") from error
         assert final is not None and final.finished
-        choices = [
-            ChatCompletionChoice(
-                index=sample.index,
-                message=ChatResponseMessage(content=sample.text),
-                logprobs=self._logprobs(request, sample, 0) if request.logprobs else None,
-                finish_reason=sample.finish_reason,
-                stop_reason=sample.stop_reason,
+        choices = []
+        for sample in final.outputs:
+            message, finish_reason = parser.message(sample.text, sample.finish_reason)
+            choices.append(
+                ChatCompletionChoice(
+                    index=sample.index,
+                    message=ChatResponseMessage(**message),
+                    logprobs=self._logprobs(request, sample, 0) if request.logprobs else None,
+                    finish_reason=finish_reason,
+                    stop_reason=sample.stop_reason,
+                )
             )
-            for sample in final.outputs
-        ]
         prompt_tokens = len(final.prompt_token_ids)
         completion_tokens = sum(len(s.token_ids) for s in final.outputs)
         usage = UsageInfo(
@@ -92,13 +104,14 @@ class ServingChat(ServingEngine):
         return ChatLogprobs(content=content)
 
     async def _stream(
-        self, request: ChatCompletionRequest, request_id: str, stream: RequestStream
+        self, request: ChatCompletionRequest, request_id: str, stream: RequestStream, parser: ChatOutputParser
     ) -> AsyncIterator[str]:
         created = int(time.time())
         model = request.model or self.model_name
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         n = request.n
         sent_text, sent_tokens, done = [0] * n, [0] * n, [False] * n
+        deltas = [ChatDeltas(parser) for _ in range(n)]
         prompt_tokens = completion_tokens = 0
 
         def chunk(
@@ -130,6 +143,9 @@ class ServingChat(ServingEngine):
                     finished = sample.finish_reason is not None
                     if not delta and not finished:
                         continue  # the detokenizer holds text back (partial UTF-8, a possible stop string)
+                    message_delta = deltas[i].delta(sample.text, finished)
+                    if not message_delta and not finished:
+                        continue  # the parser holds text back (a tool-call or reasoning tag may be starting)
                     logprobs = self._logprobs(request, sample, sent_tokens[i]) if request.logprobs else None
                     sent_text[i], sent_tokens[i] = len(sample.text), len(sample.token_ids)
                     if finished:
@@ -137,9 +153,9 @@ class ServingChat(ServingEngine):
                         completion_tokens += len(sample.token_ids)
                     yield chunk(
                         i,
-                        {"content": delta} if delta else {},
+                        message_delta,
                         logprobs,
-                        sample.finish_reason,
+                        deltas[i].finish_reason(sample.finish_reason),
                         sample.stop_reason,
                     )
             if include_usage:

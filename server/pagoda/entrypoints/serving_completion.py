@@ -43,6 +43,7 @@ class ServingCompletion(ServingEngine):
             )
             for p in prompts
         ]
+        params = [await self.constrain(request, p) for p in params]
         request_id = random_id("cmpl")
         streams: list[RequestStream] = []
         try:

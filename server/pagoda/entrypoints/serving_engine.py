@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from pagoda.engine.async_engine import AsyncLLM, EngineDeadError, RequestStream
+from pagoda.entrypoints.constraints import Constraint, check_grammar, structured_outputs_of, template_message
 from pagoda.entrypoints.errors import OpenAIError, bad_request, error_body
-from pagoda.entrypoints.protocol import ChatMessage
+from pagoda.entrypoints.protocol import ChatMessage, SamplingRequest
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -88,13 +90,18 @@ class ServingEngine:
             raise bad_request(f"token ids must be in [0, {self.vocab_size})", param)
 
     def chat_prompt_ids(
-        self, messages: list[ChatMessage], add_generation_prompt: bool, template_kwargs: dict[str, Any] | None
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         tokenizer = self._require_tokenizer()
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        conversation = [template_message(m) for m in messages]
         try:
             text = tokenizer.apply_chat_template(
                 conversation,
+                tools=tools,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 **(template_kwargs or {}),
@@ -126,6 +133,15 @@ class ServingEngine:
                 f"the server's waiting queue is full ({self.max_queue_len} requests); retry later",
                 code="queue_full",
             )
+
+    async def constrain(self, request: SamplingRequest, params: SamplingParams) -> SamplingParams:
+        """`params` with the request's structured-output constraint, its grammar built (400 if invalid)."""
+        constraint = structured_outputs_of(request)
+        return params if constraint is None else await self.constrain_to(constraint, params)
+
+    async def constrain_to(self, constraint: Constraint, params: SamplingParams) -> SamplingParams:
+        spec = await check_grammar(self.llm.engine.grammar_compiler, constraint)
+        return dataclasses.replace(params, structured_outputs=spec)
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         """Hand a request to the engine; engine rejections become 400, a dead engine 503."""

@@ -21,7 +21,7 @@ class StructuredOutputsParams:
     json_object: bool | None = None
 
     def __post_init__(self) -> None:
-        given = [name for name in KINDS if getattr(self, name)]
+        given = [name for name in KINDS if getattr(self, name) not in (None, False)]
         if len(given) != 1:
             raise ValueError(
                 "structured_outputs takes exactly one of json, regex, choice, grammar or json_object"
@@ -34,7 +34,7 @@ class StructuredOutputsParams:
 
     @property
     def kind(self) -> str:
-        return next(name for name in KINDS if getattr(self, name))
+        return next(name for name in KINDS if getattr(self, name) not in (None, False))
 
     @property
     def key(self) -> tuple[str, str]:

@@ -51,10 +51,16 @@ class MistralToolParser(ToolParser):
     `[TOOL_CALLS]name[ARGS]{...}` per call (v11+); text before the marker is content."""
 
     marker, args_marker = "[TOOL_CALLS]", "[ARGS]"
+    bare_start = '[{"name"'  # the calls with the marker skipped as a special token
 
     def parse(self, text: str, finished: bool) -> ParsedOutput:
         content, found, rest = text.partition(self.marker)
         if not found:
+            stripped = text.lstrip()
+            if stripped.startswith(self.bare_start):
+                return ParsedOutput("", parse_call_objects(stripped))
+            if not finished and stripped and self.bare_start.startswith(stripped):
+                return ParsedOutput("")
             return ParsedOutput(text if finished else text[: len(text) - held_back(text, self.marker)])
         if rest.lstrip().startswith(("[", "{")):
             return ParsedOutput(content, parse_call_objects(rest))
