@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     llm = LLM(model=args.model, max_model_len=512)
     results: dict[str, Any] = {"compile": compile_times(llm.engine)}
+    print(json.dumps(results), flush=True)
     throughput(llm, 2, 4, constrained=False)  # warm-up
     for streams in (int(s) for s in args.streams.split(",")):
         free = throughput(llm, streams, args.tokens, constrained=False)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[f"{streams}_streams"] = {
             "unconstrained": free, "json_schema": constrained, "overhead": overhead
         }
-    print(json.dumps(results, indent=2))
+        print(json.dumps({f"{streams}_streams": results[f"{streams}_streams"]}), flush=True)
     return results
 
 

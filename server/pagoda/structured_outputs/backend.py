@@ -60,6 +60,12 @@ class Matcher:
         return self._matcher.is_accepting()
 
     @property
+    def finished(self) -> bool:
+        """Nothing more may follow: the grammar is complete (or the matcher failed, which masking prevents
+        unless another constraint, such as min_tokens blocking EOS, overrode the mask)."""
+        return self._matcher.is_stopped() or self._matcher.is_error()
+
+    @property
     def failed(self) -> bool:
         return self._matcher.is_error()
 
