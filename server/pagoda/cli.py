@@ -109,8 +109,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     server.add_argument(
         "--enable-auto-tool-choice",
-        action="store_true",
-        help='Let the model decide when to call tools (tool_choice "auto"); needs --tool-call-parser.',
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help='Let the model decide when to call tools (tool_choice "auto"); needs --tool-call-parser. '
+        "Default: off.",
     )
     server.add_argument(
         "--tool-call-parser",

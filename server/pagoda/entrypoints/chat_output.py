@@ -60,10 +60,6 @@ class ChatDeltas:
     sent_content: int = 0
     sent_calls: list[tuple[str, int]] = field(default_factory=list)  # (id, characters of arguments sent)
 
-    @property
-    def has_calls(self) -> bool:
-        return bool(self.sent_calls)
-
     def delta(self, text: str, finished: bool) -> dict[str, Any]:
         parsed = self.parser.parse(text, finished)
         delta: dict[str, Any] = {}
