@@ -1,6 +1,7 @@
 """Structured outputs' cost: output tok/s with a JSON-schema constraint against the same requests
 unconstrained (1 and 32 concurrent sequences, offline engine, embedded SmolLM2 unless --model), the time
-the grammar masks take per step, and the time to build a schema's grammar cold and from the cache.
+spent filling and applying grammar bitmasks per step (only for draws the grammar rejected), and the time
+to build a schema's grammar cold and from the cache.
 
     PYTHONPATH=server python -m bench.structured [--model DIR] [--tokens 64] [--streams 1,32]
 
@@ -53,7 +54,7 @@ def compile_times(engine: Any, repeats: int = 20) -> dict[str, float]:
 
 
 def throughput(llm: Any, streams: int, tokens: int, constrained: bool) -> dict[str, float]:
-    import pagoda.layers.sampler as sampler_module
+    import pagoda.structured_outputs.bitmask as bitmask_module
     from pagoda import SamplingParams
     from pagoda.structured_outputs import StructuredOutputsParams
 
@@ -63,22 +64,22 @@ def throughput(llm: Any, streams: int, tokens: int, constrained: bool) -> dict[s
     )
     prompts = [f"Write note number {i} about the sea, as JSON." for i in range(streams)]
     mask_seconds = [0.0]
-    original = sampler_module.apply_grammar_masks
+    original = bitmask_module.apply_grammar_masks
 
-    def timed(logits: Any, seqs: Any) -> Any:
+    def timed(logits: Any, seqs: Any, rows: Any) -> Any:
         start = time.perf_counter()
         try:
-            return original(logits, seqs)
+            return original(logits, seqs, rows)
         finally:
             mask_seconds[0] += time.perf_counter() - start
 
-    sampler_module.apply_grammar_masks = timed
+    bitmask_module.apply_grammar_masks = timed
     try:
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
     finally:
-        sampler_module.apply_grammar_masks = original
+        bitmask_module.apply_grammar_masks = original
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert produced == streams * tokens, f"expected {streams * tokens} tokens, got {produced}"
     return {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from tiny_models import make_tiny_model
+from tiny_models import VOCAB_SIZE, make_tiny_model
 
 from pagoda import LLM, SamplingParams
 from pagoda.structured_outputs import StructuredOutputsParams
@@ -50,6 +50,8 @@ def test_json_regex_choice_always_match(model_dir: Path) -> None:
         jsonschema.validate(json.loads(text), SCHEMA)
     for text, finish in run(llm, StructuredOutputsParams(regex=REGEX), temperature=1.5):
         assert finish == "stop" and re.fullmatch(REGEX, text), text
+    for text, finish in run(llm, StructuredOutputsParams(regex=REGEX), top_k=20, top_p=0.9, seed=2):
+        assert finish == "stop" and re.fullmatch(REGEX, text), text  # masked before the draw
     texts = run(llm, StructuredOutputsParams(choice=CHOICES), n=3, temperature=1.0)
     assert all(finish == "stop" and text in CHOICES for text, finish in texts)
     # a JSON object of any shape
@@ -58,6 +60,14 @@ def test_json_regex_choice_always_match(model_dir: Path) -> None:
     grammar = 'start: "(" item ("," item)* ")"\nitem: /[0-9]/'
     for text, finish in run(llm, StructuredOutputsParams(grammar=grammar), seed=1):
         assert finish == "length" or re.fullmatch(r"\([0-9](,[0-9])*\)", text), text
+
+
+def test_checking_the_draw_equals_masking_first(model_dir: Path) -> None:
+    """Greedy rows draw first and mask only when the grammar rejects the token; top_k = the whole
+    vocabulary changes nothing in the distribution but makes the sampler mask before drawing."""
+    llm = LLM(model=str(model_dir), block_size=4, max_model_len=256)
+    spec = StructuredOutputsParams(json=SCHEMA)
+    assert run(llm, spec, temperature=0.0) == run(llm, spec, temperature=0.0, top_k=VOCAB_SIZE)
 
 
 def test_preemption_prefix_hits_and_chunked_prefill_keep_the_grammar(model_dir: Path) -> None:

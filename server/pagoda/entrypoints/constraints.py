@@ -78,6 +78,7 @@ async def check_grammar(compiler: Any, constraint: Constraint) -> StructuredOutp
     """Build the constraint's grammar (cached by spec) off the event loop; 400 naming the field if it is
     invalid or takes too long."""
     try:
+        await asyncio.to_thread(lambda: compiler.tokenizer)  # the one-off vocabulary conversion: not timed
         await asyncio.wait_for(asyncio.to_thread(compiler.compile, constraint.spec), COMPILE_TIMEOUT_S)
     except TimeoutError as error:
         raise bad_request(f"{constraint.param}: too complex to compile in time", constraint.param) from error

@@ -51,6 +51,11 @@ class Matcher:
         """Advance by one sampled token; False (and an error state) if the grammar did not allow it."""
         return self._matcher.consume_token(token_id)
 
+    def allows(self, token_id: int) -> bool:
+        """Whether the grammar accepts this token next (the state does not change); about a microsecond,
+        against the tenths of a millisecond of a full bitmask row."""
+        return self._matcher.validate_tokens([token_id]) == 1
+
     def rollback(self, num_tokens: int) -> None:
         self._matcher.rollback(num_tokens)
 
