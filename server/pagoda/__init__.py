@@ -1,10 +1,11 @@
 """Pagoda: a paged-KV, continuous-batching LLM serving engine."""
 
 from pagoda.sampling_params import SamplingParams
+from pagoda.structured_outputs import StructuredOutputsParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "__version__"]
 
 
 def __getattr__(name: str) -> object:

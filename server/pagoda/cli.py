@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pagoda.config import EngineConfig, memory_size, positive
+from pagoda.entrypoints.reasoning import REASONING_PARSERS
+from pagoda.entrypoints.tool_parsers import PARSERS as TOOL_CALL_PARSERS
 
 __all__ = ["add_serve_arguments", "build_parser", "engine_config", "main", "memory_size"]
 
@@ -137,6 +139,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["debug", "info", "warning", "error"],
         help="Log level. Default: %(default)s.",
     )
+    server.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help='Let the model decide when to call tools (tool_choice "auto"); needs --tool-call-parser. '
+        "Default: off.",
+    )
+    server.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(TOOL_CALL_PARSERS),
+        help="How the model writes tool calls: hermes (Hermes, Qwen2.5, Qwen3), llama3_json (Llama 3.x), "
+        "mistral. Default: none.",
+    )
+    server.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=sorted(REASONING_PARSERS),
+        help="Return a thinking model's <think>...</think> as reasoning_content, apart from content.",
+    )
     add_engine_arguments(parser.add_argument_group("engine"))
 
 
@@ -197,6 +219,7 @@ def serve(args: argparse.Namespace) -> int:
     # torch and the model code load here; the engine thread then loads and warms up the model
     import pagoda.engine.llm_engine  # noqa: F401
     from pagoda.entrypoints.api_server import ServerSettings, run_server
+    from pagoda.entrypoints.constraints import ToolOptions
 
     import_seconds = time.perf_counter() - start
     config = engine_config(args)
@@ -208,6 +231,7 @@ def serve(args: argparse.Namespace) -> int:
         http_read_timeout=args.http_read_timeout,
         trust_request_chat_template=args.trust_request_chat_template,
         import_seconds=import_seconds,
+        tool_options=ToolOptions(args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser),
     )
     logging.getLogger("pagoda.server").info("imports done in %.2f s; loading the model", import_seconds)
     return run_server(config, settings, args.host, args.port, args.log_level)
@@ -216,6 +240,8 @@ def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "serve" and args.enable_auto_tool_choice and not args.tool_call_parser:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser")
     if args.command == "serve":
         try:
             return serve(args)

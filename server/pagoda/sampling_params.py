@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagoda.structured_outputs.params import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -29,6 +31,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # sample only among these
     bad_words: list[str] = field(default_factory=list)  # never complete one (the engine tokenizes them)
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (JSON schema, regex...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -128,11 +128,21 @@ def test_bad_environment_values_are_rejected(environ: dict[str, str]) -> None:
         ["--max-num-seqs", "0"],
         ["--kv-cache-memory", "lots"],
         ["--dtype", "int3"],
+        ["--tool-call-parser", "pythonic"],
+        ["--reasoning-parser", "nope"],
     ],
 )
 def test_bad_flag_values_are_rejected(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse(argv)
+
+
+def test_auto_tool_choice_needs_a_parser() -> None:
+    from pagoda.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--enable-auto-tool-choice"])
+    assert exit_info.value.code == 2
 
 
 def test_memory_sizes() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from functools import cached_property
 from pathlib import Path
 
 from pagoda.config import EngineConfig
@@ -25,6 +26,7 @@ from pagoda.loader import open_checkpoint, open_tokenizer
 from pagoda.models.spec import ModelSpec
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
+from pagoda.structured_outputs.backend import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,13 @@ class LLMEngine:
     def kv_cache_tokens(self) -> int:
         return self.runner.num_blocks * self.config.block_size
 
+    @cached_property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Structured outputs' grammars for this model's tokenizer, built on first use."""
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer")
+        return GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer: pass token ids with skip_tokenizer_init")
@@ -145,6 +154,9 @@ class LLMEngine:
             Sequence(token_ids, params, self.config.block_size, request_id, i, arrival_time)
             for i in range(params.n)
         ]
+        if params.structured_outputs is not None:  # an invalid spec raises GrammarError (a ValueError)
+            for seq in seqs:
+                seq.matcher = self.grammar_compiler.matcher(params.structured_outputs)
         text = prompt if isinstance(prompt, str) else None
         request = Request(request_id, text, seqs, self.tokenizer, self.eos_token_ids, arrival_time)
         self.requests[request_id] = request

@@ -12,6 +12,7 @@ from pagoda.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagoda.engine.spec_decode.adaptive import DraftLength
+    from pagoda.structured_outputs.backend import Matcher
 
 
 class SequenceStatus(Enum):
@@ -66,6 +67,9 @@ class Sequence:
         self.spec_token_ids: list[int] = []
         self.draft_probs: torch.Tensor | None = None
         self.draft_length: DraftLength | None = None
+        # structured outputs: where the completion stands in its grammar. It follows `token_ids`, which a
+        # preemption keeps, so a recomputed sequence resumes with its matcher where it was.
+        self.matcher: Matcher | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -101,3 +105,5 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.matcher is not None:
+            self.matcher.consume(token_id)

@@ -30,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 import pagoda
 from pagoda.config import EngineConfig
 from pagoda.engine.async_engine import AsyncLLM
+from pagoda.entrypoints.constraints import ToolOptions
 from pagoda.entrypoints.errors import OpenAIError, error_response, install_error_handlers
 from pagoda.entrypoints.metrics import ServerMetrics
 from pagoda.entrypoints.protocol import (
@@ -75,6 +76,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     http_read_timeout: float = 60.0  # for a request's headers, and then for its body
     trust_request_chat_template: bool = False
+    tool_options: ToolOptions = field(default_factory=ToolOptions)  # tool calling and reasoning parsers
     import_seconds: float = 0.0  # measured by the CLI, reported in the cold-start line
 
 
@@ -295,7 +297,9 @@ def build_app(config: EngineConfig, settings: ServerSettings, engine_factory: An
         trust = settings.trust_request_chat_template
         tokenizers = Tokenizers(engine.tokenizer)
         state.completion = ServingCompletion(state.llm, names, settings.max_queue_len, trust, tokenizers)
-        state.chat = ServingChat(state.llm, names, settings.max_queue_len, trust, tokenizers)
+        state.chat = ServingChat(
+            state.llm, names, settings.max_queue_len, trust, tokenizers, tool_options=settings.tool_options
+        )
         times = state.llm.startup_times
         total = settings.import_seconds + times.load_s + times.warmup_s
         logger.info(

@@ -48,6 +48,17 @@ class StreamOptions(OpenAIModel):
     include_usage: bool | None = False
 
 
+class StructuredOutputsRequest(OpenAIModel):
+    """vLLM's `structured_outputs` extra: exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, populate_by_name=True)
+    json_: Text | dict[str, Any] | None = Field(None, alias="json", description="A JSON schema.")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = Field(None, description="A Lark or GBNF grammar.")
+    json_object: bool | None = None
+
+
 class SamplingRequest(OpenAIModel):
     """Fields that completions and chat completions share."""
 
@@ -78,6 +89,12 @@ class SamplingRequest(OpenAIModel):
         None, max_length=MAX_BAD_WORDS
     )
     best_of: int | None = Field(None, ge=1, description="Only best_of == n is supported.")
+    # vLLM's structured outputs, and the older guided_* spellings
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: Text | dict[str, Any] | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
 
     @model_validator(mode="after")
     def _check_stop(self) -> SamplingRequest:
@@ -202,10 +219,23 @@ class TextContentPart(OpenAIModel):
     text: Text
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool message: which call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -213,6 +243,46 @@ class ChatMessage(OpenAIModel):
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments.")
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(OpenAIModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('response_format of type "json_schema" needs a json_schema')
+        return self
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -232,6 +302,13 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description=f"Extra template variables, at most {MAX_TEMPLATE_INPUT_BYTES} bytes as JSON."
     )
+    response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # the deprecated function-calling fields: rejected with a 400 (chat_request.py), never ignored
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
@@ -274,13 +351,15 @@ class ChatLogprobs(OpenAIModel):
 class ChatResponseMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(OpenAIModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 

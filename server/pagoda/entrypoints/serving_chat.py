@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+from pagoda.entrypoints.chat_output import ChatDeltas
+from pagoda.entrypoints.constraints import ToolOptions, plan_chat
 from pagoda.entrypoints.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -20,39 +23,55 @@ from pagoda.entrypoints.serving_engine import ChoiceState, ServingEngine
 from pagoda.outputs import CompletionOutput, RequestOutput
 
 
+@dataclass
+class ChatChoiceState(ChoiceState):
+    deltas: ChatDeltas | None = None  # what of the parsed message (content, reasoning, tool calls) is sent
+
+
 class ServingChat(ServingEngine):
     object_name = "chat.completion.chunk"
+
+    def __init__(self, *args: Any, tool_options: ToolOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_options = tool_options or ToolOptions()
 
     async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         """Validate and submit; returns the response, or the SSE stream when streaming."""
         self.check_model(request.model)
         self.check_sampling(request)
         self.check_num_seqs(request.n)
+        plan = plan_chat(request, self.tool_options)
         prompt_ids = await self.chat_prompt_ids(
             request.messages,
             request.add_generation_prompt,
             request.chat_template_kwargs,
             request.chat_template,
+            plan.tools,
         )
         max_tokens = self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens, "messages")
         self.check_generated_tokens(request.n, [max_tokens])
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = request.sampling_params(max_tokens, logprobs)
+        if plan.constraint is not None:
+            params = await self.constrain_to(plan.constraint, params)
         request_id = random_id("chatcmpl")
         streams = await self.submit_all(request_id, [prompt_ids], [params])
         if request.stream:
-            return self.stream(request, request_id, streams, len(prompt_ids))
+            new_state = lambda: ChatChoiceState(deltas=ChatDeltas(plan.parser))
+            return self.stream(request, request_id, streams, len(prompt_ids), new_state)
         (final,) = await self.final_outputs(streams)
-        choices = [
-            ChatCompletionChoice(
-                index=sample.index,
-                message=ChatResponseMessage(content=sample.text),
-                logprobs=self._logprobs(request, sample, 0) if request.logprobs else None,
-                finish_reason=sample.finish_reason,
-                stop_reason=sample.stop_reason,
+        choices = []
+        for sample in final.outputs:
+            message, finish_reason = plan.parser.message(sample.text, sample.finish_reason)
+            choices.append(
+                ChatCompletionChoice(
+                    index=sample.index,
+                    message=ChatResponseMessage(**message),
+                    logprobs=self._logprobs(request, sample, 0) if request.logprobs else None,
+                    finish_reason=finish_reason,
+                    stop_reason=sample.stop_reason,
+                )
             )
-            for sample in final.outputs
-        ]
         prompt_tokens = len(final.prompt_token_ids)
         completion_tokens = sum(len(s.token_ids) for s in final.outputs)
         usage = UsageInfo(
@@ -95,11 +114,15 @@ class ServingChat(ServingEngine):
         sample: CompletionOutput,
         delta: str,
         state: ChoiceState,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
+        assert isinstance(state, ChatChoiceState) and state.deltas is not None
+        finished = sample.finish_reason is not None
+        message_delta = state.deltas.delta(sample.text, finished)
+        if not message_delta and not finished:
+            return None  # the parser holds text back (a tool-call or reasoning tag may be starting)
         logprobs = self._logprobs(request, sample, state.sent_tokens) if request.logprobs else None
-        return _choice(
-            index, {"content": delta} if delta else {}, logprobs, sample.finish_reason, sample.stop_reason
-        )
+        finish_reason = state.deltas.finish_reason(sample.finish_reason)
+        return _choice(index, message_delta, logprobs, finish_reason, sample.stop_reason)
 
 
 def _choice(

@@ -40,6 +40,7 @@ class ServingCompletion(ServingEngine):
         self.check_generated_tokens(request.n, max_tokens)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         params = [request.sampling_params(m, request.logprobs, prompt_logprobs) for m in max_tokens]
+        params = [await self.constrain(request, p) for p in params]
         request_id = random_id("cmpl")
         streams = await self.submit_all(request_id, [p.token_ids for p in prompts], params)
         if request.stream:

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import copy
+import dataclasses
 import inspect
 import json
 import sys
@@ -29,6 +30,7 @@ from pagoda.engine.async_engine import (
     RequestFailedError,
     RequestStream,
 )
+from pagoda.entrypoints.constraints import Constraint, check_grammar, structured_outputs_of, template_message
 from pagoda.entrypoints.errors import OpenAIError, bad_request, error_body
 from pagoda.entrypoints.protocol import ChatMessage, SamplingRequest
 from pagoda.outputs import CompletionOutput, RequestOutput
@@ -163,6 +165,7 @@ class ServingEngine:
         add_generation_prompt: bool,
         template_kwargs: dict[str, Any] | None,
         chat_template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         tokenizer = self._require_tokenizer(self._worker_tokenizer)
         if chat_template is not None and not self.trust_request_chat_template:
@@ -175,13 +178,14 @@ class ServingEngine:
             raise bad_request(
                 f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs"
             )
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        conversation = [template_message(m) for m in messages]
 
         def render() -> list[int]:
             try:
                 text = _call_with_deadline(
                     lambda: tokenizer.apply_chat_template(
                         conversation,
+                        tools=tools,
                         tokenize=False,
                         add_generation_prompt=add_generation_prompt,
                         chat_template=chat_template,
@@ -199,6 +203,15 @@ class ServingEngine:
         return await self._off_loop(render)
 
     # ---- on the event loop -----------------------------------------------------------------------
+
+    async def constrain(self, request: SamplingRequest, params: SamplingParams) -> SamplingParams:
+        """`params` with the request's structured-output constraint, its grammar built (400 if invalid)."""
+        constraint = structured_outputs_of(request)
+        return params if constraint is None else await self.constrain_to(constraint, params)
+
+    async def constrain_to(self, constraint: Constraint, params: SamplingParams) -> SamplingParams:
+        spec = await check_grammar(self.llm.engine.grammar_compiler, constraint)
+        return dataclasses.replace(params, structured_outputs=spec)
 
     def decode(self, token_ids: list[int]) -> str:
         self.check_token_ids(token_ids)
@@ -344,11 +357,17 @@ class ServingEngine:
         sample: CompletionOutput,
         delta: str,
         state: ChoiceState,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
+        """The choice that carries `delta`, or None to hold it back until more text comes."""
         raise NotImplementedError
 
     async def stream(
-        self, request: Any, request_id: str, streams: list[RequestStream], prompt_tokens: int
+        self,
+        request: Any,
+        request_id: str,
+        streams: list[RequestStream],
+        prompt_tokens: int,
+        new_state: Callable[[], ChoiceState] = ChoiceState,
     ) -> AsyncIterator[str]:
         """SSE chunks of one request's choices (prompt-major: prompt p, sample j is choice p * n + j),
         then the usage chunk when asked, then [DONE]; an engine failure ends the stream with an error."""
@@ -356,7 +375,7 @@ class ServingEngine:
         model = request.model or self.model_name
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         n = request.n
-        states = [ChoiceState() for _ in range(len(streams) * n)]
+        states = [new_state() for _ in range(len(streams) * n)]
         completion_tokens = 0
 
         def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
@@ -390,6 +409,8 @@ class ServingEngine:
                     if not delta and not finished:
                         continue  # the detokenizer holds text back (partial UTF-8, a possible stop string)
                     choice = self.delta_choice(request, i, output, sample, delta, state)
+                    if choice is None:
+                        continue
                     state.sent_text, state.sent_tokens = len(sample.text), len(sample.token_ids)
                     if finished:
                         state.done = True

@@ -3,8 +3,9 @@ temperature, top-k / top-p / min-p, seeded draws, logprobs.
 
 One vectorised pass serves the whole batch; a step that no row needs (a sort, the penalty scatter, the
 noise) is skipped. The order is vLLM's: the token filters, repetition, frequency and presence penalties,
-the min_tokens mask, then temperature, top-k, top-p, min-p and the draw. Greedy rows take the argmax of
-the penalised logits.
+the min_tokens mask, then temperature, top-k, top-p, min-p and the draw; structured outputs keep
+constrained rows to the tokens their grammars allow (`structured_outputs/bitmask.py`). Greedy rows take the
+argmax of the penalised logits.
 
 Sampling uses the exponential race: argmax(p / E) with E ~ Exponential(1) i.i.d. picks token i with
 probability p_i. It needs no cumsum and lets a seeded row draw its noise from its own generator, so its
@@ -20,6 +21,7 @@ import torch
 
 from pagoda.engine.sequence import Sequence
 from pagoda.sampling_params import SamplingParams
+from pagoda.structured_outputs.bitmask import sample_constrained
 
 _NEUTRAL = SamplingParams()  # temperature 1, no top-k / top-p / min-p
 NUCLEUS_CANDIDATES = 1024  # top-p looks for its nucleus among this many best tokens before sorting a row
@@ -41,14 +43,15 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """Pick one token for each row of `logits` [B, V]; row b belongs to seqs[b]."""
         logits = logits.float()
-        params = [seq.params for seq in seqs]
         processed = self.penalised_logits(logits, seqs)
-        if all(p.greedy for p in params):
-            token_ids = processed.argmax(dim=-1)
-        else:
-            token_ids = self._sample_random(processed, seqs)
+        token_ids = sample_constrained(self._pick, processed, seqs)
         token_list = token_ids.tolist()
         return SamplerOutput(token_list, self._sampled_logprobs(logits, token_ids, token_list, seqs))
+
+    def _pick(self, processed: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        if all(seq.params.greedy for seq in seqs):
+            return processed.argmax(dim=-1)
+        return self._sample_random(processed, seqs)
 
     def penalised_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Logits after repetition / frequency / presence penalties and the min_tokens mask (a new tensor

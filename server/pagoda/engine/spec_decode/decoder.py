@@ -40,8 +40,8 @@ class SpecDecoder:
     def lookahead(self, seq: Sequence) -> int:
         """The scheduler's hook: tokens a decoding sequence proposes, within its remaining max_tokens (the
         step also emits one token of the target's own)."""
-        if seq.num_uncomputed_tokens != 1:
-            return 0
+        if seq.num_uncomputed_tokens != 1 or seq.matcher is not None:
+            return 0  # a grammar-constrained sequence would need a mask per proposed position: not drafted
         if seq.draft_length is None:
             seq.draft_length = DraftLength(self.config.num_speculative_tokens)
         room = (seq.params.max_tokens or 0) - seq.num_completion_tokens - 1
