@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from pagoda.config import EngineConfig
-from pagoda.distributed.workers import start_workers
+from pagoda.distributed.workers import WorkerFailedError, start_workers
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.request import Request
@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 class StepError(RuntimeError):
-    """A step failed; the requests it scheduled are named so that only they are aborted."""
+    """A step failed for its batch (not for the whole engine, like a dead worker): the requests it scheduled
+    are named so that only they are aborted."""
 
     def __init__(self, request_ids: list[str], error: BaseException) -> None:
         super().__init__(f"the engine step failed: {error!r}")
@@ -157,6 +158,8 @@ class LLMEngine:
             return []
         try:
             return self._run(batch)
+        except WorkerFailedError:
+            raise  # the engine's failure, not the batch's
         except Exception as error:
             raise StepError(sorted({item.seq.request_id for item in batch}), error) from error
 
