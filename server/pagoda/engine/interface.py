@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 
 class StepError(RuntimeError):
-    """A step failed; the requests it scheduled are named so that only they are aborted."""
+    """A step failed for its batch (not for the whole engine, like a dead worker): the requests it scheduled
+    are named so that only they are aborted."""
 
     def __init__(self, request_ids: list[str], error: BaseException) -> None:
         super().__init__(f"the engine step failed: {error!r}")

@@ -121,11 +121,14 @@ class GateMiddleware:
             await self.app(scope, receive, send)
             return
         rejection = self._reject(scope)
+        body: Message = {"type": "http.request"}
         if rejection is None:
             body, rejection = await self._read_body(receive)
         if rejection is not None:
             await rejection(scope, receive, send)
             return
+        if body["type"] != "http.request":
+            return  # the client left before its body was in: nobody to answer
         await self.app(_as_json(scope), _replay(body, receive), send)
 
     async def _read_body(self, receive: Receive) -> tuple[Message, Response | None]:
@@ -137,7 +140,7 @@ class GateMiddleware:
                 while True:
                     message = await receive()
                     if message["type"] != "http.request":
-                        return message, None  # the client left: the app sees it as such
+                        return message, None  # the client left
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
                     if size > MAX_BODY_BYTES:
