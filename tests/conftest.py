@@ -57,14 +57,17 @@ def pytest_runtest_makereport(
 
 
 def _unparsed_traceback(error: BaseException) -> str:
-    """The traceback as `traceback.format_exception` prints it, less pytest's and pluggy's frames and the
-    carets (finding them parses the source)."""
-    lines = ["Traceback (most recent call last):\n"]
+    """The exception (first: the short summary shows the first line), then its traceback as
+    `traceback.format_exception` prints it, less pytest's and pluggy's frames and the carets (finding them
+    parses the source)."""
+    summary = traceback.format_exception_only(type(error), error)
+    lines = [summary[-1], "(the source is not shown: CPython's AST race hit pytest's formatter)\n"]
+    lines.append("Traceback (most recent call last):\n")
     for frame in traceback.extract_tb(error.__traceback__):
         if _PYTEST_INTERNALS.search(frame.filename):
             continue
         lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n')
         if frame.line:
             lines.append(f"    {frame.line}\n")
-    lines.extend(traceback.format_exception_only(type(error), error))
+    lines.extend(summary)
     return "".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as SequenceOf
 from itertools import count
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 from tqdm import tqdm
 
@@ -37,10 +37,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Run every prompt to completion, batched continuously; outputs come back in prompt order."""
-        single = isinstance(prompts, str | dict) or (bool(prompts) and isinstance(prompts[0], int))
-        if single:
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -66,10 +63,13 @@ class LLM:
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if messages and isinstance(messages[0], dict):
+            conversations = [messages]
+        else:
+            conversations = cast(list[list[ChatMessage]], messages)
         prompts: list[Prompt] = [
-            {"prompt_token_ids": _chat_token_ids(tokenizer, conv, add_generation_prompt)}
-            for conv in conversations  # type: ignore[union-attr]
+            TokensPrompt(prompt_token_ids=_chat_token_ids(tokenizer, conv, add_generation_prompt))
+            for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
@@ -82,6 +82,16 @@ class LLM:
                         results[order[output.request_id]] = output
                         bar.update(1)
         return [r for r in results if r is not None]
+
+
+def _prompt_list(prompts: Prompt | SequenceOf[Prompt]) -> list[Prompt]:
+    """One prompt (text, token ids or a TokensPrompt) or a sequence of them, as a list of prompts."""
+    if isinstance(prompts, str | dict):
+        return [cast(Prompt, prompts)]
+    items = list(prompts)
+    if items and isinstance(items[0], int):  # one prompt of token ids
+        return [cast(list[int], items)]
+    return cast(list[Prompt], items)
 
 
 def _prompt_input(prompt: Prompt) -> str | list[int]:

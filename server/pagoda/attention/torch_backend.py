@@ -124,8 +124,8 @@ def _build_plan(
             parts.append(_prefill_part(md, seq, start, block_size, group, sliding_window, dtype))
         start += query_len
     groups = _length_groups([md.seq_lens_cpu[s] for s in decode_seqs])
-    for group in groups:
-        seqs = [decode_seqs[i] for i in group]
+    for members in groups:
+        seqs = [decode_seqs[i] for i in members]
         seq_lens = torch.tensor([md.seq_lens_cpu[s] for s in seqs], device=device)
         num_blocks = -(-max(md.seq_lens_cpu[s] for s in seqs) // block_size)
         blocks = md.block_tables[seqs, :num_blocks].flatten().long()
@@ -133,7 +133,7 @@ def _build_plan(
         # the padding past each context is masked by causality: its positions exceed the query's
         visible = _visible((seq_lens - 1)[:, None], key_pos[None, :], sliding_window)
         whole_batch = len(groups) == 1 and len(decode_rows) == start
-        rows = slice(None) if whole_batch else torch.tensor([decode_rows[i] for i in group], device=device)
+        rows = slice(None) if whole_batch else torch.tensor([decode_rows[i] for i in members], device=device)
         parts.append(_Part(rows, len(seqs), 1, blocks, None, _bias(visible, dtype)[:, None, None, :]))
     return parts
 

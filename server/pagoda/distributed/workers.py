@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import NoReturn, TypeVar
+from typing import NoReturn, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -177,12 +177,12 @@ class TensorParallelWorkers:
     def _culprit(self) -> WorkerFailedError | None:
         """The worker whose death or error broke the collective, once it shows (gloo may report the
         closed connection before the worker's process is gone)."""
-        watched = {
+        watched: dict[Connection | int, int] = {  # pipes and exit sentinels
             **{conn: rank for rank, conn in enumerate(self._conns, start=1)},
             **{proc.sentinel: rank for rank, proc in enumerate(self._procs, start=1)},
         }
         for ready in wait(list(watched), timeout=DEATH_NOTICE_SECONDS):
-            rank = watched[ready]
+            rank = watched[cast(Connection | int, ready)]  # one of the objects passed in
             try:
                 kind, message = self._receive(rank)
             except WorkerFailedError as error:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagoda.config import EngineConfig
+from pagoda.engine.interface import EngineCore
 from pagoda.engine.stats import EngineStats
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -112,7 +113,7 @@ class AsyncLLM:
     def __init__(
         self,
         config: EngineConfig,
-        engine_factory: Callable[[EngineConfig], object] | None = None,
+        engine_factory: Callable[[EngineConfig], EngineCore] | None = None,
         on_step: Callable[[StepReport], None] | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
@@ -120,7 +121,7 @@ class AsyncLLM:
         self._engine_factory = engine_factory
         self._on_step = on_step
         self._on_fatal = on_fatal
-        self.engine = None  # set by the engine thread once loaded; read-only elsewhere
+        self.engine: EngineCore | None = None  # set by the engine thread once loaded; read-only elsewhere
         self._workers: TensorParallelWorkers | None = None  # likewise; None unless tensor-parallel
         self.startup_times = StartupTimes()
         self.ready = asyncio.Event()
@@ -297,7 +298,7 @@ class AsyncLLM:
             logger.exception("the engine loop failed")
             self._call_in_loop(self._on_engine_death, error)
 
-    def _load(self) -> object:
+    def _load(self) -> EngineCore:
         factory = self._engine_factory
         if factory is None:
             from pagoda.engine.llm_engine import LLMEngine
@@ -306,22 +307,22 @@ class AsyncLLM:
         start = time.perf_counter()
         logger.info("loading model %s", self.config.model or "(embedded SmolLM2-135M-Instruct)")
         engine = factory(self.config)
-        self._workers = _tensor_parallel_workers(engine)  # watched from here on, warm-up included
+        self._workers = engine.workers  # watched from here on, warm-up included
         self.startup_times.load_s = time.perf_counter() - start
         logger.info("model loaded in %.2f s; warming up", self.startup_times.load_s)
         start = time.perf_counter()
-        engine.warmup()  # type: ignore[attr-defined]
+        engine.warmup()
         self.startup_times.warmup_s = time.perf_counter() - start
         logger.info("warm-up done in %.2f s", self.startup_times.warmup_s)
-        self._stats = engine.get_stats()  # type: ignore[attr-defined]
+        self._stats = engine.get_stats()
         self.engine = engine
         self._call_in_loop(self.ready.set)
         return engine
 
-    def _has_work(self, engine) -> bool:  # noqa: ANN001 - LLMEngine, imported lazily
+    def _has_work(self, engine: EngineCore) -> bool:
         return bool(self._new or self._aborts or self._stopping or engine.has_unfinished_requests())
 
-    def _serve(self, engine) -> None:  # noqa: ANN001 - LLMEngine, imported lazily
+    def _serve(self, engine: EngineCore) -> None:
         arrivals: dict[str, float] = {}  # unfinished request id -> arrival time; engine-thread only
         workers = self._workers
         idle_wait = None if workers is None else WORKER_WATCH_SECONDS
@@ -366,7 +367,3 @@ class AsyncLLM:
                     self._on_step, StepReport(result.outputs, self._stats, aborted, time.monotonic())
                 )
 
-
-def _tensor_parallel_workers(engine: object) -> TensorParallelWorkers | None:
-    """The engine's other tensor-parallel ranks; None for a single-process engine (or a test's stand-in)."""
-    return getattr(getattr(engine, "runner", None), "workers", None)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from pagoda.config import EngineConfig
-from pagoda.distributed.workers import start_workers
+from pagoda.distributed.workers import TensorParallelWorkers, start_workers
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.request import Request
@@ -90,13 +90,17 @@ class LLMEngine:
         )
 
     @property
+    def workers(self) -> TensorParallelWorkers | None:
+        return self.runner.workers
+
+    @property
     def kv_cache_tokens(self) -> int:
         return self.runner.num_blocks * self.config.block_size
 
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer: pass token ids with skip_tokenizer_init")
-        return self.tokenizer.encode(prompt)
+        return list(self.tokenizer.encode(prompt))
 
     def add_request(
         self,
@@ -200,7 +204,7 @@ class LLMEngine:
         self.runner.close()
 
     def get_stats(self) -> EngineStats:
-        bm = self.block_manager
+        bm, spec = self.block_manager, self.spec_decoder
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -209,7 +213,10 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
             num_total_blocks=bm.num_blocks,
-            **(self.spec_decoder.stats() if self.spec_decoder is not None else {}),
+            spec_decode_num_drafts=spec.num_drafts if spec else 0,
+            spec_decode_num_draft_tokens=spec.num_draft_tokens if spec else 0,
+            spec_decode_num_accepted_tokens=spec.num_accepted_tokens if spec else 0,
+            spec_decode_num_accepted_tokens_per_pos=list(spec.num_accepted_per_pos) if spec else [],
         )
 
     def warmup(self) -> None:

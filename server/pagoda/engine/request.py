@@ -50,7 +50,7 @@ class Request:
             reason, seq.stop_reason = "stop", token_id
         elif token_id in self.eos_token_ids and not params.ignore_eos:
             reason = "stop"
-        elif seq.num_completion_tokens >= params.max_tokens:
+        elif params.max_tokens is not None and seq.num_completion_tokens >= params.max_tokens:
             reason = "length"
         detokenizer = self.detokenizers[seq.index]
         if detokenizer is not None:

@@ -62,19 +62,6 @@ class SpecDecoder:
             seq.draft_length.update(num_proposed, num_accepted)
         self._maybe_log()
 
-    def stats(self) -> dict[str, int | list[int]]:
-        """The EngineStats fields of speculative decoding."""
-        return {
-            "spec_decode_num_drafts": self.num_drafts,
-            "spec_decode_num_draft_tokens": self.num_draft_tokens,
-            "spec_decode_num_accepted_tokens": self.num_accepted_tokens,
-            "spec_decode_num_accepted_tokens_per_pos": list(self.num_accepted_per_pos),
-        }
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
-
     def _maybe_log(self) -> None:
         now = time.monotonic()
         since, drafts, proposed, accepted = self._logged

@@ -22,10 +22,10 @@ def ngram_proposal(token_ids: list[int], min_n: int, max_n: int, k: int) -> list
         return []
     # candidates end where the last token occurs earlier; extend each match backwards one token at a time
     ends = np.flatnonzero(tokens[:last] == tokens[last])
-    length = np.ones(len(ends), dtype=np.int64)
-    alive = np.ones(len(ends), dtype=bool)
+    length: np.ndarray = np.ones(len(ends), dtype=np.int64)
+    alive: np.ndarray = np.ones(len(ends), dtype=bool)
     for m in range(1, min(max_n, last)):
-        starts = ends - m
+        starts: np.ndarray = ends - m
         alive &= starts >= 0
         alive[alive] = tokens[starts[alive]] == tokens[last - m]
         if not alive.any():
