@@ -196,8 +196,9 @@ def test_greedy_draft_model_equals_transformers(
     want = expected(target, reference, prompts)
     model = target if draft == "same" else other_draft
     config = {"method": "draft_model", "model": str(model), "num_speculative_tokens": 3}
-    llm = LLM(model=str(target), block_size=4, max_model_len=64, num_gpu_blocks_override=24,
-              speculative_config=config)
+    # a tiny pool (preemption) and a small token budget (prompt chunks; proposals cut short)
+    llm = LLM(model=str(target), block_size=4, max_model_len=64, num_gpu_blocks_override=16,
+              max_num_batched_tokens=10, speculative_config=config)
     assert generate(llm, prompts) == want
     stats = llm.engine.get_stats()
     if draft == "same":  # the target drafting for itself: every proposal is right
