@@ -61,6 +61,13 @@ def summary(llm: Any, outputs: list[list[int]], seconds: float) -> dict[str, Any
     }
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two outputs differ; None if they are equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,6 +97,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ngram": on,
         "speedup": round(on["output_tokens_per_s"] / off["output_tokens_per_s"], 2),
         "identical_outputs": outputs["ngram"] == outputs["off"],
+        # per prompt: the first output position where the two differ (None: identical)
+        "first_difference": [
+            first_difference(x, y) for x, y in zip(outputs["off"], outputs["ngram"], strict=True)
+        ],
     }
     print(json.dumps(result, indent=2))
     return result

@@ -196,8 +196,9 @@ def test_greedy_draft_model_equals_transformers(
     want = expected(target, reference, prompts)
     model = target if draft == "same" else other_draft
     config = {"method": "draft_model", "model": str(model), "num_speculative_tokens": 3}
-    llm = LLM(model=str(target), block_size=4, max_model_len=64, num_gpu_blocks_override=24,
-              speculative_config=config)
+    # a tiny pool (preemption) and a small token budget (prompt chunks; proposals cut short)
+    llm = LLM(model=str(target), block_size=4, max_model_len=64, num_gpu_blocks_override=16,
+              max_num_batched_tokens=10, speculative_config=config)
     assert generate(llm, prompts) == want
     stats = llm.engine.get_stats()
     if draft == "same":  # the target drafting for itself: every proposal is right
@@ -318,3 +319,26 @@ def test_proposals_are_scheduled_like_a_chunk_with_a_row_each() -> None:
     inputs, _ = build_step_inputs([item], block_size=4)
     assert inputs.input_ids == [13, 17, 18] and inputs.positions == [2, 3, 4]
     assert inputs.slots == [22, 23, 24] and inputs.seq_lens == [5] and inputs.logit_rows == [0, 1, 2]
+
+
+def test_rejected_proposals_hold_no_blocks_between_steps(target: Path, reference: dict) -> None:
+    prompts = repetitive_prompts(6, seed=21)
+    want = expected(target, reference, prompts)
+    llm = LLM(model=str(target), block_size=2, max_model_len=64, speculative_config=NGRAM)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = output.outputs[0].token_ids
+        for seq in engine.scheduler.running:  # blocks for its computed tokens, at most one more (2 per block)
+            held = len(seq.block_table)
+            assert seq.blocks_needed(seq.num_tokens - 1) <= held <= seq.blocks_needed(seq.num_tokens)
+            assert seq.num_computed_tokens == seq.num_tokens - 1
+    assert [done[str(i)] for i in range(len(prompts))] == want
+    stats = engine.get_stats()
+    assert stats.spec_decode_num_draft_tokens > stats.spec_decode_num_accepted_tokens > 0
+    assert_no_blocks_held(llm)

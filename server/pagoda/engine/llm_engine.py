@@ -238,7 +238,7 @@ class LLMEngine:
         self.runner.close()
 
     def get_stats(self) -> EngineStats:
-        bm = self.block_manager
+        bm, spec = self.block_manager, self.spec_decoder
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -247,7 +247,10 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
             num_total_blocks=bm.num_blocks,
-            **(self.spec_decoder.stats() if self.spec_decoder is not None else {}),
+            spec_decode_num_drafts=spec.num_drafts if spec else 0,
+            spec_decode_num_draft_tokens=spec.num_draft_tokens if spec else 0,
+            spec_decode_num_accepted_tokens=spec.num_accepted_tokens if spec else 0,
+            spec_decode_num_accepted_tokens_per_pos=list(spec.num_accepted_per_pos) if spec else [],
         )
 
     def warmup(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 from pagoda.engine.scheduler import ScheduledSequence
 from pagoda.engine.sequence import Sequence
@@ -61,19 +61,6 @@ class SpecDecoder:
         if seq.draft_length is not None:
             seq.draft_length.update(num_proposed, num_accepted)
         self._maybe_log()
-
-    def stats(self) -> dict[str, Any]:
-        """The EngineStats fields of speculative decoding."""
-        return {
-            "spec_decode_num_drafts": self.num_drafts,
-            "spec_decode_num_draft_tokens": self.num_draft_tokens,
-            "spec_decode_num_accepted_tokens": self.num_accepted_tokens,
-            "spec_decode_num_accepted_tokens_per_pos": list(self.num_accepted_per_pos),
-        }
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
     def _maybe_log(self) -> None:
         now = time.monotonic()
