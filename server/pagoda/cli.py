@@ -47,7 +47,7 @@ def _cli_type(
 _positive_int = _cli_type(int, positive)
 
 
-def _non_negative_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
@@ -116,7 +116,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     server.add_argument(
         "--http-read-timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=60.0,
         help="Seconds a client gets to send a request's headers, and then its body, before the "
         "connection is dropped (408 for a body); 0 waits forever. Default: %(default)s.",
@@ -128,7 +128,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     server.add_argument(
         "--shutdown-timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=30.0,
         help="Seconds in-flight requests get to finish after SIGTERM before they are "
         "aborted. Default: %(default)s.",

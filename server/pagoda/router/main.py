@@ -8,14 +8,9 @@ import contextlib
 import logging
 import signal
 
+from pagoda.cli import non_negative_float
+
 ARGUMENTS_HELP = "Route OpenAI API requests across engine replicas (prefix- and load-aware)."
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_router_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,11 +36,11 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         help="Kubernetes API server URL. Default: the in-cluster one.",
     )
     backends.add_argument(
-        "--health-interval", type=_seconds, default=1.0,
+        "--health-interval", type=non_negative_float, default=1.0,
         help="Seconds between /ready polls of each replica. Default: %(default)s.",
     )
     backends.add_argument(
-        "--scrape-interval", type=_seconds, default=5.0,
+        "--scrape-interval", type=non_negative_float, default=5.0,
         help="Seconds between /metrics scrapes (queue length) of each replica. Default: %(default)s.",
     )
     routing = parser.add_argument_group("routing")
@@ -59,7 +54,7 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         help="prefix: no replica takes more than this times the average load. Default: %(default)s.",
     )
     routing.add_argument(
-        "--hold-timeout", type=_seconds, default=30.0,
+        "--hold-timeout", type=non_negative_float, default=30.0,
         help="Seconds a request waits for a ready replica (scale from zero) before a 503; 0: no waiting. "
         "Default: %(default)s.",
     )
@@ -81,7 +76,7 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         "Gateway API InferencePool (needs pagoda[gateway]). Default: off.",
     )
     server.add_argument(
-        "--shutdown-timeout", type=_seconds, default=30.0,
+        "--shutdown-timeout", type=non_negative_float, default=30.0,
         help="Seconds open requests get to finish after SIGTERM. Default: %(default)s.",
     )
     server.add_argument(
