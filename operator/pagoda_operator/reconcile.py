@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from pagoda_operator import autoscaler, builders, kube, labels
+from pagoda_operator import autoscaler, builders, kube, labels, router_builders
 from pagoda_operator.autoscaler import scrape_port, to_rfc3339, window_from_status
 from pagoda_operator.defaults import OperatorDefaults
 from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_spec
@@ -119,7 +119,10 @@ class Reconciler:
             if decision.replicas != spec.replicas:
                 # through the scale subresource, as an HPA would: RBAC can grant it apart from the spec
                 await self.client.patch(
-                    kube.LLMDEPLOYMENTS, namespace, name, {"spec": {"replicas": decision.replicas}},
+                    kube.LLMDEPLOYMENTS,
+                    namespace,
+                    name,
+                    {"spec": {"replicas": decision.replicas}},
                     subresource="scale",
                 )
                 announce(
@@ -206,8 +209,11 @@ class Reconciler:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         manifests = [
             builders.build_deployment(name, namespace, spec, defaults.engine_image, defaults.run_as_user),
-            builders.build_service(name, namespace),
+            builders.build_service(name, namespace, router=spec.router.enabled),
             builders.build_pdb(name, namespace),
+            *router_builders.build_router_children(
+                name, namespace, spec, defaults.engine_image, defaults.run_as_user
+            ),
         ]
         if spec.hpa_enabled:
             manifests.append(builders.build_hpa(name, namespace, spec))
@@ -230,6 +236,19 @@ class Reconciler:
                 message=f"deleted HorizontalPodAutoscaler {name}: autoscaling "
                 f"mode is {spec.autoscaling.mode}, enabled={spec.autoscaling.enabled}",
             )
+        await self.prune_router_children(body, manifests)
+
+    async def prune_router_children(
+        self, body: Mapping[str, Any], manifests: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Delete the router's children the spec no longer asks for (router disabled, gateway mode off):
+        server-side apply updates what is applied, it never removes a whole object."""
+        desired = {(m["kind"], m["metadata"]["name"]) for m in manifests}
+        for kind, child in router_builders.router_child_names(body["metadata"]["name"]):
+            if (kind, child) in desired:
+                continue
+            if await self.delete_owned(kube.RESOURCES_BY_KIND[kind], body, child):
+                announce(body, reason="Deleted", message=f"deleted {kind} {child}: not in the router's spec")
 
     async def apply(self, manifest: dict[str, Any], create_only: bool = False) -> str | None:
         """Server-side apply the manifest; returns what it did, None when the object was already so."""
@@ -244,9 +263,13 @@ class Reconciler:
         applied = await self.client.apply(manifest)
         return "Updated" if without_bookkeeping(applied) != without_bookkeeping(live) else None
 
-    async def delete_owned(self, resource: kube.Resource, body: Mapping[str, Any]) -> bool:
-        """Delete a child only if this LLMDeployment owns it (never a user's object with the same name)."""
-        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    async def delete_owned(
+        self, resource: kube.Resource, body: Mapping[str, Any], child: str | None = None
+    ) -> bool:
+        """Delete a child (by default the one named after the LLMDeployment) only if this LLMDeployment
+        owns it (never a user's object with the same name)."""
+        namespace = body["metadata"]["namespace"]
+        name = child or body["metadata"]["name"]
         live = await self.client.get(resource, namespace, name)
         owners = (live or {}).get("metadata", {}).get("ownerReferences") or []
         if not any(ref.get("uid") == body["metadata"].get("uid") for ref in owners):
@@ -268,9 +291,7 @@ class Reconciler:
         )
         # Only while some pod is not ready: a healthy pool costs no event listing.
         events = (
-            await self.client.events_about(namespace, "Pod", VOLUME_FAILURE_REASONS)
-            if pool.loading
-            else []
+            await self.client.events_about(namespace, "Pod", VOLUME_FAILURE_REASONS) if pool.loading else []
         )
         problems = problems_of(pods, deployment, claim, time.time(), CLAIM_BIND_GRACE_SECONDS, events)
         updates = readiness_conditions(spec.replicas, pool, spec.replicas + spec.warm_pool_size, problems)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import kubernetes_validate
@@ -244,12 +245,22 @@ def test_hpa_scales_the_llmdeployment_on_the_adapter_metrics() -> None:
         "name": "m",
     }
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 9)
-    targets = {m["pods"]["metric"]["name"]: m["pods"]["target"] for m in hpa["metrics"]}
-    assert all(m["type"] == "Pods" for m in hpa["metrics"])
-    assert targets == {
+    pods = [m["pods"] for m in hpa["metrics"] if m["type"] == "Pods"]
+    assert {m["metric"]["name"]: m["target"] for m in pods} == {
         "vllm_num_requests_waiting": {"type": "AverageValue", "averageValue": "2500m"},
         "vllm_kv_cache_usage_perc": {"type": "AverageValue", "averageValue": "750m"},
     }
+    # The router (on by default) counts the requests it holds, also at zero serving pods.
+    (external,) = [m["external"] for m in hpa["metrics"] if m["type"] == "External"]
+    assert external == {
+        "metric": {
+            "name": "pagoda_router_pending_requests",
+            "selector": {"matchLabels": {"llmdeployment": "m"}},
+        },
+        "target": {"type": "AverageValue", "averageValue": "2500m"},
+    }
+    without_router = builders.build_hpa("m", NS, replace(spec, router=replace(spec.router, enabled=False)))
+    assert all(m["type"] == "Pods" for m in without_router["spec"]["metrics"])
     assert hpa["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
     assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 120
 

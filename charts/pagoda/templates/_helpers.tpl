@@ -65,13 +65,26 @@ The rights the operator uses in a namespace it watches:
 - apiGroups: [pagoda.dev]
   resources: [llmdeployments/finalizers]
   verbs: [update]
-{{- /* Children are server-side applied (get, then create or patch) and never watched or listed. */}}
+{{- /* Children are server-side applied (get, then create or patch) and never watched or listed; the
+router's children (its Deployment, Services, ServiceAccount, Role, RoleBinding, InferencePool) are
+deleted when spec.router drops them. */}}
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, create, patch]
+  verbs: [get, create, patch, delete]
 - apiGroups: [""]
-  resources: [services]
-  verbs: [get, create, patch]
+  resources: [services, serviceaccounts]
+  verbs: [get, create, patch, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, create, patch, delete]
+{{- /* RBAC forbids granting what one does not hold (no escalate verb here): the router's Role reads
+EndpointSlices, so the operator holds that read too. */}}
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [get, list, watch]
+- apiGroups: [inference.networking.k8s.io]
+  resources: [inferencepools]
+  verbs: [get, create, patch, delete]
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [get, create]
