@@ -31,7 +31,7 @@ from pagoda_operator.status import (
     scaling_condition,
     utc_now,
 )
-from pagoda_operator.warmpool import plan_pod_roles, serving_ready_pods, summarize_pool
+from pagoda_operator.warmpool import is_ready, plan_pod_roles, serving_ready_pods, summarize_pool
 
 RETRY_DELAY_SECONDS = 30
 # A claim may wait for its first pod (WaitForFirstConsumer) or a slow provisioner: unbound after this
@@ -110,6 +110,12 @@ class Reconciler:
             policy = spec.autoscaling
             missing = len(targets) - len(loads)
             recommendation = autoscaler.recommend_with_missing(loads, missing, spec.replicas, policy)
+            pending = (
+                await self.router_pending(namespace, name, metrics_port) if spec.router.enabled else None
+            )
+            recommendation = autoscaler.recommend_with_router(
+                recommendation, loads, pending, spec.replicas, policy
+            )
             status = body.get("status") or {}
             window = window_from_status(status.get("autoscaler") or {})
             decision = autoscaler.decide_scale(
@@ -130,6 +136,13 @@ class Reconciler:
                     reason="ScaledUp" if decision.replicas > spec.replicas else "ScaledDown",
                     message=decision.message,
                 )
+
+    async def router_pending(self, namespace: str, name: str, metrics_port: int) -> float | None:
+        """The requests the ready router pods hold for want of a ready engine; None when none answered."""
+        pods = await self.client.list(kube.PODS, namespace, labels.router_selector_labels(name))
+        targets = [(p["status"]["podIP"], scrape_port(p, metrics_port)) for p in pods if is_ready(p)]
+        pending = await autoscaler.scrape_pods(targets, autoscaler.parse_router_pending)
+        return sum(pending) if pending else None
 
     # ------------------------------------------------------------------------------------------ steps
 
