@@ -11,7 +11,7 @@ import pytest
 import yaml
 from llmd_testkit import EXAMPLES_DIR
 
-from pagoda_operator import builders, labels
+from pagoda_operator import builders, labels, router_builders
 from pagoda_operator.fetch import local_model_path
 from pagoda_operator.spec import parse_spec
 
@@ -28,6 +28,12 @@ def all_manifests(name: str, raw_spec: dict[str, Any]) -> list[dict[str, Any]]:
         builders.build_pdb(name, NS),
         builders.build_hpa(name, NS, spec),
         builders.build_cache_pvc(name, NS, spec),
+        # The InferencePool is no built-in kind: test_router_builders checks it against the v1 API's shape.
+        *(
+            m
+            for m in router_builders.build_router_children(name, NS, spec, "image", 10001)
+            if m["kind"] != "InferencePool"
+        ),
     ]
 
 

@@ -151,6 +151,8 @@ def test_examples_cover_cpu_gpu_and_autoscaling() -> None:
     assert specs["llmdeployment.yaml"]["model"]["source"] == "builtin://smollm2-135m-instruct"
     assert specs["llmdeployment-gpu.yaml"]["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert specs["llmdeployment-autoscaling.yaml"]["autoscaling"]["enabled"] is True
+    assert specs["llmdeployment-scale-to-zero.yaml"]["autoscaling"]["minReplicas"] == 0
+    assert specs["llmdeployment-scale-to-zero.yaml"]["router"]["mode"] == "gateway"
 
 
 @pytest.mark.parametrize(
