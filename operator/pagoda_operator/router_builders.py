@@ -241,6 +241,20 @@ def build_inference_pool(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
+def build_router_pdb(name: str, namespace: str) -> dict[str, Any]:
+    """Node drains take one router pod at a time: the Service always keeps one."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": router_metadata(name, namespace, router_name(name)),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": labels.router_selector_labels(name)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
 def build_router_children(
     name: str, namespace: str, spec: LLMDeploymentSpec, default_image: str, run_as_user: int | None
 ) -> list[dict[str, Any]]:
@@ -253,6 +267,7 @@ def build_router_children(
         build_router_role_binding(name, namespace),
         build_engines_service(name, namespace),
         build_router_deployment(name, namespace, spec, default_image, run_as_user),
+        build_router_pdb(name, namespace),
     ]
     if spec.router.gateway:
         children += [build_epp_service(name, namespace), build_inference_pool(name, namespace)]
@@ -267,6 +282,7 @@ def router_child_names(name: str) -> list[tuple[str, str]]:
         ("RoleBinding", router_name(name)),
         ("Service", engines_service_name(name)),
         ("Deployment", router_name(name)),
+        ("PodDisruptionBudget", router_name(name)),
         ("Service", epp_service_name(name)),
         ("InferencePool", name),
     ]

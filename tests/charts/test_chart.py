@@ -278,6 +278,7 @@ REQUIRED_NAMESPACED = {
     ("pagoda.dev", "llmdeployments/finalizers", "update")} | {
     # The router's children, deleted when spec.router drops them; the router's Role is granted, so held.
     (g, r, v) for g, r in [("apps", "deployments"), ("", "services"), ("", "serviceaccounts"),
+                           ("policy", "poddisruptionbudgets"),
                            ("rbac.authorization.k8s.io", "roles"),
                            ("rbac.authorization.k8s.io", "rolebindings"),
                            ("inference.networking.k8s.io", "inferencepools")]

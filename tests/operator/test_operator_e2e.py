@@ -382,6 +382,7 @@ ROUTER_CHILDREN = [
     ("rbac.authorization.k8s.io/v1/rolebindings", "flip-router"),
     (SERVICES, "flip-engines"),
     (DEPLOYMENTS, "flip-router"),
+    (PDBS, "flip-router"),
 ]
 GATEWAY_CHILDREN = [(SERVICES, "flip-epp"), ("inference.networking.k8s.io/v1/inferencepools", "flip")]
 

@@ -66,7 +66,7 @@ The rights the operator uses in a namespace it watches:
   resources: [llmdeployments/finalizers]
   verbs: [update]
 {{- /* Children are server-side applied (get, then create or patch) and never watched or listed; the
-router's children (its Deployment, Services, ServiceAccount, Role, RoleBinding, InferencePool) are
+router's children (its Deployment, PDB, Services, ServiceAccount, Role, RoleBinding, InferencePool) are
 deleted when spec.router drops them. */}}
 - apiGroups: [apps]
   resources: [deployments]
@@ -90,7 +90,7 @@ EndpointSlices, so the operator holds that read too. */}}
   verbs: [get, create]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, create, patch]
+  verbs: [get, create, patch, delete]
 {{- /* The one child the operator removes: the HPA, when autoscaling leaves hpa mode. */}}
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
