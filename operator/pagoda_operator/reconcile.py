@@ -30,6 +30,7 @@ from pagoda_operator.status import (
     readiness_conditions,
     scaling_condition,
     utc_now,
+    with_router,
 )
 from pagoda_operator.warmpool import is_ready, plan_pod_roles, serving_ready_pods, summarize_pool
 
@@ -308,9 +309,15 @@ class Reconciler:
         )
         problems = problems_of(pods, deployment, claim, time.time(), CLAIM_BIND_GRACE_SECONDS, events)
         updates = readiness_conditions(spec.replicas, pool, spec.replicas + spec.warm_pool_size, problems)
+        routers_ready = None
+        if spec.router.enabled:
+            routers = await self.client.list(kube.PODS, namespace, labels.router_selector_labels(name))
+            routers_ready = sum(1 for pod in routers if is_ready(pod))
+            updates[0] = with_router(updates[0], routers_ready, spec.router.replicas)
         hpa = await self.client.get(kube.HPAS, namespace, name) if spec.hpa_enabled else None
         updates.append(scaling_condition(spec, existing, hpa))
         status = base_status(name, namespace, generation, spec.replicas, pool)
+        status["routerReadyReplicas"] = routers_ready
         status["conditions"] = merge_conditions(existing, updates, utc_now(), generation)
         await self.patch_status(body, status)
 

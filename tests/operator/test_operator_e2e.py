@@ -31,6 +31,7 @@ from llmd_testkit import (
     obj,
     pod_status,
     posted_events,
+    router_pod,
     schema_errors,
     serving_pods,
     status,
@@ -202,7 +203,11 @@ async def test_warm_pool_promotion_and_demotion(operator: kmock.KubernetesEmulat
     await wait_for(lambda: serving_pods(kube, pods) == {pods[0]})
     await wait_for(lambda: status(kube, "pool").get("warmReplicas") == 1)
     assert status(kube, "pool")["readySummary"] == "1/1"
+    # The Service's endpoints are the router pods (on by default): none ready, not Ready.
+    await wait_for(lambda: condition(kube, "pool", "Ready").get("reason") == "WaitingForRouter")
+    await api_call(kube, "POST", api_path("pods"), router_pod("pool"))
     await wait_for(lambda: condition(kube, "pool", "Ready").get("status") == "True")
+    assert status(kube, "pool")["routerReadyReplicas"] == 1
     costs = {
         n: obj(kube, PODS, n)["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"]
         for n in pods

@@ -10,6 +10,7 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
+from llmd_testkit import router_pod
 
 from pagoda.router.main import add_router_arguments
 from pagoda_operator import builders, labels, router_builders
@@ -201,6 +202,7 @@ def test_services_and_selectors_keep_router_and_engine_pods_apart() -> None:
     assert not selects(engines["spec"]["selector"]["matchLabels"], pod_labels(router))
     assert not selects(router["spec"]["selector"]["matchLabels"], pod_labels(engines))
     assert pod_labels(router)[labels.COMPONENT] == "router"
+    assert router_pod("demo")["metadata"]["labels"] == pod_labels(router)  # the e2e tests' stand-in
     # Disabled: today's layout, the Service selects the serving engines directly.
     assert builders.build_service("demo", NS)["spec"]["selector"] == headless["spec"]["selector"]
 

@@ -9,7 +9,6 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import kmock
@@ -18,20 +17,18 @@ import pytest_asyncio
 from aiohttp import web
 from llmd_testkit import (
     LLMD_RESOURCE,
-    NAMESPACE,
     api_call,
     api_path,
+    condition,
     create_llmd,
     fake_pod,
     obj,
-    pod_status,
     posted_events,
+    router_pod,
     serving_pods,
     status,
     wait_for,
 )
-
-from pagoda_operator import labels
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -89,23 +86,6 @@ async def idle_engine_port() -> AsyncIterator[int]:
     await runner.cleanup()
 
 
-def router_pod(instance: str, port: int) -> dict[str, Any]:
-    """A router pod as its Deployment would create it, labelled as the operator's builder labels it."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": f"{instance}-router-0",
-            "namespace": NAMESPACE,
-            "uid": f"uid-{instance}-router-0",
-            "labels": labels.router_labels(instance),
-            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(port)},
-        },
-        "spec": {"containers": [{"name": "router", "image": "pagoda"}]},
-        "status": pod_status(True, "127.0.0.1"),
-    }
-
-
 async def held_request(port: int) -> None:
     async with aiohttp.ClientSession() as session:
         body = {"model": "zero", "prompt": "hello", "max_tokens": 1}
@@ -136,7 +116,10 @@ async def test_scales_from_zero_on_held_requests_and_back_after_a_quiet_window(
     pod = fake_pod("zero", warm, ready=True, created="2026-01-01T00:00:00Z", ip="127.0.0.1")
     pod["metadata"]["annotations"]["prometheus.io/port"] = str(idle_engine_port)
     await api_call(kube, "POST", api_path("pods"), pod)
+    # Zero serving replicas are all there should be, but the Service has no router to hold requests yet.
+    await wait_for(lambda: condition(kube, "zero", "Ready").get("reason") == "WaitingForRouter")
     await api_call(kube, "POST", api_path("pods"), router_pod("zero", router_port))
+    await wait_for(lambda: condition(kube, "zero", "Ready").get("status") == "True")
     # At zero replicas the ready pod waits in the warm pool, and the quiet router keeps it there.
     await wait_for(lambda: not serving_pods(kube, [warm]))
     await wait_for(lambda: (status(kube, "zero").get("autoscaler") or {}).get("recommendedReplicas") == 0)
