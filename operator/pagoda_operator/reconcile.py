@@ -226,7 +226,7 @@ class Reconciler:
             builders.build_service(name, namespace, router=spec.router.enabled),
             builders.build_pdb(name, namespace),
             *router_builders.build_router_children(
-                name, namespace, spec, defaults.engine_image, defaults.run_as_user
+                name, namespace, spec, defaults.engine_image, defaults.run_as_user, defaults.router_image
             ),
         ]
         if spec.hpa_enabled:

@@ -88,11 +88,22 @@ def router_container(name: str, spec: LLMDeploymentSpec, image: str) -> dict[str
     }
 
 
+def router_image(spec: LLMDeploymentSpec, engine_image: str, operator_router_image: str | None) -> str:
+    """The spec's router image, else the operator's (the chart's routerImage), else the engine's: the
+    server image holds `pagoda router`."""
+    return spec.router.image or operator_router_image or spec.engine.image or engine_image
+
+
 def build_router_deployment(
-    name: str, namespace: str, spec: LLMDeploymentSpec, default_image: str, run_as_user: int | None
+    name: str,
+    namespace: str,
+    spec: LLMDeploymentSpec,
+    default_image: str,
+    run_as_user: int | None,
+    default_router_image: str | None = None,
 ) -> dict[str, Any]:
     """Stateless router replicas: no GPU, a rolling update that always keeps one up."""
-    image = spec.router.image or spec.engine.image or default_image
+    image = router_image(spec, default_image, default_router_image)
     pod_labels = labels.router_labels(name)
     return {
         "apiVersion": "apps/v1",
@@ -256,7 +267,12 @@ def build_router_pdb(name: str, namespace: str) -> dict[str, Any]:
 
 
 def build_router_children(
-    name: str, namespace: str, spec: LLMDeploymentSpec, default_image: str, run_as_user: int | None
+    name: str,
+    namespace: str,
+    spec: LLMDeploymentSpec,
+    default_image: str,
+    run_as_user: int | None,
+    default_router_image: str | None = None,
 ) -> list[dict[str, Any]]:
     """What the router adds beside the engines; empty when the router is disabled."""
     if not spec.router.enabled:
@@ -266,7 +282,7 @@ def build_router_children(
         build_router_role(name, namespace),
         build_router_role_binding(name, namespace),
         build_engines_service(name, namespace),
-        build_router_deployment(name, namespace, spec, default_image, run_as_user),
+        build_router_deployment(name, namespace, spec, default_image, run_as_user, default_router_image),
         build_router_pdb(name, namespace),
     ]
     if spec.router.gateway:

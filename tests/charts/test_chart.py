@@ -489,3 +489,11 @@ def test_operator_rbac_covers_what_the_router_children_need(tmp_path: Path) -> N
         assert {(group, resource, v) for v in ("get", "create", "patch", "delete")} <= held, child["kind"]
     role = router_builders.build_router_role("demo", "ml")
     assert set(rules_of(role)) <= held
+
+
+def test_router_image_reaches_the_operator(tmp_path: Path) -> None:
+    env = {e["name"]: e.get("value") for e in operator_container(render(tmp_path))["env"]}
+    assert env["PAGODA_ROUTER_IMAGE"] == ""  # the engine image then
+    values = {"routerImage": {"repository": "registry/router", "tag": "2"}}
+    env = {e["name"]: e.get("value") for e in operator_container(render(tmp_path, values))["env"]}
+    assert env["PAGODA_ROUTER_IMAGE"] == "registry/router:2"

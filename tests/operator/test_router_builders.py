@@ -254,3 +254,25 @@ def test_parse_spec_rejects_router_settings_it_cannot_honour(raw: dict[str, Any]
 def test_scale_to_zero_is_valid_with_the_router() -> None:
     spec = parse_spec({"model": BUILTIN, "autoscaling": {"enabled": True, "minReplicas": 0}})
     assert spec.autoscaling.min_replicas == 0 and spec.router.enabled
+
+
+@pytest.mark.parametrize(
+    ("router", "engine", "chart_router", "expected"),
+    [
+        ("r:spec", "e:spec", "r:chart", "r:spec"),
+        (None, "e:spec", "r:chart", "r:chart"),  # the chart's routerImage over a custom engine build
+        (None, "e:spec", None, "e:spec"),
+        (None, None, None, IMAGE),  # the chart's engine image
+    ],
+)
+def test_router_image_precedence(
+    router: str | None, engine: str | None, chart_router: str | None, expected: str
+) -> None:
+    raw: dict[str, Any] = {"model": BUILTIN, "router": {"image": router} if router else {}}
+    if engine:
+        raw["engine"] = {"image": engine}
+    deployment = router_builders.build_router_deployment(
+        "demo", NS, parse_spec(raw), IMAGE, None, chart_router
+    )
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == expected

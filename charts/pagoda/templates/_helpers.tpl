@@ -44,6 +44,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .Values.engineImage.repository (default .Chart.AppVersion .Values.engineImage.tag) }}
 {{- end }}
 
+{{- define "pagoda.routerImage" -}}
+{{- with .Values.routerImage.repository }}
+{{- printf "%s:%s" . (default $.Chart.AppVersion $.Values.routerImage.tag) }}
+{{- end }}
+{{- end }}
+
 {{/*
 The rights the operator uses in a namespace it watches:
 - llmdeployments: kopf watches them and patches finalizers, its progress annotations and status;
