@@ -376,6 +376,11 @@ def check_scale_to_zero(spec: LLMDeploymentSpec) -> None:
             "spec.autoscaling.minReplicas 0 needs spec.router.enabled: the router holds requests while "
             "the first pod starts"
         )
+    if spec.autoscaling.min_replicas == 0 and spec.router.hold_timeout_seconds == 0:
+        raise InvalidSpecError(
+            "spec.autoscaling.minReplicas 0 needs spec.router.holdTimeoutSeconds > 0: the requests the "
+            "router holds are what scales from zero"
+        )
 
 
 def check_storage(spec: LLMDeploymentSpec) -> None:

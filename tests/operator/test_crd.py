@@ -220,6 +220,10 @@ def test_cel_accepts_every_supported_model_source(source: str) -> None:
             {"model": BUILTIN, "autoscaling": {"minReplicas": 0}, "router": {"enabled": False}},
             "autoscaling.minReplicas 0 needs router.enabled",
         ),
+        (
+            {"model": BUILTIN, "autoscaling": {"minReplicas": 0}, "router": {"holdTimeoutSeconds": 0}},
+            "autoscaling.minReplicas 0 needs router.holdTimeoutSeconds",
+        ),
     ],
 )
 def test_cel_rules_reject_specs_the_operator_cannot_serve(spec: dict[str, Any], message_start: str) -> None:

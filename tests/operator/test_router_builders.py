@@ -244,6 +244,10 @@ def test_disabled_router_builds_nothing_and_pruning_knows_every_child() -> None:
             {"router": {"enabled": False}, "autoscaling": {"enabled": True, "minReplicas": 0}},
             "minReplicas 0 needs spec.router.enabled",
         ),
+        (
+            {"router": {"holdTimeoutSeconds": 0}, "autoscaling": {"enabled": True, "minReplicas": 0}},
+            "minReplicas 0 needs spec.router.holdTimeoutSeconds",
+        ),
     ],
 )
 def test_parse_spec_rejects_router_settings_it_cannot_honour(raw: dict[str, Any], fragment: str) -> None:
