@@ -366,6 +366,9 @@ def router_pending_metric(name: str, average: float) -> dict[str, Any]:
 def build_hpa(name: str, namespace: str, spec: LLMDeploymentSpec) -> dict[str, Any]:
     """An HPA on the LLMDeployment's scale subresource, fed by prometheus-adapter's per-pod metrics."""
     autoscaling = spec.autoscaling
+    # Only where it is needed: an HPA does not scale down while one of its metrics is unavailable, and
+    # the external metric needs the adapter's externalRules and the external metrics API registered.
+    scales_from_zero = spec.router.enabled and autoscaling.min_replicas == 0
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
@@ -379,7 +382,7 @@ def build_hpa(name: str, namespace: str, spec: LLMDeploymentSpec) -> dict[str, A
                 pods_metric("vllm_kv_cache_usage_perc", autoscaling.target_kv_cache_usage),
                 *(
                     [router_pending_metric(name, autoscaling.target_waiting_requests)]
-                    if spec.router.enabled
+                    if scales_from_zero
                     else []
                 ),
             ],

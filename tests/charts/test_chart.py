@@ -469,7 +469,9 @@ def test_prometheus_adapter_serves_the_routers_pending_requests_as_an_external_m
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}}
     assert rule["metricsQuery"].startswith("sum(")  # held requests add up over the router replicas
     # The HPA the operator builds asks for that name, by the label the PodMonitor writes.
-    hpa = builders.build_hpa("demo", "ml", parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"}}))
+    spec = parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"},
+                       "autoscaling": {"enabled": True, "mode": "hpa", "minReplicas": 0}})
+    hpa = builders.build_hpa("demo", "ml", spec)
     (external,) = [m["external"] for m in hpa["spec"]["metrics"] if m["type"] == "External"]
     assert external["metric"]["name"] == rule["name"]["as"]
     relabeled = {r["targetLabel"] for m in by_kind(objects, "PodMonitor")

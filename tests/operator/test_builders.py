@@ -256,8 +256,12 @@ def test_hpa_scales_the_llmdeployment_on_the_adapter_metrics() -> None:
         "vllm_num_requests_waiting": {"type": "AverageValue", "averageValue": "2500m"},
         "vllm_kv_cache_usage_perc": {"type": "AverageValue", "averageValue": "750m"},
     }
-    # The router (on by default) counts the requests it holds, also at zero serving pods.
-    (external,) = [m["external"] for m in hpa["metrics"] if m["type"] == "External"]
+    assert all(m["type"] == "Pods" for m in hpa["metrics"])  # minReplicas 2: no external metric needed
+    # Scaling from zero: the routers' held requests, the only load there is with no serving pod.
+    to_zero = replace(spec, autoscaling=replace(spec.autoscaling, min_replicas=0))
+    zero_hpa = builders.build_hpa("m", NS, to_zero)
+    kubernetes_validate.validate(zero_hpa, K8S_VERSION, strict=True)
+    (external,) = [m["external"] for m in zero_hpa["spec"]["metrics"] if m["type"] == "External"]
     assert external == {
         "metric": {
             "name": "pagoda_router_pending_requests",
@@ -265,8 +269,7 @@ def test_hpa_scales_the_llmdeployment_on_the_adapter_metrics() -> None:
         },
         "target": {"type": "AverageValue", "averageValue": "2500m"},
     }
-    without_router = builders.build_hpa("m", NS, replace(spec, router=replace(spec.router, enabled=False)))
-    assert all(m["type"] == "Pods" for m in without_router["spec"]["metrics"])
+    assert zero_hpa["spec"]["minReplicas"] == 0
     assert hpa["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
     assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 120
 
