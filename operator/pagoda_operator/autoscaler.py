@@ -5,25 +5,34 @@ asks for max(ceil(waiting / targetWaitingRequests), ceil(kv usage / targetKVCach
 to [minReplicas, maxReplicas]. It scales up only when the pods of the last scale-up are all ready (never
 piles up cold starts on a queue they will absorb) and scales down only after the recommendation stayed
 lower for the whole stabilization window, to the highest value seen in that window.
+
+With the router in front (spec.router), the routers' `pagoda_router_pending_requests` (requests held
+while no engine is ready) join the queue: they are the only load there is at zero replicas, so they
+scale 0 -> 1 (the warm pool's promotion makes that seconds). With minReplicas 0 it scales to zero only
+when the whole window saw no traffic: nothing held, queued or running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagoda_operator.spec import AutoscalingSpec
 
+T = TypeVar("T")
+
 WAITING_METRIC = "vllm:num_requests_waiting"
 KV_CACHE_METRIC = "vllm:kv_cache_usage_perc"
 KV_CACHE_METRIC_LEGACY = "vllm:gpu_cache_usage_perc"  # vLLM's older name, still served by Pagoda
+RUNNING_METRIC = "vllm:num_requests_running"
+ROUTER_PENDING_METRIC = "pagoda_router_pending_requests"
 SCRAPE_TIMEOUT_SECONDS = 3.0
 # Scale-up waits for the pods of the last scale-up, but not forever: a pod that no node can take (no free
 # GPU) would otherwise freeze the autoscaler while the queue grows.
@@ -57,6 +66,7 @@ class MetricsError(ValueError):
 class PodLoad:
     waiting: float
     kv_cache_usage: float  # 0..1
+    running: float = 0.0  # only tells traffic from none (scale to zero)
 
 
 @dataclass(frozen=True)
@@ -83,30 +93,46 @@ def parse_metrics(text: str) -> PodLoad:
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in (WAITING_METRIC, KV_CACHE_METRIC, KV_CACHE_METRIC_LEGACY):
+            if sample.name in (WAITING_METRIC, KV_CACHE_METRIC, KV_CACHE_METRIC_LEGACY, RUNNING_METRIC):
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     kv_cache = totals.get(KV_CACHE_METRIC, totals.get(KV_CACHE_METRIC_LEGACY))
     if WAITING_METRIC not in totals or kv_cache is None:
         raise MetricsError(f"/metrics lacks {WAITING_METRIC} or {KV_CACHE_METRIC}")
-    return PodLoad(waiting=totals[WAITING_METRIC], kv_cache_usage=kv_cache)
+    return PodLoad(
+        waiting=totals[WAITING_METRIC], kv_cache_usage=kv_cache, running=totals.get(RUNNING_METRIC, 0.0)
+    )
 
 
-async def scrape_pod(session: aiohttp.ClientSession, host: str, port: int) -> PodLoad | None:
-    """One pod's load, or None when it does not answer (it is then left out of the sums)."""
+def parse_router_pending(text: str) -> float:
+    """A router's held requests from its Prometheus text."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == ROUTER_PENDING_METRIC:
+                return sample.value
+    raise MetricsError(f"/metrics lacks {ROUTER_PENDING_METRIC}")
+
+
+async def scrape_pod(
+    session: aiohttp.ClientSession, host: str, port: int, parse: Callable[[str], T]
+) -> T | None:
+    """One pod's reading, or None when it does not answer (it is then left out of the sums)."""
     try:
         async with session.get(
             f"http://{host}:{port}/metrics", timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS)
         ) as response:
             response.raise_for_status()
-            return parse_metrics(await response.text())
+            return parse(await response.text())
     except (aiohttp.ClientError, asyncio.TimeoutError, MetricsError, ValueError):
         return None
 
 
-async def scrape_pods(targets: Sequence[tuple[str, int]]) -> list[PodLoad]:
+async def scrape_pods(
+    targets: Sequence[tuple[str, int]],
+    parse: Callable[[str], T] = parse_metrics,  # type: ignore[assignment]
+) -> list[T]:
     async with aiohttp.ClientSession() as session:
-        loads = await asyncio.gather(*(scrape_pod(session, host, port) for host, port in targets))
-    return [load for load in loads if load is not None]
+        readings = await asyncio.gather(*(scrape_pod(session, host, port, parse) for host, port in targets))
+    return [reading for reading in readings if reading is not None]
 
 
 def clamp(replicas: int, policy: AutoscalingSpec) -> int:
@@ -125,6 +151,25 @@ def recommend_with_missing(
         at_target = PodLoad(policy.target_waiting_requests, policy.target_kv_cache_usage)
         recommendation = min(current, recommend_replicas([*loads, *[at_target] * missing], policy))
     return recommendation
+
+
+def recommend_with_router(
+    recommendation: int | None,
+    loads: Sequence[PodLoad],
+    pending: float | None,
+    current: int,
+    policy: AutoscalingSpec,
+) -> int | None:
+    """Fold in the routers' held requests (None: no router answered). At zero replicas they are the
+    whole measurement; at any size, traffic keeps at least one replica (minReplicas 0 scales to zero
+    only without any)."""
+    if pending is None:
+        return recommendation
+    if recommendation is None and current > 0:
+        return None  # serving pods exist but none answered: no basis to go down to zero
+    by_pending = math.ceil(pending / policy.target_waiting_requests - CEIL_TOLERANCE)
+    busy = pending > 0 or any(load.waiting > 0 or load.running > 0 for load in loads)
+    return clamp(max(recommendation or 0, by_pending, 1 if busy else 0), policy)
 
 
 def recommend_replicas(loads: Sequence[PodLoad], policy: AutoscalingSpec) -> int:

@@ -303,15 +303,21 @@ def build_deployment(
     }
 
 
-def build_service(name: str, namespace: str) -> dict[str, Any]:
-    """The in-cluster OpenAI endpoint: only pods labelled serving=true receive traffic."""
+def build_service(name: str, namespace: str, router: bool = False) -> dict[str, Any]:
+    """The in-cluster OpenAI endpoint: the router pods, or without a router the pods labelled
+    serving=true."""
+    selector = (
+        labels.router_selector_labels(name)
+        if router
+        else {**labels.selector_labels(name), labels.SERVING: "true"}
+    )
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": metadata(name, namespace, name),
         "spec": {
             "type": "ClusterIP",
-            "selector": {**labels.selector_labels(name), labels.SERVING: "true"},
+            "selector": selector,
             "ports": [
                 {
                     "name": "http",
@@ -341,9 +347,28 @@ def pods_metric(metric: str, average: float) -> dict[str, Any]:
     }
 
 
+def router_pending_metric(name: str, average: float) -> dict[str, Any]:
+    """The routers' held requests (prometheus-adapter's external rule, summed over the router pods): at
+    zero serving pods there is no per-pod metric to average, and this one still counts the queue. An HPA
+    with minReplicas 0 needs the cluster's HPAScaleToZero feature gate."""
+    return {
+        "type": "External",
+        "external": {
+            "metric": {
+                "name": "pagoda_router_pending_requests",
+                "selector": {"matchLabels": {"llmdeployment": name}},
+            },
+            "target": {"type": "AverageValue", "averageValue": quantity(average)},
+        },
+    }
+
+
 def build_hpa(name: str, namespace: str, spec: LLMDeploymentSpec) -> dict[str, Any]:
     """An HPA on the LLMDeployment's scale subresource, fed by prometheus-adapter's per-pod metrics."""
     autoscaling = spec.autoscaling
+    # Only where it is needed: an HPA does not scale down while one of its metrics is unavailable, and
+    # the external metric needs the adapter's externalRules and the external metrics API registered.
+    scales_from_zero = spec.router.enabled and autoscaling.min_replicas == 0
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
@@ -355,6 +380,11 @@ def build_hpa(name: str, namespace: str, spec: LLMDeploymentSpec) -> dict[str, A
             "metrics": [
                 pods_metric("vllm_num_requests_waiting", autoscaling.target_waiting_requests),
                 pods_metric("vllm_kv_cache_usage_perc", autoscaling.target_kv_cache_usage),
+                *(
+                    [router_pending_metric(name, autoscaling.target_waiting_requests)]
+                    if scales_from_zero
+                    else []
+                ),
             ],
             "behavior": {
                 # Queues grow fast: scale up at once (warm pods make it cheap); scale down slowly.

@@ -26,15 +26,18 @@ class OperatorDefaults:
     engine_image: str
     run_as_user: int | None
     generation: int | None = None  # the spec generation they were pinned for
+    router_image: str | None = None  # None: the engine image (it holds `pagoda router`)
 
     @classmethod
     def current(cls, generation: int | None = None) -> OperatorDefaults:
-        """The chart's settings now (PAGODA_ENGINE_IMAGE, PAGODA_ENGINE_RUN_AS_USER: "" = the platform's)."""
+        """The chart's settings now (PAGODA_ENGINE_IMAGE, PAGODA_ROUTER_IMAGE,
+        PAGODA_ENGINE_RUN_AS_USER: "" = the platform's)."""
         run_as_user = os.environ.get("PAGODA_ENGINE_RUN_AS_USER", str(RUN_AS_USER)).strip()
         return cls(
             engine_image=os.environ.get("PAGODA_ENGINE_IMAGE") or DEFAULT_ENGINE_IMAGE,
             run_as_user=int(run_as_user) if run_as_user else None,
             generation=generation,
+            router_image=os.environ.get("PAGODA_ROUTER_IMAGE") or None,
         )
 
     @classmethod

@@ -51,7 +51,15 @@ PVCS = Resource("v1", "persistentvolumeclaims")
 HPAS = Resource("autoscaling/v2", "horizontalpodautoscalers")
 PDBS = Resource("policy/v1", "poddisruptionbudgets")
 EVENTS = Resource("v1", "events")
+SERVICE_ACCOUNTS = Resource("v1", "serviceaccounts")
+ROLES = Resource("rbac.authorization.k8s.io/v1", "roles")
+ROLE_BINDINGS = Resource("rbac.authorization.k8s.io/v1", "rolebindings")
+INFERENCE_POOLS = Resource("inference.networking.k8s.io/v1", "inferencepools")
 RESOURCES_BY_KIND = {
+    "ServiceAccount": SERVICE_ACCOUNTS,
+    "Role": ROLES,
+    "RoleBinding": ROLE_BINDINGS,
+    "InferencePool": INFERENCE_POOLS,
     "Deployment": DEPLOYMENTS,
     "Service": SERVICES,
     "Pod": PODS,

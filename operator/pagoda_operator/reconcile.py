@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from pagoda_operator import autoscaler, builders, kube, labels
+from pagoda_operator import autoscaler, builders, kube, labels, router_builders
 from pagoda_operator.autoscaler import scrape_port, to_rfc3339, window_from_status
 from pagoda_operator.defaults import OperatorDefaults
 from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_spec
@@ -30,8 +30,9 @@ from pagoda_operator.status import (
     readiness_conditions,
     scaling_condition,
     utc_now,
+    with_router,
 )
-from pagoda_operator.warmpool import plan_pod_roles, serving_ready_pods, summarize_pool
+from pagoda_operator.warmpool import is_ready, plan_pod_roles, serving_ready_pods, summarize_pool
 
 RETRY_DELAY_SECONDS = 30
 # A claim may wait for its first pod (WaitForFirstConsumer) or a slow provisioner: unbound after this
@@ -110,6 +111,12 @@ class Reconciler:
             policy = spec.autoscaling
             missing = len(targets) - len(loads)
             recommendation = autoscaler.recommend_with_missing(loads, missing, spec.replicas, policy)
+            pending = (
+                await self.router_pending(namespace, name, metrics_port) if spec.router.enabled else None
+            )
+            recommendation = autoscaler.recommend_with_router(
+                recommendation, loads, pending, spec.replicas, policy
+            )
             status = body.get("status") or {}
             window = window_from_status(status.get("autoscaler") or {})
             decision = autoscaler.decide_scale(
@@ -119,7 +126,10 @@ class Reconciler:
             if decision.replicas != spec.replicas:
                 # through the scale subresource, as an HPA would: RBAC can grant it apart from the spec
                 await self.client.patch(
-                    kube.LLMDEPLOYMENTS, namespace, name, {"spec": {"replicas": decision.replicas}},
+                    kube.LLMDEPLOYMENTS,
+                    namespace,
+                    name,
+                    {"spec": {"replicas": decision.replicas}},
                     subresource="scale",
                 )
                 announce(
@@ -127,6 +137,13 @@ class Reconciler:
                     reason="ScaledUp" if decision.replicas > spec.replicas else "ScaledDown",
                     message=decision.message,
                 )
+
+    async def router_pending(self, namespace: str, name: str, metrics_port: int) -> float | None:
+        """The requests the ready router pods hold for want of a ready engine; None when none answered."""
+        pods = await self.client.list(kube.PODS, namespace, labels.router_selector_labels(name))
+        targets = [(p["status"]["podIP"], scrape_port(p, metrics_port)) for p in pods if is_ready(p)]
+        pending = await autoscaler.scrape_pods(targets, autoscaler.parse_router_pending)
+        return sum(pending) if pending else None
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -206,8 +223,11 @@ class Reconciler:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         manifests = [
             builders.build_deployment(name, namespace, spec, defaults.engine_image, defaults.run_as_user),
-            builders.build_service(name, namespace),
+            builders.build_service(name, namespace, router=spec.router.enabled),
             builders.build_pdb(name, namespace),
+            *router_builders.build_router_children(
+                name, namespace, spec, defaults.engine_image, defaults.run_as_user, defaults.router_image
+            ),
         ]
         if spec.hpa_enabled:
             manifests.append(builders.build_hpa(name, namespace, spec))
@@ -230,6 +250,19 @@ class Reconciler:
                 message=f"deleted HorizontalPodAutoscaler {name}: autoscaling "
                 f"mode is {spec.autoscaling.mode}, enabled={spec.autoscaling.enabled}",
             )
+        await self.prune_router_children(body, manifests)
+
+    async def prune_router_children(
+        self, body: Mapping[str, Any], manifests: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Delete the router's children the spec no longer asks for (router disabled, gateway mode off):
+        server-side apply updates what is applied, it never removes a whole object."""
+        desired = {(m["kind"], m["metadata"]["name"]) for m in manifests}
+        for kind, child in router_builders.router_child_names(body["metadata"]["name"]):
+            if (kind, child) in desired:
+                continue
+            if await self.delete_owned(kube.RESOURCES_BY_KIND[kind], body, child):
+                announce(body, reason="Deleted", message=f"deleted {kind} {child}: not in the router's spec")
 
     async def apply(self, manifest: dict[str, Any], create_only: bool = False) -> str | None:
         """Server-side apply the manifest; returns what it did, None when the object was already so."""
@@ -244,9 +277,13 @@ class Reconciler:
         applied = await self.client.apply(manifest)
         return "Updated" if without_bookkeeping(applied) != without_bookkeeping(live) else None
 
-    async def delete_owned(self, resource: kube.Resource, body: Mapping[str, Any]) -> bool:
-        """Delete a child only if this LLMDeployment owns it (never a user's object with the same name)."""
-        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    async def delete_owned(
+        self, resource: kube.Resource, body: Mapping[str, Any], child: str | None = None
+    ) -> bool:
+        """Delete a child (by default the one named after the LLMDeployment) only if this LLMDeployment
+        owns it (never a user's object with the same name)."""
+        namespace = body["metadata"]["namespace"]
+        name = child or body["metadata"]["name"]
         live = await self.client.get(resource, namespace, name)
         owners = (live or {}).get("metadata", {}).get("ownerReferences") or []
         if not any(ref.get("uid") == body["metadata"].get("uid") for ref in owners):
@@ -268,15 +305,19 @@ class Reconciler:
         )
         # Only while some pod is not ready: a healthy pool costs no event listing.
         events = (
-            await self.client.events_about(namespace, "Pod", VOLUME_FAILURE_REASONS)
-            if pool.loading
-            else []
+            await self.client.events_about(namespace, "Pod", VOLUME_FAILURE_REASONS) if pool.loading else []
         )
         problems = problems_of(pods, deployment, claim, time.time(), CLAIM_BIND_GRACE_SECONDS, events)
         updates = readiness_conditions(spec.replicas, pool, spec.replicas + spec.warm_pool_size, problems)
+        routers_ready = None
+        if spec.router.enabled:
+            routers = await self.client.list(kube.PODS, namespace, labels.router_selector_labels(name))
+            routers_ready = sum(1 for pod in routers if is_ready(pod))
+            updates[0] = with_router(updates[0], routers_ready, spec.router.replicas)
         hpa = await self.client.get(kube.HPAS, namespace, name) if spec.hpa_enabled else None
         updates.append(scaling_condition(spec, existing, hpa))
         status = base_status(name, namespace, generation, spec.replicas, pool)
+        status["routerReadyReplicas"] = routers_ready
         status["conditions"] = merge_conditions(existing, updates, utc_now(), generation)
         await self.patch_status(body, status)
 

@@ -134,6 +134,23 @@ class RolloutSpec:
 
 
 @dataclass(frozen=True)
+class RouterSpec:
+    """`pagoda router` in front of the serving pods (ARCHITECTURE.md §3b)."""
+
+    enabled: bool = True
+    replicas: int = 2
+    policy: str = "prefix"
+    hold_timeout_seconds: int = 60
+    resources: dict[str, Any] = field(default_factory=dict)
+    image: str | None = None  # None: the engine's image (the router runs from the server image)
+    mode: str = "service"  # gateway: also an InferencePool whose endpoint picker is the router
+
+    @property
+    def gateway(self) -> bool:
+        return self.enabled and self.mode == "gateway"
+
+
+@dataclass(frozen=True)
 class SecretKeyRef:
     name: str
     key: str = "api-key"
@@ -157,6 +174,7 @@ class LLMDeploymentSpec:
     topology_spread_constraints: tuple[dict[str, Any], ...] | None = None  # None: the operator's default
     runtime_class_name: str | None = None
     service_account_name: str | None = None
+    router: RouterSpec = field(default_factory=RouterSpec)
 
     @property
     def gpu_count(self) -> int:
@@ -288,7 +306,7 @@ def parse_autoscaling(autoscaling: Mapping[str, Any]) -> AutoscalingSpec:
     parsed = AutoscalingSpec(
         enabled=bool(autoscaling.get("enabled", False)),
         mode=_choice(autoscaling, "mode", "builtin", ("hpa", "builtin"), where),
-        min_replicas=_int(autoscaling, "minReplicas", 1, 1, 1000, where),
+        min_replicas=_int(autoscaling, "minReplicas", 1, 0, 1000, where),
         max_replicas=_int(autoscaling, "maxReplicas", 4, 1, 1000, where),
         target_waiting_requests=_number(autoscaling, "targetWaitingRequests", 4.0, None, where),
         target_kv_cache_usage=_number(autoscaling, "targetKVCacheUsage", 0.8, 1.0, where),
@@ -332,6 +350,37 @@ def parse_rollout(rollout: Mapping[str, Any]) -> RolloutSpec:
     if parsed.max_surge == 0 and parsed.max_unavailable == 0:
         raise InvalidSpecError(f"{where}: maxSurge and maxUnavailable cannot both be 0 (no pod could move)")
     return parsed
+
+
+def parse_router(router: Mapping[str, Any]) -> RouterSpec:
+    where = "spec.router"
+    resources = router.get("resources") or {}
+    if not isinstance(resources, Mapping):
+        raise InvalidSpecError(f"{where}.resources must be an object")
+    return RouterSpec(
+        enabled=bool(router.get("enabled", True)),
+        replicas=_int(router, "replicas", 2, 1, 100, where),
+        policy=_choice(router, "policy", "prefix", ("prefix", "least-load", "round-robin"), where),
+        hold_timeout_seconds=_int(router, "holdTimeoutSeconds", 60, 0, 3600, where),
+        resources=dict(resources),
+        image=router.get("image"),
+        mode=_choice(router, "mode", "service", ("service", "gateway"), where),
+    )
+
+
+def check_scale_to_zero(spec: LLMDeploymentSpec) -> None:
+    """Without the router nothing holds a request while the first pod starts: the Service has no
+    endpoint and clients get connection errors."""
+    if spec.autoscaling.min_replicas == 0 and not spec.router.enabled:
+        raise InvalidSpecError(
+            "spec.autoscaling.minReplicas 0 needs spec.router.enabled: the router holds requests while "
+            "the first pod starts"
+        )
+    if spec.autoscaling.min_replicas == 0 and spec.router.hold_timeout_seconds == 0:
+        raise InvalidSpecError(
+            "spec.autoscaling.minReplicas 0 needs spec.router.holdTimeoutSeconds > 0: the requests the "
+            "router holds are what scales from zero"
+        )
 
 
 def check_storage(spec: LLMDeploymentSpec) -> None:
@@ -387,8 +436,10 @@ def parse_spec(spec: Mapping[str, Any]) -> LLMDeploymentSpec:
         ),
         runtime_class_name=spec.get("runtimeClassName"),
         service_account_name=spec.get("serviceAccountName"),
+        router=parse_router(_section(spec, "router")),
     )
     check_storage(parsed)
+    check_scale_to_zero(parsed)
     tp, gpus = parsed.engine.tensor_parallel_size, parsed.gpu_count
     if tp > 1 and gpus < tp:
         raise InvalidSpecError(

@@ -203,6 +203,18 @@ def readiness_conditions(
     return [ready, progressing, degraded]
 
 
+def with_router(ready: Condition, routers_ready: int, routers_desired: int) -> Condition:
+    """With the router in front, the Service's endpoints are the router pods: none ready, no endpoint."""
+    if not ready.status or routers_ready > 0:
+        return ready
+    return Condition(
+        "Ready",
+        False,
+        "WaitingForRouter",
+        f"{ready.message}, but 0/{routers_desired} router pods ready (the Service's endpoints)",
+    )
+
+
 def base_status(
     name: str, namespace: str, generation: int | None, desired: int, pool: PoolSummary
 ) -> dict[str, Any]:

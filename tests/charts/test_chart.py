@@ -21,6 +21,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from pagoda_operator import builders, kube, router_builders
+from pagoda_operator.spec import parse_spec
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "pagoda"
 CRD_FILE = "llmdeployments.pagoda.dev.yaml"
@@ -54,6 +57,8 @@ ENGINE_METRICS = {
 HPA_METRICS = {"vllm_num_requests_waiting": "vllm:num_requests_waiting",
                "vllm_kv_cache_usage_perc": "vllm:kv_cache_usage_perc"}
 ENGINE_POD_LABELS = {"app.kubernetes.io/name": "pagoda", "app.kubernetes.io/managed-by": "pagoda-operator"}
+ROUTER_POD_LABELS = {"app.kubernetes.io/name": "pagoda-router",
+                     "app.kubernetes.io/managed-by": "pagoda-operator"}
 
 
 @cache
@@ -151,7 +156,7 @@ def check_pod_monitor(obj: dict[str, Any]) -> None:
     spec = obj["spec"]
     assert set(spec) <= {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel",
                          "podTargetLabels"}
-    assert spec["selector"] == {"matchLabels": ENGINE_POD_LABELS}
+    assert spec["selector"] in ({"matchLabels": ENGINE_POD_LABELS}, {"matchLabels": ROUTER_POD_LABELS})
     selector = spec["namespaceSelector"]
     assert selector == {"any": True} or set(selector) == {"matchNames"}
     (endpoint,) = spec["podMetricsEndpoints"]
@@ -167,6 +172,7 @@ def test_all_features_renders_the_optional_objects(tmp_path: Path) -> None:
     objects = render(tmp_path, ALL_FEATURES)
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert ("PodMonitor", "pagoda-engines") in names
+    assert ("PodMonitor", "pagoda-routers") in names
     assert ("ConfigMap", "pagoda-prometheus-adapter") in names
     assert ("ConfigMap", "pagoda-dashboard") in names
     default_names = {(o["kind"], o["metadata"]["name"]) for o in render(tmp_path)}
@@ -269,7 +275,15 @@ REQUIRED_NAMESPACED = {
     ("", "pods", v) for v in ("list", "watch", "patch")} | {("", "events", "create"), ("", "events", "list"),
                                                              ("events.k8s.io", "events", "create")} | {
     # blockOwnerDeletion on the children needs it where owner-reference permissions are enforced.
-    ("pagoda.dev", "llmdeployments/finalizers", "update")}
+    ("pagoda.dev", "llmdeployments/finalizers", "update")} | {
+    # The router's children, deleted when spec.router drops them; the router's Role is granted, so held.
+    (g, r, v) for g, r in [("apps", "deployments"), ("", "services"), ("", "serviceaccounts"),
+                           ("policy", "poddisruptionbudgets"),
+                           ("rbac.authorization.k8s.io", "roles"),
+                           ("rbac.authorization.k8s.io", "rolebindings"),
+                           ("inference.networking.k8s.io", "inferencepools")]
+    for v in ("get", "create", "patch", "delete")} | {
+    ("discovery.k8s.io", "endpointslices", v) for v in ("get", "list", "watch")}
 REQUIRED_CLUSTER = {("", "namespaces", "list"), ("", "namespaces", "watch"),
                     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
                     ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
@@ -277,7 +291,7 @@ REQUIRED_CLUSTER = {("", "namespaces", "list"), ("", "namespaces", "watch"),
 CLUSTER_PEERING = {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
 NAMESPACED_PEERING = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
 ALLOWED_GROUPS = {"", "apps", "autoscaling", "policy", "pagoda.dev", "apiextensions.k8s.io", "events.k8s.io",
-                  "kopf.dev"}
+                  "kopf.dev", "rbac.authorization.k8s.io", "discovery.k8s.io", "inference.networking.k8s.io"}
 FORBIDDEN_RESOURCES = {"secrets", "configmaps", "nodes", "pods/exec"}
 
 
@@ -423,3 +437,65 @@ def test_notes_example_is_a_valid_llmdeployment() -> None:
     # A CRD's schema is OpenAPI 3.0, whose keywords (boolean exclusiveMinimum) are JSON Schema draft 4's.
     spec_schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     jsonschema.Draft4Validator(spec_schema).validate(resource["spec"])
+
+
+# ---------------------------------------------------------------------------------------------- router
+
+
+def test_pod_monitors_select_the_pods_the_operator_builds(tmp_path: Path) -> None:
+    """Engines and routers as the operator's builders label them, and nothing else."""
+    spec = parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"}})
+    engines = builders.build_deployment("demo", "ml", spec)
+    router = router_builders.build_router_deployment("demo", "ml", spec, "image", None)
+    pods = {"engines": engines, "routers": router}
+    objects = render(tmp_path, ALL_FEATURES)
+    for monitor in by_kind(objects, "PodMonitor"):
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        for component, deployment in pods.items():
+            selected = selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+            assert selected == monitor["metadata"]["name"].endswith(component)
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        for deployment in pods.values():
+            (container,) = deployment["spec"]["template"]["spec"]["containers"]
+            assert endpoint["port"] in {port["name"] for port in container["ports"]}
+
+
+def test_prometheus_adapter_serves_the_routers_pending_requests_as_an_external_metric(tmp_path: Path) -> None:
+    objects = render(tmp_path, ALL_FEATURES)
+    (config_map,) = [o for o in objects if o["metadata"]["name"].endswith("prometheus-adapter")]
+    (rule,) = yaml.safe_load(config_map["data"]["config.yaml"])["externalRules"]
+    assert rule["seriesQuery"].startswith("pagoda_router_pending_requests{")
+    assert rule["name"]["as"] == "pagoda_router_pending_requests"
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}}
+    assert rule["metricsQuery"].startswith("sum(")  # held requests add up over the router replicas
+    # The HPA the operator builds asks for that name, by the label the PodMonitor writes.
+    spec = parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"},
+                       "autoscaling": {"enabled": True, "mode": "hpa", "minReplicas": 0}})
+    hpa = builders.build_hpa("demo", "ml", spec)
+    (external,) = [m["external"] for m in hpa["spec"]["metrics"] if m["type"] == "External"]
+    assert external["metric"]["name"] == rule["name"]["as"]
+    relabeled = {r["targetLabel"] for m in by_kind(objects, "PodMonitor")
+                 for r in m["spec"]["podMetricsEndpoints"][0]["relabelings"]}
+    assert set(external["metric"]["selector"]["matchLabels"]) <= relabeled
+
+
+def test_operator_rbac_covers_what_the_router_children_need(tmp_path: Path) -> None:
+    """It creates, patches and deletes every router child, and holds what the router's Role grants
+    (the API server refuses to let a subject grant more than it holds, short of `escalate`)."""
+    (cluster_role,) = by_kind(render(tmp_path), "ClusterRole")
+    held = set(rules_of(cluster_role))
+    spec = parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"}, "router": {"mode": "gateway"}})
+    for child in router_builders.build_router_children("demo", "ml", spec, "image", None):
+        group = child["apiVersion"].rpartition("/")[0]
+        resource = kube.RESOURCES_BY_KIND[child["kind"]].plural
+        assert {(group, resource, v) for v in ("get", "create", "patch", "delete")} <= held, child["kind"]
+    role = router_builders.build_router_role("demo", "ml")
+    assert set(rules_of(role)) <= held
+
+
+def test_router_image_reaches_the_operator(tmp_path: Path) -> None:
+    env = {e["name"]: e.get("value") for e in operator_container(render(tmp_path))["env"]}
+    assert env["PAGODA_ROUTER_IMAGE"] == ""  # the engine image then
+    values = {"routerImage": {"repository": "registry/router", "tag": "2"}}
+    env = {e["name"]: e.get("value") for e in operator_container(render(tmp_path, values))["env"]}
+    assert env["PAGODA_ROUTER_IMAGE"] == "registry/router:2"

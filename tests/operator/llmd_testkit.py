@@ -166,6 +166,28 @@ def fake_pod(
     }
 
 
+def router_pod(instance: str, port: int = 8000, ready: bool = True) -> dict[str, Any]:
+    """A router pod as its Deployment would create it, labelled as the operator's builder labels it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{instance}-router-0",
+            "namespace": NAMESPACE,
+            "uid": f"uid-{instance}-router-0",
+            "labels": {
+                "app.kubernetes.io/name": "pagoda-router",
+                "app.kubernetes.io/instance": instance,
+                "app.kubernetes.io/component": "router",
+                "app.kubernetes.io/managed-by": "pagoda-operator",
+            },
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(port)},
+        },
+        "spec": {"containers": [{"name": "router", "image": "pagoda"}]},
+        "status": pod_status(ready, "127.0.0.1"),
+    }
+
+
 def pod_status(ready: bool, ip: str = "10.0.0.1") -> dict[str, Any]:
     return {
         "phase": "Running",

@@ -12,8 +12,10 @@ from pagoda_operator.autoscaler import (
     ScalingWindow,
     decide_scale,
     parse_metrics,
+    parse_router_pending,
     recommend_replicas,
     recommend_with_missing,
+    recommend_with_router,
 )
 from pagoda_operator.spec import AutoscalingSpec
 
@@ -54,7 +56,7 @@ POLICY = AutoscalingSpec(
 
 
 def test_parses_a_vllm_metrics_page() -> None:
-    assert parse_metrics(VLLM_METRICS) == PodLoad(waiting=5.0, kv_cache_usage=0.625)
+    assert parse_metrics(VLLM_METRICS) == PodLoad(waiting=5.0, kv_cache_usage=0.625, running=8.0)
 
 
 def test_parses_what_prometheus_client_exposes() -> None:
@@ -182,3 +184,58 @@ def test_one_tick_adds_at_most_four_pods_or_doubles() -> None:
     assert (small.replicas, small.recommendation) == (5, 40) and "capped from 40" in small.message
     large = decide_scale(10, 10, 40, policy, ScalingWindow(), now=0.0)
     assert large.replicas == 20
+
+
+# ------------------------------------------------------------------------------- the router in front
+
+ZERO = AutoscalingSpec(enabled=True, min_replicas=0, max_replicas=4, target_waiting_requests=4)
+
+
+def test_reads_the_pending_requests_of_the_routers_own_metrics_page() -> None:
+    from pagoda.router.metrics import RouterMetrics
+
+    metrics = RouterMetrics()
+    metrics.requests.labels("http://10.0.0.5:8000", "prefix-hit").inc()
+    metrics.pending.set(3)
+    assert parse_router_pending(generate_latest(metrics.registry).decode()) == 3.0
+    with pytest.raises(MetricsError):
+        parse_router_pending(VLLM_METRICS)
+
+
+@pytest.mark.parametrize(
+    ("recommendation", "loads", "pending", "current", "expected"),
+    [
+        (None, [], 1.0, 0, 1),  # a request held at zero replicas: one pod
+        (None, [], 9.0, 0, 3),  # ceil(9 / 4)
+        (None, [], 0.0, 0, 0),  # no traffic at zero: stay there
+        (0, [PodLoad(0, 0.0)], 0.0, 1, 0),  # idle: zero may be recommended
+        (0, [PodLoad(0, 0.1, running=1)], 0.0, 1, 1),  # a running request keeps the pod
+        (0, [PodLoad(1, 0.0)], 0.0, 1, 1),  # so does a queued one
+        (2, [PodLoad(8, 0.1)], 0.0, 2, 2),  # the engines' own recommendation stands
+        (None, [], 0.0, 2, None),  # serving pods that did not answer: no basis to go to zero
+        (1, [PodLoad(0, 0.0)], None, 1, 1),  # no router answered: as before
+    ],
+)
+def test_router_pending_requests_drive_scaling_from_and_to_zero(
+    recommendation: int | None,
+    loads: list[PodLoad],
+    pending: float | None,
+    current: int,
+    expected: int | None,
+) -> None:
+    assert recommend_with_router(recommendation, loads, pending, current, ZERO) == expected
+
+
+def test_scales_from_zero_at_once_and_to_zero_only_after_a_quiet_window() -> None:
+    up = decide_scale(0, 0, 1, ZERO, ScalingWindow(), now=100.0)
+    assert (up.replicas, up.reason) == (1, "ScaleUp")
+    policy = AutoscalingSpec(enabled=True, min_replicas=0, scale_down_stabilization_seconds=300)
+    quiet = decide_scale(1, 1, 0, policy, ScalingWindow(), now=100.0)
+    assert (quiet.replicas, quiet.reason) == (1, "StabilizingScaleDown")
+    # traffic within the window keeps the peak at one replica
+    busy = decide_scale(1, 1, 1, policy, quiet.window, now=200.0)
+    assert busy.replicas == 1
+    again = decide_scale(1, 1, 0, policy, busy.window, now=250.0)
+    assert decide_scale(1, 1, 0, policy, again.window, now=250.0 + 299).replicas == 1
+    down = decide_scale(1, 1, 0, policy, again.window, now=250.0 + 300)
+    assert (down.replicas, down.reason) == (0, "ScaleDown")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import kubernetes_validate
@@ -10,7 +11,7 @@ import pytest
 import yaml
 from llmd_testkit import EXAMPLES_DIR
 
-from pagoda_operator import builders, labels
+from pagoda_operator import builders, labels, router_builders
 from pagoda_operator.fetch import local_model_path
 from pagoda_operator.spec import parse_spec
 
@@ -27,6 +28,12 @@ def all_manifests(name: str, raw_spec: dict[str, Any]) -> list[dict[str, Any]]:
         builders.build_pdb(name, NS),
         builders.build_hpa(name, NS, spec),
         builders.build_cache_pvc(name, NS, spec),
+        # The InferencePool is no built-in kind: test_router_builders checks it against the v1 API's shape.
+        *(
+            m
+            for m in router_builders.build_router_children(name, NS, spec, "image", 10001)
+            if m["kind"] != "InferencePool"
+        ),
     ]
 
 
@@ -244,12 +251,25 @@ def test_hpa_scales_the_llmdeployment_on_the_adapter_metrics() -> None:
         "name": "m",
     }
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 9)
-    targets = {m["pods"]["metric"]["name"]: m["pods"]["target"] for m in hpa["metrics"]}
-    assert all(m["type"] == "Pods" for m in hpa["metrics"])
-    assert targets == {
+    pods = [m["pods"] for m in hpa["metrics"] if m["type"] == "Pods"]
+    assert {m["metric"]["name"]: m["target"] for m in pods} == {
         "vllm_num_requests_waiting": {"type": "AverageValue", "averageValue": "2500m"},
         "vllm_kv_cache_usage_perc": {"type": "AverageValue", "averageValue": "750m"},
     }
+    assert all(m["type"] == "Pods" for m in hpa["metrics"])  # minReplicas 2: no external metric needed
+    # Scaling from zero: the routers' held requests, the only load there is with no serving pod.
+    to_zero = replace(spec, autoscaling=replace(spec.autoscaling, min_replicas=0))
+    zero_hpa = builders.build_hpa("m", NS, to_zero)
+    kubernetes_validate.validate(zero_hpa, K8S_VERSION, strict=True)
+    (external,) = [m["external"] for m in zero_hpa["spec"]["metrics"] if m["type"] == "External"]
+    assert external == {
+        "metric": {
+            "name": "pagoda_router_pending_requests",
+            "selector": {"matchLabels": {"llmdeployment": "m"}},
+        },
+        "target": {"type": "AverageValue", "averageValue": "2500m"},
+    }
+    assert zero_hpa["spec"]["minReplicas"] == 0
     assert hpa["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
     assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 120
 

@@ -151,6 +151,8 @@ def test_examples_cover_cpu_gpu_and_autoscaling() -> None:
     assert specs["llmdeployment.yaml"]["model"]["source"] == "builtin://smollm2-135m-instruct"
     assert specs["llmdeployment-gpu.yaml"]["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert specs["llmdeployment-autoscaling.yaml"]["autoscaling"]["enabled"] is True
+    assert specs["llmdeployment-scale-to-zero.yaml"]["autoscaling"]["minReplicas"] == 0
+    assert specs["llmdeployment-scale-to-zero.yaml"]["router"]["mode"] == "gateway"
 
 
 @pytest.mark.parametrize(
@@ -214,6 +216,14 @@ def test_cel_accepts_every_supported_model_source(source: str) -> None:
         ({"model": BUILTIN, "engine": {"extraArgs": ["--port=9000"]}}, "engine.extraArgs must not"),
         ({"model": BUILTIN, "engine": {"extraArgs": ["--api-key", "secret"]}}, "engine.extraArgs must not"),
         ({"model": BUILTIN, "rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "rollout.maxSurge and"),
+        (
+            {"model": BUILTIN, "autoscaling": {"minReplicas": 0}, "router": {"enabled": False}},
+            "autoscaling.minReplicas 0 needs router.enabled",
+        ),
+        (
+            {"model": BUILTIN, "autoscaling": {"minReplicas": 0}, "router": {"holdTimeoutSeconds": 0}},
+            "autoscaling.minReplicas 0 needs router.holdTimeoutSeconds",
+        ),
     ],
 )
 def test_cel_rules_reject_specs_the_operator_cannot_serve(spec: dict[str, Any], message_start: str) -> None:
@@ -244,3 +254,42 @@ def test_operator_defaults_match_the_crd_defaults() -> None:
         "scaleUpStabilizationSeconds": 0,
         "scaleDownStabilizationSeconds": 300,
     }
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"model": BUILTIN, "autoscaling": {"enabled": True, "minReplicas": 0}},
+        {"model": BUILTIN, "autoscaling": {"minReplicas": 0}, "router": {"enabled": True}},
+        {"model": BUILTIN, "router": {"enabled": False}},
+    ],
+)
+def test_cel_allows_scale_to_zero_with_the_router(spec: dict[str, Any]) -> None:
+    assert cel_failures(custom_resource(spec)) == []
+    assert schema_errors(custom_resource(spec)) == []
+    parse_spec(spec)  # and the operator agrees
+
+
+def test_router_defaults_match_the_operator() -> None:
+    defaulted = apply_defaults(crd_schema(), custom_resource({"model": BUILTIN}))["spec"]
+    assert defaulted["router"] == {
+        "enabled": True,
+        "replicas": 2,
+        "policy": "prefix",
+        "holdTimeoutSeconds": 60,
+        "mode": "service",
+    }
+
+
+@pytest.mark.parametrize(
+    ("router", "fragment"),
+    [
+        ({"policy": "random"}, "router.policy"),
+        ({"mode": "mesh"}, "router.mode"),
+        ({"replicas": 0}, "router.replicas"),
+        ({"resources": {"limits": {"cpu": "lots"}}}, "router.resources.limits.cpu"),
+    ],
+)
+def test_schema_rejects_bad_router_settings(router: dict[str, Any], fragment: str) -> None:
+    errors = schema_errors(custom_resource({"model": BUILTIN, "router": router}))
+    assert any(e.startswith(f"spec.{fragment}") for e in errors), errors

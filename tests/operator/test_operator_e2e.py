@@ -31,6 +31,7 @@ from llmd_testkit import (
     obj,
     pod_status,
     posted_events,
+    router_pod,
     schema_errors,
     serving_pods,
     status,
@@ -80,7 +81,10 @@ async def test_creates_owned_children_and_reports_status(operator: kmock.Kuberne
         }
         kubernetes_validate.validate(child, "1.32.0", strict=True)  # what was applied, after adoption
     assert deployment["spec"]["replicas"] == 2  # 1 serving + 1 warm
-    assert service["spec"]["selector"][SERVING] == "true"
+    # The router is on by default: the Service selects its pods, the headless one the serving engines.
+    assert service["spec"]["selector"]["app.kubernetes.io/name"] == "pagoda-router"
+    engines = await wait_for(lambda: obj(kube, SERVICES, "demo-engines"))
+    assert engines["spec"]["selector"][SERVING] == "true"
     assert obj(kube, HPAS, "demo") is None
     current = await wait_for(lambda: status(kube, "demo").get("endpoint") and status(kube, "demo"))
     assert current["endpoint"] == "http://demo.ml.svc.cluster.local:8000/v1"
@@ -175,8 +179,10 @@ async def test_hpa_follows_the_autoscaling_mode(operator: kmock.KubernetesEmulat
         {"status": {"conditions": [{"type": "AbleToScale", "status": "True"}, failing]}},
     )
     found = await wait_for(
-        lambda: condition(kube, "auto", "ScalingActive").get("reason") == "FailedGetPodsMetric"
-        and condition(kube, "auto", "ScalingActive"),
+        lambda: (
+            condition(kube, "auto", "ScalingActive").get("reason") == "FailedGetPodsMetric"
+            and condition(kube, "auto", "ScalingActive")
+        ),
         timeout=10,
     )
     assert found["status"] == "False" and "no metrics returned" in found["message"]
@@ -197,7 +203,11 @@ async def test_warm_pool_promotion_and_demotion(operator: kmock.KubernetesEmulat
     await wait_for(lambda: serving_pods(kube, pods) == {pods[0]})
     await wait_for(lambda: status(kube, "pool").get("warmReplicas") == 1)
     assert status(kube, "pool")["readySummary"] == "1/1"
+    # The Service's endpoints are the router pods (on by default): none ready, not Ready.
+    await wait_for(lambda: condition(kube, "pool", "Ready").get("reason") == "WaitingForRouter")
+    await api_call(kube, "POST", api_path("pods"), router_pod("pool"))
     await wait_for(lambda: condition(kube, "pool", "Ready").get("status") == "True")
+    assert status(kube, "pool")["routerReadyReplicas"] == 1
     costs = {
         n: obj(kube, PODS, n)["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"]
         for n in pods
@@ -369,3 +379,56 @@ async def test_kopf_run_cli_serves_the_package(kube: kmock.KubernetesEmulator) -
             await process.wait()
     stderr = (await process.stderr.read()).decode() if process.stderr else ""
     assert "[ERROR" not in stderr and "[CRITICAL" not in stderr, stderr[-3000:]
+
+
+ROUTER_CHILDREN = [
+    ("v1/serviceaccounts", "flip-router"),
+    ("rbac.authorization.k8s.io/v1/roles", "flip-router"),
+    ("rbac.authorization.k8s.io/v1/rolebindings", "flip-router"),
+    (SERVICES, "flip-engines"),
+    (DEPLOYMENTS, "flip-router"),
+    (PDBS, "flip-router"),
+]
+GATEWAY_CHILDREN = [(SERVICES, "flip-epp"), ("inference.networking.k8s.io/v1/inferencepools", "flip")]
+
+
+async def test_router_children_follow_spec_router(operator: kmock.KubernetesEmulator) -> None:
+    """Gateway mode adds the picker's Service and the InferencePool; service mode drops them; disabling
+    the router deletes its children and points the Service at the serving engines; enabling brings
+    them back."""
+    kube = operator
+    kube.resources["inference.networking.k8s.io/v1/inferencepools"] = kmock.ResourceInfo(
+        kind="InferencePool", singular="inferencepool", namespaced=True,
+        verbs={"get", "list", "watch", "create", "patch", "delete"},
+    )  # fmt: skip
+    await create_llmd(kube, "flip", {"model": BUILTIN, "router": {"mode": "gateway"}})
+    for resource, name in ROUTER_CHILDREN + GATEWAY_CHILDREN:
+        child = await wait_for(lambda r=resource, n=name: obj(kube, r, n))
+        assert child["metadata"]["ownerReferences"][0]["name"] == "flip"
+    service = obj(kube, SERVICES, "flip")
+    assert service["spec"]["selector"]["app.kubernetes.io/name"] == "pagoda-router"
+
+    def present(children: list[tuple[str, str]]) -> list[str]:
+        return [name for resource, name in children if obj(kube, resource, name) is not None]
+
+    patch = api_path("llmdeployments", "flip")
+    await api_call(kube, "PATCH", patch, {"spec": {"router": {"mode": "service"}}})
+    await wait_for(lambda: not present(GATEWAY_CHILDREN))
+    assert len(present(ROUTER_CHILDREN)) == len(ROUTER_CHILDREN)
+
+    await api_call(kube, "PATCH", patch, {"spec": {"router": {"enabled": False}}})
+    await wait_for(lambda: not present(ROUTER_CHILDREN))
+    selector = obj(kube, SERVICES, "flip")["spec"]["selector"]
+    assert selector == {
+        "app.kubernetes.io/name": "pagoda",
+        "app.kubernetes.io/instance": "flip",
+        SERVING: "true",
+    }
+    assert obj(kube, DEPLOYMENTS, "flip") is not None  # the engines stay
+    await wait_for(lambda: posted_events(kube, "Deleted"))
+
+    await api_call(kube, "PATCH", patch, {"spec": {"router": {"enabled": True}}})
+    await wait_for(lambda: len(present(ROUTER_CHILDREN)) == len(ROUTER_CHILDREN))
+    await wait_for(
+        lambda: obj(kube, SERVICES, "flip")["spec"]["selector"]["app.kubernetes.io/name"] == "pagoda-router"
+    )

@@ -20,6 +20,7 @@ from llmd_testkit import (
     obj,
     pod_status,
     posted_events,
+    router_pod,
     wait_for,
 )
 
@@ -120,6 +121,7 @@ async def test_a_pending_pod_with_no_gpu_is_reported_not_progressing_forever(ope
 
     # The pod gets a node and turns ready: the problem clears.
     await api_call(kube, "PATCH", api_path("pods", "full-pod-0"), {"status": pod_status(ready=True)})
+    await api_call(kube, "POST", api_path("pods"), router_pod("full"))
     await wait_for(lambda: condition(kube, "full", "Degraded").get("status") == "False")
     await wait_for(lambda: condition(kube, "full", "Ready").get("status") == "True")
 

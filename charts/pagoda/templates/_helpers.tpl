@@ -44,6 +44,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .Values.engineImage.repository (default .Chart.AppVersion .Values.engineImage.tag) }}
 {{- end }}
 
+{{- define "pagoda.routerImage" -}}
+{{- with .Values.routerImage.repository }}
+{{- printf "%s:%s" . (default $.Chart.AppVersion $.Values.routerImage.tag) }}
+{{- end }}
+{{- end }}
+
 {{/*
 The rights the operator uses in a namespace it watches:
 - llmdeployments: kopf watches them and patches finalizers, its progress annotations and status;
@@ -65,19 +71,32 @@ The rights the operator uses in a namespace it watches:
 - apiGroups: [pagoda.dev]
   resources: [llmdeployments/finalizers]
   verbs: [update]
-{{- /* Children are server-side applied (get, then create or patch) and never watched or listed. */}}
+{{- /* Children are server-side applied (get, then create or patch) and never watched or listed; the
+router's children (its Deployment, PDB, Services, ServiceAccount, Role, RoleBinding, InferencePool) are
+deleted when spec.router drops them. */}}
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, create, patch]
+  verbs: [get, create, patch, delete]
 - apiGroups: [""]
-  resources: [services]
-  verbs: [get, create, patch]
+  resources: [services, serviceaccounts]
+  verbs: [get, create, patch, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, create, patch, delete]
+{{- /* RBAC forbids granting what one does not hold (no escalate verb here): the router's Role reads
+EndpointSlices, so the operator holds that read too. */}}
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [get, list, watch]
+- apiGroups: [inference.networking.k8s.io]
+  resources: [inferencepools]
+  verbs: [get, create, patch, delete]
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [get, create]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, create, patch]
+  verbs: [get, create, patch, delete]
 {{- /* The one child the operator removes: the HPA, when autoscaling leaves hpa mode. */}}
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
