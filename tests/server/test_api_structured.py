@@ -62,7 +62,8 @@ def test_parse_returns_a_pydantic_object(client: openai.OpenAI) -> None:
 
 
 def test_json_object_and_n_samples_follow_the_schema(client: openai.OpenAI) -> None:
-    schema = Person.model_json_schema()
+    # closed, as OpenAI's strict schemas are: an open object lets a random model add keys until max_tokens
+    schema = {**Person.model_json_schema(), "additionalProperties": False}
     response = client.chat.completions.create(
         model=MODEL_NAME, messages=QUESTION, max_tokens=80, n=3, temperature=1.0,
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
