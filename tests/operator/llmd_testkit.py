@@ -19,6 +19,11 @@ NAMESPACE = "ml"
 LLMD_RESOURCE = "pagoda.dev/v1alpha1/llmdeployments"
 PODS = "v1/pods"
 SERVING = "pagoda.dev/serving"
+DEPLOYMENTS = "apps/v1/deployments"
+SERVICES = "v1/services"
+PDBS = "policy/v1/poddisruptionbudgets"
+PVCS = "v1/persistentvolumeclaims"
+BUILTIN = {"source": "builtin://smollm2-135m-instruct"}
 
 
 def load_crd() -> dict[str, Any]:

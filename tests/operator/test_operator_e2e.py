@@ -19,9 +19,14 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from llmd_testkit import (
+    BUILTIN,
+    DEPLOYMENTS,
     LLMD_RESOURCE,
     NAMESPACE,
+    PDBS,
     PODS,
+    PVCS,
+    SERVICES,
     SERVING,
     api_call,
     api_path,
@@ -40,12 +45,7 @@ from llmd_testkit import (
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
-BUILTIN = {"source": "builtin://smollm2-135m-instruct"}
-DEPLOYMENTS = "apps/v1/deployments"
-SERVICES = "v1/services"
-PDBS = "policy/v1/poddisruptionbudgets"
 HPAS = "autoscaling/v2/horizontalpodautoscalers"
-PVCS = "v1/persistentvolumeclaims"
 
 
 async def create_pods(kube: kmock.KubernetesEmulator, instance: str, count: int, **kwargs: Any) -> list[str]:

@@ -11,7 +11,13 @@ from typing import Any
 import kmock
 import pytest
 from llmd_testkit import (
+    BUILTIN,
+    DEPLOYMENTS,
+    LLMD_RESOURCE,
     NAMESPACE,
+    PDBS,
+    PVCS,
+    SERVICES,
     api_call,
     api_path,
     condition,
@@ -26,12 +32,6 @@ from llmd_testkit import (
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
-DEPLOYMENTS = "apps/v1/deployments"
-SERVICES = "v1/services"
-PDBS = "policy/v1/poddisruptionbudgets"
-PVCS = "v1/persistentvolumeclaims"
-LLMD = "pagoda.dev/v1alpha1/llmdeployments"
-BUILTIN = {"source": "builtin://smollm2-135m-instruct"}
 
 FULL = {
     "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct", "revision": "main"},
@@ -249,7 +249,7 @@ async def test_deleting_an_llmdeployment_releases_the_finalizer(operator: Any) -
     before `helm uninstall`, and how to release one by hand."""
     kube = operator
     await create_llmd(kube, "gone", {"model": BUILTIN})
-    finalizers = await wait_for(lambda: obj(kube, LLMD, "gone")["metadata"].get("finalizers"))
+    finalizers = await wait_for(lambda: obj(kube, LLMD_RESOURCE, "gone")["metadata"].get("finalizers"))
     assert finalizers == ["pagoda.dev/finalizer"]
     await api_call(kube, "DELETE", api_path("llmdeployments", "gone"))
-    await wait_for(lambda: obj(kube, LLMD, "gone") is None, timeout=15)
+    await wait_for(lambda: obj(kube, LLMD_RESOURCE, "gone") is None, timeout=15)

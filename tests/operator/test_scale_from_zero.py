@@ -16,6 +16,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from llmd_testkit import (
+    BUILTIN,
     LLMD_RESOURCE,
     api_call,
     api_path,
@@ -31,8 +32,6 @@ from llmd_testkit import (
 )
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
-
-BUILTIN = {"source": "builtin://smollm2-135m-instruct"}
 
 
 def free_port() -> int:
