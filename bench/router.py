@@ -368,6 +368,17 @@ def print_overhead(engine: str, sizes: Sizes) -> None:
     )
 
 
+def decisions(router: ServerProcess) -> dict[str, int]:
+    """The router's requests by policy decision (prefix-hit, prefix-hash, prefix-spill, ...)."""
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{router.base_url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "pagoda_router_requests_total":
+                reason = sample.labels["decision"]
+                counts[reason] = counts.get(reason, 0) + int(sample.value)
+    return counts
+
+
 def table(rows: list[dict[str, object]]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -379,6 +390,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Fewer sessions and requests.")
     parser.add_argument("--only-overhead", action="store_true", help="Just the overhead measurement.")
+    parser.add_argument(
+        "--router-arg", action="append", default=[], metavar="ARG",
+        help="A flag for the workloads' and the scale-down run's routers (repeatable), written with '=': "
+        "--router-arg=--kv-cache-threshold=2.",
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
     text = corpus()
@@ -396,13 +412,14 @@ def main() -> None:
     try:
         for workload in (multi_turn, tenants, sharegpt):
             for policy in POLICIES:
-                router = start_router(urls, policy)
+                router = start_router(urls, policy, *args.router_arg)
                 try:
                     hits0, queries0 = cache_counters(engines)
                     result = asyncio.run(
                         workload(router.base_url, sizes, f"{workload.__name__}-{policy}", text)
                     )
                     hits, queries = cache_counters(engines)
+                    routed = decisions(router)
                 finally:
                     router.stop()
                 hit_rate = (hits - hits0) / (queries - queries0) if queries > queries0 else None
@@ -413,12 +430,12 @@ def main() -> None:
                     "prefix_hit_rate": None if hit_rate is None else round(hit_rate, 3),
                 }
                 rows.append(row)
-                print(row, flush=True)
+                print(row, routed, flush=True)
         print("\n" + table(rows), flush=True)
 
         print_overhead(urls[0], sizes)
 
-        router = start_router(urls, "prefix")
+        router = start_router(urls, "prefix", *args.router_arg)
         try:
 
             async def drain_one() -> None:

@@ -50,9 +50,10 @@ def start_router(tmp_path: Path) -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def engines(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LiveServer]]:
-    """Three engines started together: a lives all session, b is drained and c killed by the last tests."""
+    """Four engines started together: a lives all session, b is drained and c killed by the last tests, d
+    leaves the engines Service and drains in the scale-down test."""
     log_dir = tmp_path_factory.mktemp("engines")
-    live = {name: launch_engine(log_dir, tiny_model) for name in "abc"}
+    live = {name: launch_engine(log_dir, tiny_model) for name in "abcd"}
     try:
         for server in live.values():
             wait_ready(server)

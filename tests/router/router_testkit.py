@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,17 @@ def wait_ready(server: LiveServer, path: str = "/ready", timeout: float = READY_
     raise RuntimeError(f"not ready within {timeout} s:\n{server.log()[-4000:]}")
 
 
+def wait_until(
+    condition: Callable[[], object], timeout: float = 30.0, log: Callable[[], str] = lambda: ""
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met within {timeout} s\n{log()}")
+
+
 @dataclass
 class Router:
     live: LiveServer
@@ -80,13 +92,8 @@ class Router:
             if sample.name == name
         ]
 
-    def wait_for(self, condition: object, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():  # type: ignore[operator]
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"condition not met within {timeout} s:\n{self.live.log()[-3000:]}")
+    def wait_for(self, condition: Callable[[], object], timeout: float = 30.0) -> None:
+        wait_until(condition, timeout, lambda: self.live.log()[-3000:])
 
     def ready_backends(self) -> int:
         return int(self.metric("pagoda_router_backend_ready"))

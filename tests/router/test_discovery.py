@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,9 +16,16 @@ import httpx
 import kmock
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from router_testkit import MODEL_NAME, LiveServer, free_port
 
-from pagoda.router.discovery import EndpointSliceWatcher, KubeAPI, slice_backends
+from pagoda.router.discovery import (
+    LIST_TIMEOUT_S,
+    RELIST_DELAY_S,
+    EndpointSliceWatcher,
+    KubeAPI,
+    slice_backends,
+)
 
 NAMESPACE = "llm"
 SLICES = f"/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"
@@ -63,6 +71,21 @@ def test_only_ready_endpoints_count() -> None:
     assert slice_backends(item, port_name="metrics") == []
 
 
+def test_an_engine_pod_serves_until_the_routers_have_dropped_it() -> None:
+    """A deleted pod leaves its EndpointSlice as its preStop sleep starts; SIGTERM (the drain: 503 to new
+    requests) comes after the sleep, which must outlast the router's worst lag behind the API server, and
+    the grace period must hold the sleep and the drain."""
+    from pagoda_operator import builders
+    from pagoda_operator.spec import parse_spec
+
+    spec = parse_spec({"model": {"source": "builtin://smollm2-135m-instruct"}})
+    pod = builders.build_deployment("m", NAMESPACE, spec)["spec"]["template"]["spec"]
+    (engine,) = pod["containers"]
+    pre_stop = engine["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop >= RELIST_DELAY_S + LIST_TIMEOUT_S
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + spec.engine.shutdown_timeout_seconds
+
+
 @pytest.mark.asyncio
 async def test_the_watch_follows_slices_of_its_service_only(kube: kmock.KubernetesEmulator) -> None:
     seen: list[list[str]] = []
@@ -102,23 +125,9 @@ async def test_a_request_waits_until_discovery_brings_a_replica(
     """Scale from zero: the router holds the request until the engines' Service gets a ready endpoint."""
     engine = engines["a"]
     engine_port = int(engine.base_url.rsplit(":", 1)[1])
-    port = free_port()
-    command = [
-        sys.executable, "-m", "pagoda", "router", "--host", "127.0.0.1", "--port", str(port),
-        "--discovery-service", "engines", "--discovery-namespace", NAMESPACE,
-        "--kube-api-server", str(kube.url), "--hold-timeout", "60", "--health-interval", "0.2",
-    ]
-    log = tmp_path / "router.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
-    router = LiveServer(process, f"http://127.0.0.1:{port}", log, None)
+    router = start_discovery_router(kube, tmp_path, "--hold-timeout", "60")
     try:
         async with httpx.AsyncClient(base_url=router.base_url) as http:
-            async def metric(name: str) -> float:
-                text = (await http.get("/metrics")).text
-                lines = text.splitlines()
-                return sum(float(line.split()[-1]) for line in lines if line.startswith(name + " "))
-
             async def up() -> bool:
                 try:
                     return (await http.get("/health")).status_code == 200
@@ -131,7 +140,7 @@ async def test_a_request_waits_until_discovery_brings_a_replica(
                 client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=4, temperature=0)
             )
             async def one_pending() -> bool:
-                return await metric("pagoda_router_pending_requests") == 1
+                return await metric(router.base_url, "pagoda_router_pending_requests") == 1
 
             await until(one_pending)
             async with httpx.AsyncClient(base_url=str(kube.url)) as kube_api:
@@ -139,8 +148,135 @@ async def test_a_request_waits_until_discovery_brings_a_replica(
                 assert (await kube_api.post(SLICES, json=obj)).status_code < 300
             reply = await asyncio.wait_for(pending, 60)
             assert reply.choices[0].text
-            assert await metric("pagoda_router_pending_requests") == 0
-            assert await metric("pagoda_router_queue_time_seconds_count") == 1
+            assert await metric(router.base_url, "pagoda_router_pending_requests") == 0
+            assert await metric(router.base_url, "pagoda_router_queue_time_seconds_count") == 1
     finally:
         await asyncio.to_thread(router.stop)
-    assert process.returncode == 0, router.log()[-3000:]
+    assert router.process.returncode == 0, router.log()[-3000:]
+
+
+def start_discovery_router(kube: kmock.KubernetesEmulator, tmp_path: Path, *flags: str) -> LiveServer:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "pagoda", "router", "--host", "127.0.0.1", "--port", str(port),
+        "--discovery-service", "engines", "--discovery-namespace", NAMESPACE,
+        "--kube-api-server", str(kube.url), "--health-interval", "0.2", *flags,
+    ]
+    log = tmp_path / f"router-{port}.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+    return LiveServer(process, f"http://127.0.0.1:{port}", log, None)
+
+
+async def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels` (0 when there is none)."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{url}/metrics", timeout=10)).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_pod_leaving_the_engines_service_gets_nothing_new_and_finishes_its_streams(
+    kube: kmock.KubernetesEmulator, engines: dict[str, LiveServer], tmp_path: Path
+) -> None:
+    """Scale-down and rollouts lose no request. Engine d leaves the router's set as the endpoints controller
+    writes it, twice, each time while streams run on it: dropped from its slice (a demotion relabels the
+    pod out of the engines Service), then, back again, `ready: false, terminating: true` (the pod was
+    deleted; its preStop sleep keeps it serving), after which it gets SIGTERM and drains at once (a preStop
+    sleep no longer than the router's lag). From the slice change on, the router sends d nothing, not even
+    a try that it retries elsewhere; d's streams run to their last token; no client sees an error."""
+    leave = engines["d"]
+
+    def endpoints(name: str, **conditions: bool) -> dict[str, object]:
+        """Engine `name`'s slice (one per engine: they share an address and differ in port)."""
+        port = int(engines[name].base_url.rsplit(":", 1)[1])
+        return endpoint_slice(f"engines-{name}", "engines", port, {"127.0.0.1": True}) | (
+            {"endpoints": [{"addresses": ["127.0.0.1"], "conditions": conditions}]} if conditions else {}
+        )
+
+    async with httpx.AsyncClient(base_url=str(kube.url)) as kube_api:
+        for name in "ad":
+            assert (await kube_api.post(SLICES, json=endpoints(name))).status_code < 300
+
+        async def patch_d(change: dict[str, object]) -> None:
+            headers = {"Content-Type": "application/merge-patch+json"}
+            response = await kube_api.patch(f"{SLICES}/engines-d", json=change, headers=headers)
+            assert response.status_code < 300, response.text
+
+        router = start_discovery_router(kube, tmp_path, "--policy", "round-robin")
+        client = openai.AsyncOpenAI(base_url=f"{router.base_url}/v1", api_key="none", max_retries=0)
+
+        async def ready_backends() -> float:
+            try:
+                return await metric(router.base_url, "pagoda_router_backend_ready")
+            except httpx.TransportError:
+                return 0
+
+        async def in_set(engine: LiveServer) -> bool:
+            return bool(await metric(router.base_url, "pagoda_router_backend_ready", backend=engine.base_url))
+
+        async def sent_to(engine: LiveServer) -> float:
+            return await metric(router.base_url, "pagoda_router_requests_total", backend=engine.base_url)
+
+        async def stream(i: int) -> str | None:
+            chunks = await client.completions.create(
+                model=MODEL_NAME, prompt=f"stream {i}", max_tokens=200, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            finish = None
+            async for chunk in chunks:
+                finish = chunk.choices[0].finish_reason or finish
+            return finish  # "length": every token arrived
+
+        async def ask(i: int) -> str | None:
+            reply = await client.completions.create(model=MODEL_NAME, prompt=f"new {i}", max_tokens=4)
+            return reply.choices[0].finish_reason
+
+        async def leaves(change: dict[str, object], sigterm: bool) -> None:
+            finished = await metric(leave.base_url, "vllm:request_success_total")
+            before = await sent_to(leave)
+            streams = [asyncio.create_task(stream(i)) for i in range(4)]  # round-robin: two on d
+
+            async def both_running() -> bool:
+                return await sent_to(leave) - before == 2 and (
+                    await metric(leave.base_url, "vllm:num_requests_running") > 0
+                )
+
+            async def gone() -> bool:
+                return not await in_set(leave)
+
+            async def finished_its_own() -> bool:  # d's own count
+                return await metric(leave.base_url, "vllm:request_success_total") == finished + 2
+
+            await until(both_running)
+            await patch_d(change)
+            await until(gone)
+            if sigterm:
+                leave.process.send_signal(signal.SIGTERM)
+            replies = await asyncio.gather(*(ask(i) for i in range(6)))  # raises on any client error
+            assert await asyncio.gather(*streams) == ["length"] * 4 and all(replies)
+            assert await sent_to(leave) - before == 2  # nothing new since it left
+            if not sigterm:
+                await until(finished_its_own)
+
+        async def two_ready() -> bool:
+            return await ready_backends() == 2
+
+        try:
+            await until(two_ready, timeout=60)
+            await leaves({"endpoints": []}, sigterm=False)  # demoted: relabelled out of the Service
+            await patch_d(endpoints("d"))  # promoted again
+            await until(two_ready)
+            terminating = {"ready": False, "serving": True, "terminating": True}
+            await leaves(endpoints("d", **terminating), sigterm=True)  # deleted
+            assert await asyncio.to_thread(leave.process.wait, 60) == 0, leave.log()[-3000:]
+            assert await metric(router.base_url, "pagoda_router_retries_total") == 0
+            assert await ask(99)  # and the router carries on with a alone
+        finally:
+            await asyncio.to_thread(router.stop)
+    assert router.process.returncode == 0, router.log()[-3000:]

@@ -7,6 +7,7 @@ from collections import Counter
 
 from pagoda.router.policies import (
     BLOCK_CHARS,
+    Decision,
     LeastLoad,
     PrefixAffinity,
     Ring,
@@ -93,6 +94,43 @@ def test_prefix_policy_follows_conversations_and_spills_under_load() -> None:
     assert spilled.backend != first.backend and spilled.reason == "prefix-spill"
     # no prompt (/v1/models): least-load
     assert policy.choose(None, {**idle, BACKENDS[0]: 3}).reason == "least-load"
+
+
+def test_a_nearly_full_kv_cache_turns_a_prefix_away() -> None:
+    """Equal loads; only the engines' KV-cache usage differs. Two routers with the same history decide
+    differently because one sees the conversation's replica nearly full."""
+    calm, wary = PrefixAffinity(), PrefixAffinity()
+    idle = dict.fromkeys(BACKENDS, 0.0)
+    conversation = ["Translate this into French, please: " + "the cat sat on the mat " * 8]
+    owner = calm.choose(chat(*conversation), idle).backend
+    assert wary.choose(chat(*conversation), idle).backend == owner
+    conversation += ["Le chat...", "And into German?"]
+    assert calm.choose(chat(*conversation), idle) == Decision(owner, "prefix-hit")
+    moved = wary.choose(chat(*conversation), idle, full={owner})
+    assert moved.backend != owner and moved.reason == "prefix-spill"
+    # it goes where the ring goes next, so every router replica moves it to the same place
+    home = stable_hash(("m\0" + render_prompt(chat(*conversation))[1]).encode())
+    assert moved.backend == Ring.build(BACKENDS).walk(home)[1]
+    # the next turn follows it there, even once the old replica has room again
+    conversation += ["Die Katze...", "Thanks!"]
+    assert wary.choose(chat(*conversation), idle) == Decision(moved.backend, "prefix-hit")
+    # a full replica elsewhere changes nothing; all of them full is the same as none
+    others = set(BACKENDS) - {owner}
+    assert calm.choose(chat(*conversation), idle, full=others) == Decision(owner, "prefix-hit")
+    assert calm.choose(chat(*conversation), idle, full=set(BACKENDS)) == Decision(owner, "prefix-hit")
+
+
+def test_bounded_loads_prefer_a_replica_with_room_in_its_kv_cache() -> None:
+    ring = Ring.build(BACKENDS)
+    key = stable_hash(b"a tenant's system prompt")
+    first, second, third, _ = ring.walk(key)
+    idle = dict.fromkeys(BACKENDS, 0.0)
+    assert pick_bounded(ring, key, idle, 1.25, full={first}) == (second, True)
+    # over the bound beats nearly full: the next one under the bound with room
+    loads = {**idle, second: 3.0}
+    assert pick_bounded(ring, key, loads, 1.25, full={first}) == (third, True)
+    # nearly full beats over the bound when nothing under the bound has room
+    assert pick_bounded(ring, key, loads, 1.25, full=set(BACKENDS) - {second}) == (first, False)
 
 
 def test_router_replicas_agree_without_sharing_state() -> None:

@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from router_testkit import MODEL_NAME, LiveServer, free_port
+from router_testkit import MODEL_NAME, LiveServer, free_port, wait_until
+
+from pagoda.router.policies import Ring, render_prompt, stable_hash
 
 GREEDY = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 24, "extra_body": {"ignore_eos": True}}
 
@@ -99,6 +101,51 @@ def test_prefix_routing_keeps_each_conversation_on_one_engine(
         assert router.metric("pagoda_router_requests_total", decision="prefix-hit") == 24
     else:  # the baseline a Service gives: conversations hop between engines
         assert all(len(used) == 2 for used in homes), homes
+
+
+def test_an_engine_with_a_full_kv_cache_gets_no_prefix_traffic(
+    engines: dict[str, LiveServer], start_router
+) -> None:
+    """The router scrapes vllm:kv_cache_usage_perc and passes over a replica at or above the threshold (any
+    use at all, here): conversations whose home is engine a go to b while a's cache is busy."""
+    a, b = engines["a"], engines["b"]
+    ring = Ring.build(sorted([a.base_url, b.base_url]))
+
+    def home(body: dict[str, object]) -> str:
+        return ring.walk(stable_hash(f"{MODEL_NAME}\0{render_prompt(body)[1]}".encode()))[0]
+
+    bodies = [{"messages": [{"role": "user", "content": f"question {i}: what is the capital of France?"}]}
+              for i in range(40)]
+    homed_on_a = [body for body in bodies if home(body) == a.base_url][:3]
+    stop = threading.Event()
+
+    def keep_busy() -> None:  # a's KV cache in use all the time: two streams, one after the other
+        client = a.client(timeout=60)
+        while not stop.is_set():
+            for _ in client.completions.create(prompt="busy", stream=True, **{**GREEDY, "max_tokens": 200}):
+                pass
+
+    def ask_all() -> None:
+        client = router.client()
+        for body in homed_on_a:
+            client.chat.completions.create(messages=body["messages"], **{**GREEDY, "max_tokens": 4})
+
+    with ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(keep_busy) for _ in range(2)]
+        try:
+            wait_until(lambda: a.metric("vllm:num_requests_running") > 0)
+            # one scrape per engine, at the router's start: a busy, b idle, for the rest of the test
+            router = start_router(a.base_url, b.base_url, scrape_interval=3600, kv_cache_threshold=1e-9)
+            usage = {e.base_url: router.metric("pagoda_router_backend_kv_cache_usage", backend=e.base_url)
+                     for e in (a, b)}
+            assert usage[a.base_url] > 0 and usage[b.base_url] == 0, usage
+            assert served_by({"b": b}, ask_all) == {"b": 3}  # b's own count: all three went there
+        finally:
+            stop.set()
+        for future in busy:
+            future.result()
+    assert router.metric("pagoda_router_requests_total", backend=a.base_url) == 0
+    assert router.metric("pagoda_router_requests_total", decision="prefix-spill") == 3
 
 
 def test_a_backend_killed_mid_run_costs_no_request(engines: dict[str, LiveServer], start_router) -> None:

@@ -2,9 +2,10 @@
 
 A backend gets new requests only while its last /ready answered 200 and no connection to it has failed
 since. Leaving the set, turning unready or being ejected only stops new requests: streams already open
-run to their end. Load = this router's open requests on it + the engine's waiting queue, scraped from
-/metrics at a low, fixed rate (the engine renders /metrics in a few milliseconds; once a few seconds per
-router replica is noise).
+run to their end. Load = this router's open requests on it + the engine's waiting queue; the engine's
+KV-cache usage says whether it is nearly full. Both are scraped from /metrics at a low, fixed rate, on
+the /ready poll that falls due (see docs/benchmarks.md "Router (issue 12)" for what a scrape costs the
+engine).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Iterable
@@ -22,7 +24,14 @@ import aiohttp
 from pagoda.router.metrics import RouterMetrics
 
 log = logging.getLogger("pagoda.router")
-_WAITING = re.compile(rb"^vllm:num_requests_waiting(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
+
+
+def _gauge(name: bytes) -> re.Pattern[bytes]:
+    return re.compile(rb"^" + re.escape(name) + rb"(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
+
+
+_WAITING = _gauge(b"vllm:num_requests_waiting")
+_KV_USAGE = _gauge(b"vllm:kv_cache_usage_perc")
 
 
 @dataclass
@@ -32,7 +41,8 @@ class Backend:
     ejected: bool = False  # a connection failed; cleared by the next successful /ready
     in_flight: int = 0
     waiting: float = 0.0  # scraped vllm:num_requests_waiting
-    last_scrape: float = 0.0
+    kv_usage: float = 0.0  # scraped vllm:kv_cache_usage_perc, 0..1 (the highest, if several engines)
+    last_scrape: float = -math.inf  # scrape at the first ready poll, however large the interval
 
     @property
     def eligible(self) -> bool:
@@ -69,6 +79,8 @@ class BackendPool:
                 del self.backends[url]
                 self._pollers.pop(url).cancel()
                 self.metrics.backend_ready.remove(url)
+                with contextlib.suppress(KeyError):  # never scraped
+                    self.metrics.backend_kv_usage.remove(url)
         for url in wanted - self.backends.keys():
             log.info("backend %s joined the set", url)
             self.backends[url] = Backend(url)
@@ -141,3 +153,6 @@ class BackendPool:
                 return
             text = await response.read()
         backend.waiting = sum(float(value) for value in _WAITING.findall(text))
+        backend.kv_usage = max((float(value) for value in _KV_USAGE.findall(text)), default=0.0)
+        if backend.url in self.backends:
+            self.metrics.backend_kv_usage.labels(backend.url).set(backend.kv_usage)

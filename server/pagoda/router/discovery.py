@@ -1,7 +1,8 @@
 """Backends from the EndpointSlices of the engines' headless Service, watched through the Kubernetes API.
 
-Only endpoints whose `ready` condition holds count (a terminating or unready pod is out at once). Plain
-HTTP against the API server (list, then watch from the list's resourceVersion; relist on 410 Gone or a
+Only endpoints whose `ready` condition holds count (a terminating or unready pod is out at once: the
+endpoints controller clears `ready` when the pod is deleted, while its preStop sleep keeps it serving).
+Plain HTTP against the API server (list, then watch from the list's resourceVersion; relist on 410 Gone or a
 dropped stream): the router needs one resource and `get/list/watch` on it, not a client library.
 """
 
@@ -22,6 +23,13 @@ import aiohttp
 log = logging.getLogger("pagoda.router.discovery")
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# The router's worst lag behind the API server while it answers: a watch that just broke, this pause, a
+# list. An engine pod's preStop sleep must be longer (docs/operator-in-production.md, scale-down).
+RELIST_DELAY_S = 1.0
+LIST_TIMEOUT_S = 5.0
+# The API server ends each watch after this long (client-go picks 5-10 min); a connection that died
+# without a word is noticed by then.
+WATCH_SECONDS = 300
 
 
 def slice_backends(endpoint_slice: Mapping[str, Any], port_name: str | None = None) -> list[str]:
@@ -106,12 +114,13 @@ class EndpointSliceWatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - the API server can fail in many ways; relist
-                log.warning("EndpointSlice watch of %s failed (%s); relisting", self.service, error)
-            await asyncio.sleep(1.0)
+                log.warning("EndpointSlice watch of %s failed (%r); relisting", self.service, error)
+            await asyncio.sleep(RELIST_DELAY_S)
 
     async def _list(self, session: aiohttp.ClientSession) -> str | None:
+        timeout = aiohttp.ClientTimeout(total=LIST_TIMEOUT_S)
         async with session.get(
-            self.url, params=self.params, headers=self.api.headers, ssl=self.api.ssl_context
+            self.url, params=self.params, headers=self.api.headers, ssl=self.api.ssl_context, timeout=timeout
         ) as r:
             r.raise_for_status()
             listing = await r.json()
@@ -125,9 +134,10 @@ class EndpointSliceWatcher:
 
     async def _watch(self, session: aiohttp.ClientSession, version: str | None) -> None:
         params = {**self.params, "watch": "true", "allowWatchBookmarks": "true"}
+        params["timeoutSeconds"] = str(WATCH_SECONDS)
         if version:
             params["resourceVersion"] = version
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+        timeout = aiohttp.ClientTimeout(total=WATCH_SECONDS + 30, sock_read=None)
         async with session.get(
             self.url, params=params, headers=self.api.headers, ssl=self.api.ssl_context, timeout=timeout
         ) as response:

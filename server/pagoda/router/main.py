@@ -41,7 +41,8 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     )
     backends.add_argument(
         "--scrape-interval", type=non_negative_float, default=5.0,
-        help="Seconds between /metrics scrapes (queue length) of each replica. Default: %(default)s.",
+        help="Seconds between /metrics scrapes (queue length, KV-cache usage) of each replica. "
+        "Default: %(default)s.",
     )
     routing = parser.add_argument_group("routing")
     routing.add_argument(
@@ -52,6 +53,11 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     routing.add_argument(
         "--load-factor", type=float, default=1.25,
         help="prefix: no replica takes more than this times the average load. Default: %(default)s.",
+    )
+    routing.add_argument(
+        "--kv-cache-threshold", type=non_negative_float, default=0.9,
+        help="prefix: a replica whose scraped vllm:kv_cache_usage_perc is at least this is passed over "
+        "while another has room; above 1: never. Default: %(default)s.",
     )
     routing.add_argument(
         "--hold-timeout", type=non_negative_float, default=30.0,
@@ -115,7 +121,7 @@ async def serve(args: argparse.Namespace) -> None:
     log = logging.getLogger("pagoda.router")
     metrics = RouterMetrics()
     policy = PrefixAffinity(args.load_factor) if args.policy == "prefix" else POLICIES[args.policy]()
-    settings = RouterSettings(args.hold_timeout, args.max_pending, args.max_retries)
+    settings = RouterSettings(args.hold_timeout, args.max_pending, args.max_retries, args.kv_cache_threshold)
     async with upstream_session() as session:
         pool = BackendPool(session, metrics, args.health_interval, args.scrape_interval)
         tasks: list[asyncio.Task[None]] = []

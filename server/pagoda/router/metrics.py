@@ -44,6 +44,11 @@ class RouterMetrics:
             "pagoda_router_in_flight_requests", "Requests this router has open on each backend.",
             ["backend"], registry=r,
         )
+        self.backend_kv_usage = Gauge(
+            "pagoda_router_backend_kv_cache_usage",
+            "A backend's vllm:kv_cache_usage_perc at this router's last scrape (0..1).",
+            ["backend"], registry=r,
+        )
         self.backend_ready = Gauge(
             "pagoda_router_backend_ready", "1 while a backend gets new requests (ready, not ejected).",
             ["backend"], registry=r,

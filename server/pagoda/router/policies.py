@@ -15,6 +15,7 @@ import json
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 BLOCK_CHARS = 64  # ~16 tokens, the engine's block size: a routed prompt's blocks match the next turn's
@@ -116,14 +117,17 @@ def load_bound(loads: Mapping[str, float], factor: float) -> float:
     return math.ceil(factor * (sum(loads.values()) + 1) / max(len(loads), 1))
 
 
-def pick_bounded(ring: Ring, key: int, loads: Mapping[str, float], factor: float) -> tuple[str, bool]:
-    """The first backend on the ring from `key` whose load is under the bound; (backend, spilled)."""
+def pick_bounded(
+    ring: Ring, key: int, loads: Mapping[str, float], factor: float, full: AbstractSet[str] = frozenset()
+) -> tuple[str, bool]:
+    """The first backend on the ring from `key` whose load is under the bound, passing over those whose KV
+    cache is nearly full (`full`) while another is under the bound; (backend, spilled)."""
     order = [b for b in ring.walk(key) if b in loads]
     bound = load_bound(loads, factor)
-    for position, backend in enumerate(order):
-        if loads[backend] + 1 <= bound:
-            return backend, position > 0
-    return min(order, key=lambda b: loads[b]), True  # unreachable with factor >= 1; safe anyway
+    under = [b for b in order if loads[b] + 1 <= bound]  # never empty with factor >= 1
+    roomy = [b for b in under if b not in full]
+    backend = (roomy or under or sorted(order, key=lambda b: loads[b]))[0]
+    return backend, backend != order[0]
 
 
 def pick_least_load(loads: Mapping[str, float], turn: int) -> str:
@@ -171,7 +175,14 @@ class Decision:
 
 
 class Policy:
-    def choose(self, body: Mapping[str, object] | None, loads: Mapping[str, float]) -> Decision:
+    def choose(
+        self,
+        body: Mapping[str, object] | None,
+        loads: Mapping[str, float],
+        full: AbstractSet[str] = frozenset(),
+    ) -> Decision:
+        """`loads`: each eligible backend's open + waiting requests; `full`: those whose KV cache is nearly
+        full (the engine would queue or preempt a new request there)."""
         raise NotImplementedError
 
 
@@ -181,7 +192,12 @@ class RoundRobin(Policy):
     def __init__(self) -> None:
         self.turn = 0
 
-    def choose(self, body: Mapping[str, object] | None, loads: Mapping[str, float]) -> Decision:
+    def choose(
+        self,
+        body: Mapping[str, object] | None,
+        loads: Mapping[str, float],
+        full: AbstractSet[str] = frozenset(),
+    ) -> Decision:
         self.turn += 1
         return Decision(pick_round_robin(list(loads), self.turn), "round-robin")
 
@@ -190,13 +206,20 @@ class LeastLoad(Policy):
     def __init__(self) -> None:
         self.turn = 0
 
-    def choose(self, body: Mapping[str, object] | None, loads: Mapping[str, float]) -> Decision:
+    def choose(
+        self,
+        body: Mapping[str, object] | None,
+        loads: Mapping[str, float],
+        full: AbstractSet[str] = frozenset(),
+    ) -> Decision:
         self.turn += 1
         return Decision(pick_least_load(loads, self.turn), "least-load")
 
 
 class PrefixAffinity(Policy):
-    """Longest routed prefix first, else consistent hashing of the prompt's home; loads bounded either way.
+    """Longest routed prefix first, else consistent hashing of the prompt's home; loads bounded either way,
+    and a replica whose KV cache is nearly full passed over while another has room (a prefix hit is worth
+    less than a wait for blocks or a preemption; llm-d's kv-cache-utilization scorer weighs the same).
 
     The home (see render_prompt) is the same for every turn of a conversation and for every user of a
     tenant's system prompt, so router replicas agree on it without talking; a later turn extends a prefix
@@ -217,20 +240,27 @@ class PrefixAffinity(Policy):
             self._ring, self._ring_members = Ring.build(sorted(members)), members
         return self._ring
 
-    def choose(self, body: Mapping[str, object] | None, loads: Mapping[str, float]) -> Decision:
+    def choose(
+        self,
+        body: Mapping[str, object] | None,
+        loads: Mapping[str, float],
+        full: AbstractSet[str] = frozenset(),
+    ) -> Decision:
         text, home = render_prompt(body) if body else ("", "")
         if not text:
             return self.fallback.choose(body, loads)
         model = body.get("model") if body else None
         model = model if isinstance(model, str) else ""
         blocks = prefix_blocks(text, model)
+        if loads.keys() <= full:  # all nearly full: moving a prompt off its cache gains nothing
+            full = frozenset()
         bound = load_bound(loads, self.load_factor)
         owner, _ = self.index.longest_match(blocks, loads)
-        if owner is not None and loads[owner] + 1 <= bound:
+        if owner is not None and loads[owner] + 1 <= bound and owner not in full:
             decision = Decision(owner, "prefix-hit")
         else:
             key = stable_hash(f"{model}\0{home}".encode())
-            backend, spilled = pick_bounded(self.ring(list(loads)), key, loads, self.load_factor)
+            backend, spilled = pick_bounded(self.ring(list(loads)), key, loads, self.load_factor, full)
             decision = Decision(backend, "prefix-spill" if spilled else "prefix-hash")
         self.index.record(blocks, decision.backend)
         return decision

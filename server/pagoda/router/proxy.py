@@ -40,6 +40,7 @@ class RouterSettings:
     hold_timeout: float = 30.0
     max_pending: int = 1000
     max_retries: int = 2
+    kv_cache_threshold: float = 0.9  # scraped KV-cache usage at or above which a backend counts as full
 
 
 class NoBackend(Exception):
@@ -79,7 +80,8 @@ class Router:
             start = time.perf_counter()
             eligible = await self._hold(allowed)
             held = time.perf_counter() - start
-        decision = self.policy.choose(body, {u: b.load for u, b in eligible.items()})
+        full = {u for u, b in eligible.items() if b.kv_usage >= self.settings.kv_cache_threshold}
+        decision = self.policy.choose(body, {u: b.load for u, b in eligible.items()}, full)
         return eligible[decision.backend], decision.reason, held
 
     def eligible(self, allowed: set[str] | None) -> dict[str, Backend]:
