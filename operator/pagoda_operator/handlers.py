@@ -61,6 +61,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Pod events come from the API server already filtered to the engine pods this operator manages:
     # without a selector every pod event in the watched namespaces would cross the wire to be dropped here.
     settings.watching.label_selectors["v1", "pods"] = f"{labels.MANAGED_BY}={labels.MANAGER}"
+    # A deleted LLMDeployment keeps its finalizer until its timers have exited; kopf re-checks a timer that
+    # was mid-run (a periodic reconcile) only this often (default 60 s): deletion would wait that long.
+    settings.background.cancellation_polling = 2
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
 
