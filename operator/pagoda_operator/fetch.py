@@ -10,6 +10,8 @@ Cache layout under the cache root (default `/models`, the cache volume the opera
     builtin://smollm2-135m-instruct     -> None: `pagoda serve` with no model argument
 
 `local_model_path` is pure, so the operator computes the same path for the serving container's argument.
+The operator passes the commit an hf:// branch named when it was resolved (revision.py), so every pod of
+one LLMDeployment fetches and serves one commit, from a cache directory of its own.
 
 Downloads are crash-safe and resumable: bytes go to `<name>.part` (continued with an HTTP Range request
 after a restart), the finished file is renamed into place atomically, and a directory is only marked
@@ -29,6 +31,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import sys
 import urllib.error
@@ -151,16 +154,18 @@ def opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(_SameHostAuthRedirectHandler)
 
 
-def http_get(url: str, headers: Mapping[str, str]) -> Any:
+def http_get(url: str, headers: Mapping[str, str], timeout: float = HTTP_TIMEOUT_S) -> Any:
     """Open `url` (redirects followed); HTTP errors become a FetchError that names the URL and status."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **headers})
     try:
-        return opener().open(request, timeout=HTTP_TIMEOUT_S)
+        return opener().open(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         hint = " (a private or gated repository needs HF_TOKEN)" if err.code in (401, 403) else ""
         raise FetchError(f"GET {url}: HTTP {err.code} {err.reason}{hint}") from None
     except urllib.error.URLError as err:
         raise FetchError(f"GET {url}: {err.reason}") from None
+    except (TimeoutError, ConnectionError) as err:  # raised past urllib's wrapping, e.g. a read timeout
+        raise FetchError(f"GET {url}: {err}") from None
 
 
 def download_file(url: str, dest: Path, headers: Mapping[str, str], expected_size: int | None = None,
@@ -220,6 +225,30 @@ class HubFile:
     def from_sibling(cls, sibling: Mapping[str, Any]) -> HubFile:
         lfs = sibling.get("lfs") or {}
         return cls(sibling["rfilename"], lfs.get("size", sibling.get("size")), lfs.get("sha256"))
+
+
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+
+
+def is_commit(revision: str | None) -> bool:
+    """A full commit id names one tree for good; a branch or tag may move."""
+    return revision is not None and COMMIT_RE.fullmatch(revision) is not None
+
+
+def resolve_hf_revision(repo_id: str, revision: str, endpoint: str, token: str | None,
+                        timeout: float = HTTP_TIMEOUT_S) -> str:
+    """The commit a branch or tag of `repo_id` names now, from the Hub's model-info API."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    quoted_revision = urllib.parse.quote(revision, safe="")
+    url = f"{endpoint}/api/models/{repo_id}/revision/{quoted_revision}"
+    with http_get(url, headers, timeout) as response:
+        try:
+            commit = json.load(response).get("sha")
+        except (ValueError, AttributeError):
+            commit = None
+    if not is_commit(commit):
+        raise FetchError(f"{endpoint}: the answer for hf://{repo_id}@{revision} names no commit")
+    return str(commit)
 
 
 def fetch_hf(repo_id: str, revision: str, dest_dir: Path, endpoint: str, token: str | None) -> None:

@@ -16,12 +16,15 @@ import kopf
 
 from pagoda_operator import kube, labels
 from pagoda_operator.reconcile import DEFAULT_METRICS_PORT, Reconciler
+from pagoda_operator.revision import Backoff
 from pagoda_operator.spec import GROUP, PLURAL, VERSION, InvalidSpecError, parse_spec
 
 LLMD = (GROUP, VERSION, PLURAL)
 RECONCILE_INTERVAL_SECONDS = float(os.environ.get("PAGODA_RECONCILE_INTERVAL_SECONDS", "30"))
 AUTOSCALE_INTERVAL_SECONDS = float(os.environ.get("PAGODA_AUTOSCALE_INTERVAL_SECONDS", "15"))
 METRICS_PORT = int(os.environ.get("PAGODA_METRICS_PORT", str(DEFAULT_METRICS_PORT)))
+# The first wait before asking the Hub again about a revision it could not resolve (doubles, to 10 min).
+REVISION_RETRY_SECONDS = float(os.environ.get("PAGODA_REVISION_RETRY_SECONDS", "10"))
 
 _reconciler: Reconciler | None = None
 # Clients replaced by a re-login; closed at cleanup, since calls may still be in flight on them.
@@ -58,6 +61,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Pod events come from the API server already filtered to the engine pods this operator manages:
     # without a selector every pod event in the watched namespaces would cross the wire to be dropped here.
     settings.watching.label_selectors["v1", "pods"] = f"{labels.MANAGED_BY}={labels.MANAGER}"
+    # A deleted LLMDeployment keeps its finalizer until its timers have exited; kopf re-checks a timer that
+    # was mid-run (a periodic reconcile) only this often (default 60 s): deletion would wait that long.
+    settings.background.cancellation_polling = 2
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
 
@@ -69,7 +75,7 @@ async def login(**_: Any) -> kopf.ConnectionInfo:
     configuration = await kube.load_configuration()
     client = kube.KubeClient(kube.client.ApiClient(configuration))
     if _reconciler is None:
-        _reconciler = Reconciler(client)
+        _reconciler = Reconciler(client, Backoff(base=REVISION_RETRY_SECONDS))
     else:  # re-authentication (e.g. a rotated token): keep the per-object locks, swap the client
         _retired_clients.append(_reconciler.client)
         _reconciler.client = client

@@ -15,17 +15,18 @@ from typing import Any
 import kopf
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from pagoda_operator import autoscaler, builders, kube, labels, router_builders
+from pagoda_operator import autoscaler, builders, kube, labels, revision, router_builders
 from pagoda_operator.autoscaler import scrape_port, to_rfc3339, window_from_status
 from pagoda_operator.defaults import OperatorDefaults
+from pagoda_operator.revision import Backoff, PinnedRevision, Retries, RevisionUnresolved
 from pagoda_operator.spec import InvalidSpecError, LLMDeploymentSpec, parse_spec
 from pagoda_operator.status import (
     VOLUME_FAILURE_REASONS,
     Condition,
     base_status,
-    contains,
     find_condition,
     merge_conditions,
+    merge_patch_is_noop,
     problems_of,
     readiness_conditions,
     scaling_condition,
@@ -46,10 +47,11 @@ class Reconciler:
     """Holds the API client and one lock per LLMDeployment, so a timer, a spec change and a pod event
     never reconcile the same object at the same time."""
 
-    def __init__(self, client: kube.KubeClient) -> None:
+    def __init__(self, client: kube.KubeClient, revision_backoff: Backoff | None = None) -> None:
         self.client = client
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._warned: dict[tuple[str, str], tuple[str, str]] = {}  # the last Degraded problem warned about
+        self._revision_retries = Retries(revision_backoff or Backoff())
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, name), asyncio.Lock())
@@ -69,9 +71,14 @@ class Reconciler:
                 return
             self._warned.pop((namespace, name), None)
             try:
+                try:
+                    served = await self.pin_revision(body, spec)
+                except RevisionUnresolved as err:
+                    await self.report_unresolved(body, str(err))
+                    return
                 pods = await self.sync_pod_roles(body, spec)
-                await self.apply_children(body, spec, await self.pin_defaults(body))
-                await self.write_status(body, spec, pods)
+                await self.apply_children(body, served, await self.pin_defaults(body))
+                await self.write_status(body, spec, pods, revision.model_status(spec.model, served.model))
             except ApiException as err:
                 message = (
                     f"the API server refused a change: {err.status} {err.reason}: {api_error_message(err)}"
@@ -160,6 +167,19 @@ class Reconciler:
             ),
         )
 
+    async def report_unresolved(self, body: Mapping[str, Any], message: str) -> None:
+        await self.report_degraded(
+            body,
+            "RevisionUnresolved",
+            message,
+            Condition(
+                "Progressing",
+                False,
+                "RevisionUnresolved",
+                "no pods roll onto a branch not pinned to a commit; the current pods keep serving",
+            ),
+        )
+
     async def report_degraded(
         self, body: Mapping[str, Any], reason: str, message: str, *more: Condition
     ) -> None:
@@ -217,23 +237,43 @@ class Reconciler:
         await self.client.patch(kube.LLMDEPLOYMENTS, namespace, name, current.annotation_patch)
         return current
 
+    async def pin_revision(self, body: Mapping[str, Any], spec: LLMDeploymentSpec) -> LLMDeploymentSpec:
+        """The spec the pods are built from: an hf:// branch or tag replaced by the commit pinned for it,
+        resolved on the Hub once per source and revision (see revision.py). Raises RevisionUnresolved."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        key = (namespace, name)
+        pinned = PinnedRevision.pinned(body)
+        if not revision.needs_resolution(spec.model):
+            self._revision_retries.forget(key)
+            if revision.ANNOTATION in (body["metadata"].get("annotations") or {}):
+                # A later return to a branch resolves it afresh, not to a stale pin.
+                unpin = revision.REMOVE_ANNOTATION_PATCH
+                await self.client.patch(kube.LLMDEPLOYMENTS, namespace, name, unpin)
+            return spec
+        if pinned is not None and pinned.pins(spec.model):
+            return revision.with_commit(spec, pinned.commit)
+        if (message := self._revision_retries.not_due(key, spec.model)) is not None:
+            raise RevisionUnresolved(message)  # no Hub call before the back-off allows one
+        try:
+            pinned = await asyncio.to_thread(revision.resolve, spec)
+        except RevisionUnresolved as err:
+            self._revision_retries.failed(key, spec.model, str(err))
+            raise
+        self._revision_retries.forget(key)
+        await self.client.patch(kube.LLMDEPLOYMENTS, namespace, name, pinned.annotation_patch)
+        announce(
+            body,
+            reason="RevisionPinned",
+            message=f"{pinned.source}@{pinned.revision} is commit {pinned.commit}: every pod serves it "
+            "until spec.model changes",
+        )
+        return revision.with_commit(spec, pinned.commit)
+
     async def apply_children(
         self, body: Mapping[str, Any], spec: LLMDeploymentSpec, defaults: OperatorDefaults
     ) -> None:
-        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        manifests = [
-            builders.build_deployment(name, namespace, spec, defaults.engine_image, defaults.run_as_user),
-            builders.build_service(name, namespace, router=spec.router.enabled),
-            builders.build_pdb(name, namespace),
-            *router_builders.build_router_children(
-                name, namespace, spec, defaults.engine_image, defaults.run_as_user, defaults.router_image
-            ),
-        ]
-        if spec.hpa_enabled:
-            manifests.append(builders.build_hpa(name, namespace, spec))
-        if spec.cache.enabled:
-            manifests.append(builders.build_cache_pvc(name, namespace, spec))
-        kopf.adopt(manifests, owner=body)  # type: ignore[arg-type]
+        name = body["metadata"]["name"]
+        manifests = child_manifests(body, spec, defaults)
         for manifest in manifests:
             # A claim's spec is immutable once bound (only its size may grow): create it, never patch it.
             action = await self.apply(manifest, create_only=manifest["kind"] == "PersistentVolumeClaim")
@@ -291,7 +331,11 @@ class Reconciler:
         return await self.client.delete(resource, namespace, name)
 
     async def write_status(
-        self, body: Mapping[str, Any], spec: LLMDeploymentSpec, pods: Sequence[Mapping[str, Any]]
+        self,
+        body: Mapping[str, Any],
+        spec: LLMDeploymentSpec,
+        pods: Sequence[Mapping[str, Any]],
+        model: Mapping[str, Any] | None = None,
     ) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         generation = body["metadata"].get("generation")
@@ -318,6 +362,8 @@ class Reconciler:
         updates.append(scaling_condition(spec, existing, hpa))
         status = base_status(name, namespace, generation, spec.replicas, pool)
         status["routerReadyReplicas"] = routers_ready
+        if model is not None:  # None: keep what the last full reconcile wrote (a pod event knows no commit)
+            status["model"] = dict(model)
         status["conditions"] = merge_conditions(existing, updates, utc_now(), generation)
         await self.patch_status(body, status)
 
@@ -352,15 +398,33 @@ class Reconciler:
 
     async def patch_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
         """Write the status subresource, skipping the call when nothing would change."""
-        current = body.get("status") or {}
-        if contains(current, {k: v for k, v in status.items() if v is not None}) and not any(
-            v is None and k in current for k, v in status.items()
-        ):
+        if merge_patch_is_noop(body.get("status") or {}, status):
             return
         meta = body["metadata"]
         await self.client.patch(
             kube.LLMDEPLOYMENTS, meta["namespace"], meta["name"], {"status": status}, subresource="status"
         )
+
+
+def child_manifests(
+    body: Mapping[str, Any], spec: LLMDeploymentSpec, defaults: OperatorDefaults
+) -> list[dict[str, Any]]:
+    """Every child the LLMDeployment asks for, owned by it: what the operator applies."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    manifests = [
+        builders.build_deployment(name, namespace, spec, defaults.engine_image, defaults.run_as_user),
+        builders.build_service(name, namespace, router=spec.router.enabled),
+        builders.build_pdb(name, namespace),
+        *router_builders.build_router_children(
+            name, namespace, spec, defaults.engine_image, defaults.run_as_user, defaults.router_image
+        ),
+    ]
+    if spec.hpa_enabled:
+        manifests.append(builders.build_hpa(name, namespace, spec))
+    if spec.cache.enabled:
+        manifests.append(builders.build_cache_pvc(name, namespace, spec))
+    kopf.adopt(manifests, owner=body)  # type: ignore[arg-type]
+    return manifests
 
 
 def announce(body: Mapping[str, Any], reason: str, message: str) -> None:

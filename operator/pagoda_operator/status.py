@@ -294,6 +294,22 @@ def contains(live: Any, desired: Any) -> bool:
     return bool(live == desired) or same_quantity(live, desired)
 
 
+def merge_patch_is_noop(current: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
+    """Whether a JSON merge patch would leave `current` as it is: every value already there, and every
+    null (a removal) on a key that is already absent."""
+    for key, value in patch.items():
+        if value is None:
+            if key in current:
+                return False
+        elif isinstance(value, Mapping):
+            live = current.get(key)
+            if not isinstance(live, Mapping) or not merge_patch_is_noop(live, value):
+                return False
+        elif key not in current or not contains(current[key], value):
+            return False
+    return True
+
+
 def same_quantity(live: Any, desired: Any) -> bool:
     """The API server rewrites quantities canonically (2 -> "2", "0.5" -> "500m", "1.5Gi" -> "1536Mi")."""
     if isinstance(live, bool) or isinstance(desired, bool) or not isinstance(live, (int, str)):

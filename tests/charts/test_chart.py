@@ -499,3 +499,15 @@ def test_router_image_reaches_the_operator(tmp_path: Path) -> None:
     values = {"routerImage": {"repository": "registry/router", "tag": "2"}}
     env = {e["name"]: e.get("value") for e in operator_container(render(tmp_path, values))["env"]}
     assert env["PAGODA_ROUTER_IMAGE"] == "registry/router:2"
+
+
+def test_hub_endpoint_and_token_reach_the_operator(tmp_path: Path) -> None:
+    """The operator resolves hf:// branches to commits on the Hub: HF_ENDPOINT and HF_TOKEN (from a Secret
+    in its own namespace: it holds no Secret rights) as pagoda-fetch reads them."""
+    env = {e["name"]: e for e in operator_container(render(tmp_path))["env"]}
+    assert "HF_ENDPOINT" not in env and "HF_TOKEN" not in env
+    values = {"huggingface": {"endpoint": "https://hf-mirror.example.com",
+                              "tokenSecret": {"name": "hub-token", "key": "token"}}}
+    env = {e["name"]: e for e in operator_container(render(tmp_path, values))["env"]}
+    assert env["HF_ENDPOINT"]["value"] == "https://hf-mirror.example.com"
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hub-token", "key": "token"}}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,22 @@ import yaml
 # Short intervals, read when pagoda_operator.handlers is imported (below).
 os.environ.setdefault("PAGODA_RECONCILE_INTERVAL_SECONDS", "2")
 os.environ.setdefault("PAGODA_AUTOSCALE_INTERVAL_SECONDS", "0.5")
+os.environ.setdefault("PAGODA_REVISION_RETRY_SECONDS", "0.5")
 
 import kmock  # noqa: E402
 import kopf  # noqa: E402
 from applying_emulator import ApplyingEmulator  # noqa: E402
+from hub_testkit import FakeHub, serve_hub  # noqa: E402
 from llmd_testkit import LLMD_RESOURCE, NAMESPACE, load_crd  # noqa: E402
 
 import pagoda_operator.handlers  # noqa: E402  (registers the handlers)
+
+
+@pytest.fixture()
+def hub() -> Iterator[FakeHub]:
+    """The Hugging Face Hub emulation (hub_testkit.py) on localhost."""
+    with serve_hub() as state:
+        yield state
 
 
 @pytest.fixture()
@@ -38,9 +47,10 @@ def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
 
 @pytest_asyncio.fixture()
 async def kube(
-    kmock: kmock.KubernetesEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kmock: kmock.KubernetesEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: FakeHub
 ) -> AsyncIterator[kmock.KubernetesEmulator]:
-    """The emulator with the built-in resources, our CRD, a namespace, and a kubeconfig pointing at it."""
+    """The emulator with the built-in resources, our CRD, a namespace, and a kubeconfig pointing at it;
+    the operator resolves hf:// revisions on the Hub emulation, never on the network."""
     kmock.resources.load_bundled()
     names = load_crd()["spec"]["names"]
     kmock.resources[LLMD_RESOURCE] = kmock.ResourceInfo(
@@ -68,6 +78,8 @@ async def kube(
     path.write_text(yaml.safe_dump(kubeconfig))
     monkeypatch.setenv("KUBECONFIG", str(path))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     yield kmock
 
 

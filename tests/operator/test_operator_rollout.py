@@ -10,6 +10,7 @@ from typing import Any
 
 import kmock
 import pytest
+from hub_testkit import REPO
 from llmd_testkit import (
     BUILTIN,
     DEPLOYMENTS,
@@ -34,7 +35,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 
 FULL = {
-    "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct", "revision": "main"},
+    "model": {"source": f"hf://{REPO}", "revision": "main"},  # on the Hub emulation (conftest)
     "engine": {"maxModelLen": 4096},
     "nodeSelector": {"gpu": "a100", "zone": "eu-1"},
     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -147,7 +148,7 @@ async def test_a_stalled_rollout_is_copied_into_the_status(operator: Any) -> Non
 
 async def test_an_unbound_cache_claim_is_reported(operator: Any) -> None:
     kube = operator
-    spec = {"model": {"source": "hf://org/model"}, "cache": {"enabled": True}}
+    spec = {"model": {"source": f"hf://{REPO}"}, "cache": {"enabled": True}}
     await create_llmd(kube, "nocls", spec)
     await wait_for(lambda: obj(kube, PVCS, "nocls-model-cache"))
     assert condition(kube, "nocls", "Degraded").get("status") != "True"  # a fresh claim may still bind

@@ -132,3 +132,31 @@ EndpointSlices, so the operator holds that read too. */}}
   verbs: [list, watch, patch, get]
 {{- end }}
 {{- end }}
+
+{{/*
+CEL for the admission policy (admission-policy.yaml), one line each. The argument names the object:
+"object" (after the change; null on DELETE) or "oldObject" (before; null on CREATE and CONNECT). They never
+fail on a missing field (has() first), since an evaluation error with failurePolicy Fail refuses the request.
+*/}}
+{{- define "pagoda.managedExpression" -}}
+{{ include "pagoda.present" . }} && has({{ . }}.metadata.labels) && 'app.kubernetes.io/managed-by' in {{ . }}.metadata.labels && {{ . }}.metadata.labels['app.kubernetes.io/managed-by'] == 'pagoda-operator' && has({{ . }}.metadata.ownerReferences) && {{ . }}.metadata.ownerReferences.exists(o, o.kind == 'LLMDeployment' && o.apiVersion.startsWith('pagoda.dev/'))
+{{- end }}
+
+{{- define "pagoda.enginePodExpression" -}}
+{{ include "pagoda.present" . }} && has({{ . }}.metadata.labels) && 'app.kubernetes.io/name' in {{ . }}.metadata.labels && {{ . }}.metadata.labels['app.kubernetes.io/name'] == 'pagoda' && 'app.kubernetes.io/managed-by' in {{ . }}.metadata.labels && {{ . }}.metadata.labels['app.kubernetes.io/managed-by'] == 'pagoda-operator'
+{{- end }}
+
+{{- /* Whether the request carries that object, told by the operation rather than a comparison with null. */}}
+{{- define "pagoda.present" -}}
+{{- if eq . "object" -}}
+request.operation in ['CREATE', 'UPDATE']
+{{- else -}}
+request.operation in ['UPDATE', 'DELETE']
+{{- end }}
+{{- end }}
+
+{{/* (list FIELD KEY): object.metadata.FIELD equals oldObject's but for KEY (labels or annotations). */}}
+{{- define "pagoda.onlyKeyChanges" -}}
+{{- $field := index . 0 }}{{ $key := index . 1 -}}
+(!has(object.metadata.{{ $field }}) || object.metadata.{{ $field }}.all(k, k == '{{ $key }}' || (has(oldObject.metadata.{{ $field }}) && k in oldObject.metadata.{{ $field }} && oldObject.metadata.{{ $field }}[k] == object.metadata.{{ $field }}[k]))) && (!has(oldObject.metadata.{{ $field }}) || oldObject.metadata.{{ $field }}.all(k, k == '{{ $key }}' || (has(object.metadata.{{ $field }}) && k in object.metadata.{{ $field }})))
+{{- end }}
