@@ -220,9 +220,10 @@ STOP_TIMEOUT_SECONDS = 60
 
 
 @contextlib.asynccontextmanager
-async def running_operator() -> AsyncIterator[None]:
+async def running_operator(peering: str | None = None) -> AsyncIterator[None]:
     """`kopf run -m pagoda_operator.handlers --all-namespaces --standalone` in a thread, on its own loop,
     stopped gracefully on exit; a test may run one after another against the same emulator (a restart).
+    With `peering`, `--peering=NAME` instead of `--standalone`, as the chart runs it.
 
     Not a task on the test's loop: on exit kopf cancels every task left in its loop, the test's included.
     The handlers register on import (conftest imports them once the test intervals are set).
@@ -237,7 +238,13 @@ async def running_operator() -> AsyncIterator[None]:
     # grace. The tests' last events matter to nobody, so the queues get 0.1 s; the stop stays graceful.
     settings.queueing.exit_timeout = 0.1
     task = loop.create_task(
-        kopf.operator(standalone=True, clusterwide=True, stop_flag=stop, settings=settings)
+        kopf.operator(
+            standalone=peering is None,
+            peering_name=peering,
+            clusterwide=True,
+            stop_flag=stop,
+            settings=settings,
+        )
     )
     thread = threading.Thread(target=_run_until_stopped, args=(loop, task), name="kopf", daemon=True)
     thread.start()

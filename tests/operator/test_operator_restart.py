@@ -72,12 +72,38 @@ def is_serving(kube: kmock.KubernetesEmulator, pod: str) -> bool:
     return obj(kube, PODS, pod)["metadata"]["labels"][SERVING] == "true"
 
 
+PEERINGS = "kopf.dev/v1/clusterkopfpeerings"
+
+
+def add_peering_object(kube: kmock.KubernetesEmulator, name: str) -> None:
+    """kopf's cluster-wide peering resource and the object the chart creates (charts/pagoda/crds)."""
+    kube.resources[PEERINGS] = kmock.ResourceInfo(
+        kind="ClusterKopfPeering",
+        singular="clusterkopfpeering",
+        namespaced=False,
+        verbs={"get", "list", "watch", "create", "patch", "delete"},
+    )
+    kube.objects[PEERINGS, None, name] = {
+        "apiVersion": "kopf.dev/v1",
+        "kind": "ClusterKopfPeering",
+        "metadata": {"name": name, "uid": "uid-peering"},
+    }
+
+
+def peers(kube: kmock.KubernetesEmulator, name: str) -> dict[str, Any]:
+    return kube.objects[PEERINGS, None, name].raw.get("status") or {}
+
+
+@pytest.mark.parametrize("peering", [None, "pagoda"], ids=["standalone", "peering"])
 async def test_a_restarted_operator_repairs_what_changed_and_rolls_nothing(
-    kube: kmock.KubernetesEmulator, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+    kube: kmock.KubernetesEmulator, hub: FakeHub, monkeypatch: pytest.MonkeyPatch, peering: str | None
 ) -> None:
+    """`peering`: as the chart runs it (`--peering`); the stopped instance must not hold the new one off."""
+    if peering:
+        add_peering_object(kube, peering)
     monkeypatch.setenv("PAGODA_ENGINE_IMAGE", "registry/pagoda-server:1.0")
     old = ["r-pod-0", "r-pod-1"]
-    async with running_operator():
+    async with running_operator(peering):
         await create_llmd(kube, "r", SPEC)
         await wait_for(lambda: obj(kube, DEPLOYMENTS, "r") and obj(kube, SERVICES, "r"))
         for i, pod in enumerate(old):
@@ -88,6 +114,10 @@ async def test_a_restarted_operator_repairs_what_changed_and_rolls_nothing(
         await wait_for(lambda: status(kube, "r").get("warmReplicas") == 1)
         await wait_for(lambda: condition(kube, "r", "Ready").get("status") == "True")
         await wait_for(lambda: posted_events(kube, "RevisionPinned"))
+        if peering:
+            (first,) = await wait_for(lambda: peers(kube, peering))
+    if peering:
+        assert first not in peers(kube, peering), "a stopped instance leaves the peering object"
     before = copy.deepcopy(obj(kube, DEPLOYMENTS, "r"))
     pins = {k: v for k, v in obj(kube, LLMD_RESOURCE, "r")["metadata"]["annotations"].items()
             if k in ("pagoda.dev/model-revision", "pagoda.dev/operator-defaults")}
@@ -112,7 +142,7 @@ async def test_a_restarted_operator_repairs_what_changed_and_rolls_nothing(
     assert selects(service, replacement)
     assert serving_pods(kube, [old[0], "r-pod-2"]) == {old[0], "r-pod-2"}
 
-    async with running_operator():
+    async with running_operator(peering):
         await wait_for(lambda: obj(kube, SERVICES, "r"), timeout=15)  # repaired
         # Converged: the surplus serving pod is demoted to the warm pool, the older one keeps serving.
         await wait_for(lambda: not is_serving(kube, "r-pod-2"), timeout=15)
