@@ -7,9 +7,7 @@ the pods a Deployment would have, and flip their readiness themselves.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,12 +22,11 @@ os.environ.setdefault("PAGODA_AUTOSCALE_INTERVAL_SECONDS", "0.5")
 os.environ.setdefault("PAGODA_REVISION_RETRY_SECONDS", "0.5")
 
 import kmock  # noqa: E402
-import kopf  # noqa: E402
 from applying_emulator import ApplyingEmulator  # noqa: E402
 from hub_testkit import FakeHub, serve_hub  # noqa: E402
-from llmd_testkit import LLMD_RESOURCE, NAMESPACE, load_crd  # noqa: E402
+from llmd_testkit import LLMD_RESOURCE, NAMESPACE, load_crd, running_operator  # noqa: E402
 
-import pagoda_operator.handlers  # noqa: E402  (registers the handlers)
+import pagoda_operator.handlers  # noqa: E402, F401  (registers the handlers)
 
 
 @pytest.fixture()
@@ -83,40 +80,8 @@ async def kube(
     yield kmock
 
 
-STOP_TIMEOUT_SECONDS = 60
-
-
 @pytest_asyncio.fixture()
 async def operator(kube: kmock.KubernetesEmulator) -> AsyncIterator[kmock.KubernetesEmulator]:
-    """`kopf run -m pagoda_operator.handlers --all-namespaces --standalone` in a thread, on its own loop.
-
-    Not a task on the test's loop: on exit kopf cancels every task left in its loop, the test's included.
-    """
-    stop = threading.Event()
-    loop = asyncio.new_event_loop()
-    settings = kopf.OperatorSettings()
-    # At exit kopf lets workers drain queued events for exit_timeout (2 s), racing its own daemon killer:
-    # an event handled after the killer re-spawns a timer that then holds the exit for kopf's fixed 5 s
-    # grace. The tests' last events matter to nobody, so the queues get 0.1 s; the stop stays graceful.
-    settings.queueing.exit_timeout = 0.1
-    task = loop.create_task(
-        kopf.operator(standalone=True, clusterwide=True, stop_flag=stop, settings=settings)
-    )
-    thread = threading.Thread(target=run_until_stopped, args=(loop, task), name="kopf", daemon=True)
-    thread.start()
-    yield kube
-    stop.set()
-    # Wait off the loop (the emulator on this loop must keep answering while kopf shuts down) and never
-    # cancel: kopf's graceful stop runs the cleanup handler, then gives leftover tasks their own time.
-    # The bound only keeps a hung operator from hanging the suite; a healthy stop takes well under it.
-    await asyncio.to_thread(thread.join, STOP_TIMEOUT_SECONDS)
-    assert not thread.is_alive(), f"the operator did not stop within {STOP_TIMEOUT_SECONDS} s"
-    assert pagoda_operator.handlers.current_reconciler() is None, "the cleanup handler did not run"
-
-def run_until_stopped(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_until_complete(task)
-    finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+    """The operator (llmd_testkit.running_operator) against the emulator, for the whole test."""
+    async with running_operator():
+        yield kube

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import kmock
+import kopf
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -211,3 +214,56 @@ def posted_events(kube: Any, reason: str) -> list[dict[str, Any]]:
         and isinstance(r.data, dict)
         and r.data.get("reason") == reason
     ]
+
+
+STOP_TIMEOUT_SECONDS = 60
+
+
+@contextlib.asynccontextmanager
+async def running_operator(peering: str | None = None) -> AsyncIterator[None]:
+    """`kopf run -m pagoda_operator.handlers --all-namespaces --standalone` in a thread, on its own loop,
+    stopped gracefully on exit; a test may run one after another against the same emulator (a restart).
+    With `peering`, `--peering=NAME` instead of `--standalone`, as the chart runs it.
+
+    Not a task on the test's loop: on exit kopf cancels every task left in its loop, the test's included.
+    The handlers register on import (conftest imports them once the test intervals are set).
+    """
+    from pagoda_operator.handlers import current_reconciler
+
+    stop = threading.Event()
+    loop = asyncio.new_event_loop()
+    settings = kopf.OperatorSettings()
+    # At exit kopf lets workers drain queued events for exit_timeout (2 s), racing its own daemon killer:
+    # an event handled after the killer re-spawns a timer that then holds the exit for kopf's fixed 5 s
+    # grace. The tests' last events matter to nobody, so the queues get 0.1 s; the stop stays graceful.
+    settings.queueing.exit_timeout = 0.1
+    task = loop.create_task(
+        kopf.operator(
+            standalone=peering is None,
+            peering_name=peering,
+            clusterwide=True,
+            stop_flag=stop,
+            settings=settings,
+        )
+    )
+    thread = threading.Thread(target=_run_until_stopped, args=(loop, task), name="kopf", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        # Wait off the loop (the emulator on this loop must keep answering while kopf shuts down) and
+        # never cancel: kopf's graceful stop runs the cleanup handler, then gives leftover tasks their own
+        # time. The bound only keeps a hung operator from hanging the suite; a healthy stop takes far less.
+        await asyncio.to_thread(thread.join, STOP_TIMEOUT_SECONDS)
+    assert not thread.is_alive(), f"the operator did not stop within {STOP_TIMEOUT_SECONDS} s"
+    assert current_reconciler() is None, "the cleanup handler did not run"
+
+
+def _run_until_stopped(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(task)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

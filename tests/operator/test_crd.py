@@ -293,3 +293,47 @@ def test_router_defaults_match_the_operator() -> None:
 def test_schema_rejects_bad_router_settings(router: dict[str, Any], fragment: str) -> None:
     errors = schema_errors(custom_resource({"model": BUILTIN, "router": router}))
     assert any(e.startswith(f"spec.{fragment}") for e in errors), errors
+
+
+PLACEMENT = {
+    "topologySpreadConstraints": [
+        {
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "demo"}},
+        }
+    ],
+    "runtimeClassName": "nvidia",
+    "serviceAccountName": "s3-reader",
+}
+
+
+def test_schema_accepts_the_placement_fields() -> None:
+    doc = custom_resource({"model": BUILTIN, **PLACEMENT})
+    assert schema_errors(doc) == []  # declared (not pruned) and well typed
+    assert cel_failures(doc) == []
+    parse_spec(doc["spec"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("topologySpreadConstraints", {"maxSkew": 1}, "is not of type 'array'"),
+        ("topologySpreadConstraints", ["zone"], "'zone' is not of type 'object'"),
+        ("runtimeClassName", 1, "1 is not of type 'string'"),
+        ("serviceAccountName", ["s3-reader"], "is not of type 'string'"),
+    ],
+)
+def test_schema_rejects_wrongly_typed_placement_fields(field: str, value: Any, fragment: str) -> None:
+    errors = schema_errors(custom_resource({"model": BUILTIN, **PLACEMENT, field: value}))
+    assert any(e.startswith(f"spec.{field}") and fragment in e for e in errors), errors
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_with_a_cache_name_a_storage_class(path: Any) -> None:
+    """Pods land on several nodes: the cluster's default class (single-node ReadWriteOnce on managed
+    clusters) would leave a copied example's claim Pending, so each example names a class explicitly."""
+    cache = load_example(path)["spec"].get("cache") or {}
+    if cache.get("enabled"):
+        assert cache.get("storageClassName"), f"{path.name}: cache without storageClassName"
