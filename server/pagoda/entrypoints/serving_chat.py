@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,8 @@ class ServingChat(ServingEngine):
         self.check_generated_tokens(request.n, [max_tokens])
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = request.sampling_params(max_tokens, logprobs)
+        if plan.parser.reads_special_tokens:  # the parser takes the markers out of what the client gets
+            params = dataclasses.replace(params, skip_special_tokens=False)
         if plan.constraint is not None:
             params = await self.constrain_to(plan.constraint, params)
         request_id = random_id("chatcmpl")
