@@ -105,6 +105,10 @@ def test_int8_moe_model_keeps_full_precision_logprobs(arch: str, tmp_path: Path)
     bf16_change = mean_logprob_change(full_logprobs, bf16_logprobs)
     assert mean_logprob_change(full_logprobs, logprobs) < 2.5 * bf16_change
     assert greedy_agreement(full_tokens, tokens) >= 0.6
+    if arch == "qwen3_moe":  # each rank quantizes its own slice of every expert (scales per sliced row)
+        tp_tokens, tp_logprobs, _ = run(path, quantization="int8", tensor_parallel_size=2)
+        assert mean_logprob_change(full_logprobs, tp_logprobs) < 2.5 * bf16_change
+        assert greedy_agreement(full_tokens, tp_tokens) >= 0.6
 
 
 @pytest.mark.parametrize("expert_type", [GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0])
