@@ -10,8 +10,9 @@ import json
 import re
 from pathlib import Path
 
+import openai
 import pytest
-from conftest import start_server
+from conftest import MODEL_NAME, start_server
 from test_tool_parsers import streamed
 from tiny_models import make_tiny_model, make_tiny_tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -210,6 +211,20 @@ def test_gpt_oss_chat_renders_its_template_and_returns_reasoning_apart(tmp_path:
             final = stream.get_final_completion()
         assert reasoning == message.reasoning_content  # greedy: the same reply, in pieces
         assert final.choices[0].message.content == message.content
+        # reasoning_effort reaches the template ("Reasoning: high" in the system message)
+        high = client.chat.completions.create(**{**request, "reasoning_effort": "high"})
+        prompt = reference.apply_chat_template(
+            QUESTION, tokenize=False, add_generation_prompt=True, reasoning_effort="high"
+        )
+        assert "Reasoning: high" in prompt
+        assert high.usage.prompt_tokens == len(reference.encode(prompt, add_special_tokens=False))
         server.wait_idle()
     finally:
         assert server.stop() == 0, server.log()[-4000:]
+
+
+def test_reasoning_effort_needs_a_template_that_reads_it(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort"):  # the tiny Llama's toy template
+        client.chat.completions.create(
+            model=MODEL_NAME, messages=QUESTION, max_tokens=2, reasoning_effort="low"
+        )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pagoda.entrypoints.chat_output import ChatDeltas
 from pagoda.entrypoints.constraints import ToolOptions, plan_chat
+from pagoda.entrypoints.errors import bad_request
 from pagoda.entrypoints.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -22,6 +24,8 @@ from pagoda.entrypoints.protocol import (
 )
 from pagoda.entrypoints.serving_engine import ChoiceState, ServingEngine
 from pagoda.outputs import CompletionOutput, RequestOutput
+
+_READS_REASONING_EFFORT = re.compile(r"\breasoning_effort\b")
 
 
 @dataclass
@@ -45,7 +49,7 @@ class ServingChat(ServingEngine):
         prompt_ids = await self.chat_prompt_ids(
             request.messages,
             request.add_generation_prompt,
-            request.chat_template_kwargs,
+            self._template_kwargs(request),
             request.chat_template,
             plan.tools,
         )
@@ -85,6 +89,16 @@ class ServingChat(ServingEngine):
         return ChatCompletionResponse(
             id=request_id, model=request.model or self.model_name, choices=choices, usage=usage
         )
+
+    def _template_kwargs(self, request: ChatCompletionRequest) -> dict[str, Any] | None:
+        """chat_template_kwargs, with reasoning_effort as the template variable of that name (what
+        gpt-oss's template reads); a template that never mentions it could not honour it: 400."""
+        if request.reasoning_effort is None:
+            return request.chat_template_kwargs
+        template = request.chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not isinstance(template, str) or not _READS_REASONING_EFFORT.search(template):
+            raise bad_request("this model's chat template takes no reasoning_effort", "reasoning_effort")
+        return {**(request.chat_template_kwargs or {}), "reasoning_effort": request.reasoning_effort}
 
     def _logprobs(self, request: ChatCompletionRequest, sample: CompletionOutput, start: int) -> ChatLogprobs:
         """OpenAI's chat logprobs for the sample's tokens[start:]."""
