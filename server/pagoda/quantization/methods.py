@@ -79,7 +79,7 @@ class LinearMethod:
 
     def quantize_weight(self, weight: torch.Tensor) -> QuantizedWeight | None:
         """A float weight [N, K] in this format, for layers that hold many (the experts of an MoE layer);
-        None keeps it in float (full precision, and GGUF, whose experts are expanded on load)."""
+        None keeps it in float (full precision; GGUF's weights arrive quantized from the file instead)."""
         return None
 
 
