@@ -1,17 +1,25 @@
-"""Offline throughput of a small random mixture-of-experts model: Pagoda against transformers.
+"""Throughput of a small random mixture-of-experts model: Pagoda (offline or served) against transformers.
 
     .venv/bin/python -m bench.moe                     # Qwen3-MoE-shaped, ~2 minutes on 2 cores
     .venv/bin/python -m bench.moe --family mixtral --requests 32 --output-len 64
+    .venv/bin/python -m bench.moe --served --concurrency 8   # `pagoda serve`, 8 streaming clients
 
 A Qwen3-MoE (or Mixtral) of random weights, small enough for a CPU run (hidden 512, 8 layers, 16
 experts of 256 features, top-4: ~100M parameters, ~30M active per token). Same fixed-length requests,
 greedy, `ignore_eos`, on both systems; transformers uses static left-padded batches of 8 (every
 request has the same length, so no padding is wasted). Weights and activations in float32.
+
+`--served` runs `pagoda serve` on the same directory instead of the offline engine: `--concurrency`
+streaming clients (`bench.clients`, token-id prompts to /v1/completions) each send their next request as
+soon as the previous one ends; the figure is output tokens over the whole run's wall time, with TTFT and
+inter-token latency percentiles. The directory gets a word-level tokenizer over the whole vocabulary, so
+the server detokenizes every token as it would for a real model.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import tempfile
@@ -22,6 +30,8 @@ from typing import Any
 import torch
 
 from bench.env import cpu_model, num_cores
+
+VOCAB_SIZE = 32000
 
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": (
@@ -38,7 +48,7 @@ def make_model(family: str, path: Path) -> int:
     model_type, overrides = FAMILIES[family]
     config = AutoConfig.for_model(
         model_type,
-        vocab_size=32000,
+        vocab_size=VOCAB_SIZE,
         hidden_size=512,
         intermediate_size=1024,
         num_hidden_layers=8,
@@ -54,6 +64,17 @@ def make_model(family: str, path: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def save_word_tokenizer(path: Path) -> None:
+    """A tokenizer with one word per id of the vocabulary: what `pagoda serve` detokenizes the stream with."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB_SIZE)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
+
+
 def run_pagoda(path: Path, prompts: list[list[int]], output_len: int) -> float:
     from pagoda import LLM, SamplingParams
 
@@ -65,6 +86,29 @@ def run_pagoda(path: Path, prompts: list[list[int]], output_len: int) -> float:
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
     return len(prompts) * output_len / elapsed
+
+
+def run_served(path: Path, prompts: list[list[int]], output_len: int, concurrency: int) -> dict[str, Any]:
+    from bench.clients import run_concurrent
+    from bench.servers import ServerProcess, free_port, pagoda_serve_command
+    from bench.workloads import BenchRequest, Workload
+
+    save_word_tokenizer(path)
+    port = free_port()
+    args = [str(path), "--served-model-name", "moe", "--max-model-len", "512"]
+    warm_up = Workload("warm-up", "", [BenchRequest(prompts[0], 2)])
+    workload = Workload("moe", "", [BenchRequest(p, output_len) for p in prompts])
+    with ServerProcess("pagoda-moe", pagoda_serve_command(port, args), port, "/ready").start() as server:
+        asyncio.run(run_concurrent(server.base_url, "moe", warm_up, 1))
+        result = asyncio.run(run_concurrent(server.base_url, "moe", workload, concurrency))
+    if result["num_errors"] or result["output_tokens"] != len(prompts) * output_len:
+        raise RuntimeError(f"the served run did not produce every token: {result['errors']}")
+    return {
+        "pagoda_serve_tok_s": round(result["output_tokens_per_s"], 1),
+        "concurrency": concurrency,
+        "ttft_s": result["ttft_s"],
+        "itl_s": result["itl_s"],
+    }
 
 
 @torch.no_grad()
@@ -87,9 +131,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--served", action="store_true", help="pagoda serve + streaming clients")
+    parser.add_argument("--concurrency", type=int, default=8, help="streaming clients (with --served)")
     args = parser.parse_args()
     rng = random.Random(0)
-    prompts = [[rng.randrange(32000) for _ in range(args.prompt_len)] for _ in range(args.requests)]
+    prompts = [[rng.randrange(VOCAB_SIZE) for _ in range(args.prompt_len)] for _ in range(args.requests)]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
         params = make_model(args.family, path)
@@ -101,10 +147,14 @@ def main() -> None:
             "output_len": args.output_len,
             "cpu": cpu_model(),
             "cores": num_cores(),
-            "pagoda_tok_s": round(run_pagoda(path, prompts, args.output_len), 1),
-            "transformers_tok_s": round(run_transformers(path, prompts, args.output_len), 1),
         }
-    result["speedup"] = round(result["pagoda_tok_s"] / result["transformers_tok_s"], 2)
+        if args.served:
+            result.update(run_served(path, prompts, args.output_len, args.concurrency))
+        else:
+            result["pagoda_tok_s"] = round(run_pagoda(path, prompts, args.output_len), 1)
+        result["transformers_tok_s"] = round(run_transformers(path, prompts, args.output_len), 1)
+    pagoda = result["pagoda_serve_tok_s" if args.served else "pagoda_tok_s"]
+    result["speedup"] = round(pagoda / result["transformers_tok_s"], 2)
     print(json.dumps(result, indent=1))
 
 

@@ -157,7 +157,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--reasoning-parser",
         default=None,
         choices=sorted(REASONING_PARSERS),
-        help="Return a thinking model's <think>...</think> as reasoning_content, apart from content.",
+        help="Return a thinking model's reasoning as reasoning_content, apart from content: "
+        "<think>...</think> (qwen3, deepseek_r1) or gpt-oss's harmony analysis channel (openai_gptoss).",
     )
     add_engine_arguments(parser.add_argument_group("engine"))
 

@@ -151,7 +151,7 @@ def test_quantized_linear_on_cuda(quantization: str) -> None:
     x = torch.randn(33, 512)
     xb = x.to(CUDA, torch.bfloat16)
     if quantization == "fp8":  # the H100/H200 path: cuBLASLt's fp8 GEMM, activations scaled per row
-        assert _has_fp8_matmul(xb, layer.fp8_weight)
+        assert _has_fp8_matmul(xb, layer.quantized.weight)
     out = layer(xb).float().cpu()
     # bf16 activations (and fp8 ones for fp8) on top of each format's own weight error
     assert relative_error(out, F.linear(x, weight)) < (6e-2 if quantization == "fp8" else 2e-2)

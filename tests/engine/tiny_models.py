@@ -224,8 +224,9 @@ def make_tiny_model(arch: str, path: Path, seed: int = 0, with_tokenizer: bool =
     return path
 
 
-def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer: ids 0-255 are the bytes, then <s>, </s>, <pad>, then filler tokens."""
+def make_tiny_tokenizer(specials: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: ids 0-255 are the bytes, then <s>, </s>, <pad>, the extra special tokens
+    (`specials`: a chat format's markers), then filler tokens."""
     vocab = {char: byte for byte, char in _gpt2_byte_chars().items()}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -233,6 +234,8 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+    if specials:
+        fast.add_tokens(list(specials), special_tokens=True)
     fast.add_tokens([f"<x{i}>" for i in range(VOCAB_SIZE - len(fast))])
     fast.chat_template = CHAT_TEMPLATE
     assert fast.convert_tokens_to_ids(["<s>", "</s>", "<pad>"]) == [BOS_ID, EOS_ID, PAD_ID]

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagoda.entrypoints.reasoning import ThinkTagsParser
+from pagoda.entrypoints.reasoning import ReasoningParser
 from pagoda.entrypoints.tool_parsers import ParsedOutput, ToolCall, ToolParser
 
 
@@ -21,8 +21,13 @@ def tool_call_id() -> str:
 @dataclass
 class ChatOutputParser:
     tools: ToolParser | None = None
-    reasoning: ThinkTagsParser | None = None
+    reasoning: ReasoningParser | None = None
     calls_finish_reason: str = "tool_calls"  # a named tool_choice ends with "stop", as OpenAI's does
+
+    @property
+    def reads_special_tokens(self) -> bool:
+        """The text must keep its special tokens (harmony's markers are special tokens)."""
+        return self.reasoning is not None and self.reasoning.reads_special_tokens
 
     def split(self, text: str, finished: bool) -> tuple[str, str | None]:
         return self.reasoning.split(text, finished) if self.reasoning else ("", text)

@@ -303,6 +303,8 @@ class ChatCompletionRequest(SamplingRequest):
         None, description=f"Extra template variables, at most {MAX_TEMPLATE_INPUT_BYTES} bytes as JSON."
     )
     response_format: ResponseFormat | None = None
+    # gpt-oss's template reads it (`Reasoning: high` in the system message); 400 for a template that does not
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True

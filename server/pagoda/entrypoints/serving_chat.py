@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pagoda.entrypoints.chat_output import ChatDeltas
 from pagoda.entrypoints.constraints import ToolOptions, plan_chat
+from pagoda.entrypoints.errors import bad_request
 from pagoda.entrypoints.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -21,6 +24,8 @@ from pagoda.entrypoints.protocol import (
 )
 from pagoda.entrypoints.serving_engine import ChoiceState, ServingEngine
 from pagoda.outputs import CompletionOutput, RequestOutput
+
+_READS_REASONING_EFFORT = re.compile(r"\breasoning_effort\b")
 
 
 @dataclass
@@ -44,7 +49,7 @@ class ServingChat(ServingEngine):
         prompt_ids = await self.chat_prompt_ids(
             request.messages,
             request.add_generation_prompt,
-            request.chat_template_kwargs,
+            self._template_kwargs(request),
             request.chat_template,
             plan.tools,
         )
@@ -52,6 +57,8 @@ class ServingChat(ServingEngine):
         self.check_generated_tokens(request.n, [max_tokens])
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = request.sampling_params(max_tokens, logprobs)
+        if plan.parser.reads_special_tokens:  # the parser takes the markers out of what the client gets
+            params = dataclasses.replace(params, skip_special_tokens=False)
         if plan.constraint is not None:
             params = await self.constrain_to(plan.constraint, params)
         request_id = random_id("chatcmpl")
@@ -82,6 +89,16 @@ class ServingChat(ServingEngine):
         return ChatCompletionResponse(
             id=request_id, model=request.model or self.model_name, choices=choices, usage=usage
         )
+
+    def _template_kwargs(self, request: ChatCompletionRequest) -> dict[str, Any] | None:
+        """chat_template_kwargs, with reasoning_effort as the template variable of that name (what
+        gpt-oss's template reads); a template that never mentions it could not honour it: 400."""
+        if request.reasoning_effort is None:
+            return request.chat_template_kwargs
+        template = request.chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not isinstance(template, str) or not _READS_REASONING_EFFORT.search(template):
+            raise bad_request("this model's chat template takes no reasoning_effort", "reasoning_effort")
+        return {**(request.chat_template_kwargs or {}), "reasoning_effort": request.reasoning_effort}
 
     def _logprobs(self, request: ChatCompletionRequest, sample: CompletionOutput, start: int) -> ChatLogprobs:
         """OpenAI's chat logprobs for the sample's tokens[start:]."""

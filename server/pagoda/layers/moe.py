@@ -7,6 +7,11 @@ then multiplies one contiguous run of rows, in one matmul, and the weighted resu
 their tokens with one index_add. On the CPU that is a loop over the experts that got tokens; on a GPU one
 Triton grouped GEMM covers all of them (`pagoda.layers.fused_moe_triton`).
 
+Quantization: under `int8` / `fp8` each expert's two weights are quantized after loading, as a dense
+linear layer's are (per output channel, after the tensor-parallel slicing), and multiplied with the same
+kernels, expert by expert; the router stays in full precision. Under `gguf` the file's stacked expert
+tensors keep their blocks (no float copy is ever made), each expert's gate and up stacked into one weight.
+
 Tensor parallelism: every rank holds a slice of every expert's intermediate dimension (gate/up rows,
 down columns), as in the dense MLP. That needs no all-to-all dispatch, keeps the ranks' work equal
 whatever the routing, and works for any number of experts; the partial sums are all-reduced once per
@@ -24,6 +29,12 @@ from torch import nn
 from pagoda.distributed.parallel_state import get_tp_rank, get_tp_size
 from pagoda.layers.activation import ACTIVATIONS
 from pagoda.layers.linear import default_weight_loader, divide
+from pagoda.loader.checkpoint import QuantizedBlocks
+from pagoda.loader.dequant import dequantize
+from pagoda.quantization import get_linear_method
+from pagoda.quantization.gguf_blocks import group_quantized_from_blocks, is_supported
+from pagoda.quantization.grouped import GroupQuantized, stack_rows
+from pagoda.quantization.methods import GGUFLinearMethod, QuantizedWeight, pack_for_device
 
 GATE, UP, DOWN = 0, 1, 2  # the parts of one expert, as the shards of its checkpoint tensors
 ExpertShard = tuple[int, int]  # (expert, part)
@@ -157,8 +168,20 @@ class FusedMoE(nn.Module):
             raise ValueError(f"unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
         self.act = ACTIVATIONS[activation]
         self.swiglu_limit, self.swiglu_alpha = swiglu_limit, swiglu_alpha
-        self.w13 = self._param(num_experts, 2 * self.intermediate, hidden_size, shards=2 * num_experts)
-        self.w2 = self._param(num_experts, hidden_size, self.intermediate, shards=num_experts)
+        method = get_linear_method()  # the model's --quantization, as its Linear layers get it
+        self.quantize = method.quantize_weight
+        self.quantized: list[tuple[QuantizedWeight, QuantizedWeight]] | None = None  # (w13, w2) by expert
+        # GGUF: each expert's parts as the file holds them, until loading ends; the weights are placeholders
+        self.file_parts: dict[ExpertShard, GroupQuantized | torch.Tensor] | None = (
+            {} if isinstance(method, GGUFLinearMethod) else None
+        )
+        self.hidden_size, self.params_dtype = hidden_size, torch.get_default_dtype()
+        shape13 = (num_experts, 2 * self.intermediate, hidden_size)
+        shape2 = (num_experts, hidden_size, self.intermediate)
+        if self.file_parts is not None:
+            shape13, shape2 = (0,), (0,)
+        self.w13 = self._param(*shape13, shards=2 * num_experts)
+        self.w2 = self._param(*shape2, shards=num_experts)
         self.w13_bias, self.w2_bias = None, None
         if bias:
             self.w13_bias = self._param(num_experts, 2 * self.intermediate, shards=2 * num_experts)
@@ -179,6 +202,9 @@ class FusedMoE(nn.Module):
             raise ValueError("expert weights load one expert and part at a time")
         expert, part = shard
         width = self.intermediate
+        if self.file_parts is not None and (param is self.w13 or param is self.w2):
+            self.file_parts[shard] = self._file_part(loaded, part)
+            return
         if part == DOWN:
             if param is self.w2_bias:  # added once: rank 0 holds it, the others zeros
                 rows = loaded if self.tp_rank == 0 else torch.zeros_like(loaded)
@@ -189,9 +215,58 @@ class FusedMoE(nn.Module):
         rows = loaded.narrow(0, self.tp_rank * width, width)
         default_weight_loader(param.data[expert].narrow(0, part * width, width), rows)
 
+    def _file_part(self, loaded: torch.Tensor | QuantizedBlocks, part: int) -> GroupQuantized | torch.Tensor:
+        expected = (self.intermediate, self.hidden_size)
+        if part == DOWN:
+            expected = (self.hidden_size, self.intermediate)
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"shape mismatch: expert weight {expected}, checkpoint {tuple(loaded.shape)}")
+        if not isinstance(loaded, QuantizedBlocks):
+            return loaded
+        if is_supported(loaded.ggml_type):
+            return group_quantized_from_blocks(loaded)
+        return dequantize(loaded.data.contiguous().view(-1), loaded.ggml_type, loaded.shape)
+
+    def process_weights_after_loading(self) -> None:
+        """Quantize every expert's weights, one expert at a time, once they are loaded."""
+        if self.file_parts is not None:
+            self._take_file_parts()
+            return
+        experts = [self.quantize(self.w13.data[e]) for e in range(self.num_experts)]
+        if experts[0] is None:  # this format keeps the experts in float
+            return
+        self.quantized = [(w13, self.quantize(self.w2.data[e])) for e, w13 in enumerate(experts)]
+        self.register_parameter("w13", None)
+        self.register_parameter("w2", None)
+
+    def _take_file_parts(self) -> None:
+        """GGUF: each expert's weights in the kernels' form, or all in float when the file stores floats."""
+        parts, self.file_parts = self.file_parts or {}, None
+        device = self.w13.device
+
+        def weight(*shards: ExpertShard) -> GroupQuantized | torch.Tensor:
+            pieces = [parts[s] for s in shards]
+            if all(isinstance(p, GroupQuantized) for p in pieces):
+                return stack_rows(pieces)
+            full = [p.dequantize() if isinstance(p, GroupQuantized) else p for p in pieces]
+            return torch.cat(full).to(device=device, dtype=self.params_dtype)
+
+        experts = [(weight((e, GATE), (e, UP)), weight((e, DOWN))) for e in range(self.num_experts)]
+        if not any(isinstance(w, GroupQuantized) for pair in experts for w in pair):
+            self.w13 = nn.Parameter(torch.stack([w13 for w13, _ in experts]), requires_grad=False)
+            self.w2 = nn.Parameter(torch.stack([w2 for _, w2 in experts]), requires_grad=False)
+            return
+        packed = [tuple(_kernel_form(w, device) for w in pair) for pair in experts]
+        self.quantized = packed  # type: ignore[assignment]
+        self.register_parameter("w13", None)
+        self.register_parameter("w2", None)
+
+    def quantized_tensors(self) -> list[torch.Tensor]:
+        return [t for pair in self.quantized or [] for w in pair for t in w.tensors()]
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         groups = ExpertGroups.from_routing(weights, ids, self.num_experts)
-        if x.is_cuda:
+        if x.is_cuda and self.quantized is None:
             from pagoda.layers.fused_moe_triton import fused_experts  # triton only where it runs
 
             expert_out = fused_experts(x, self, groups)
@@ -210,8 +285,13 @@ class FusedMoE(nn.Module):
         for expert, run in groups.runs():
             b13 = None if self.w13_bias is None else self.w13_bias[expert]
             b2 = None if self.w2_bias is None else self.w2_bias[expert]
-            hidden = self.activate(F.linear(rows[run], self.w13[expert], b13))
-            out[run] = F.linear(hidden, self.w2[expert], b2)
+            if self.quantized is None:
+                hidden = self.activate(F.linear(rows[run], self.w13[expert], b13))
+                out[run] = F.linear(hidden, self.w2[expert], b2)
+                continue
+            w13, w2 = self.quantized[expert]
+            hidden = self.activate(_plus(w13.matmul(rows[run]), b13))
+            out[run] = _plus(w2.matmul(hidden), b2)
         return out
 
     def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -223,3 +303,24 @@ class FusedMoE(nn.Module):
         gate = gate.clamp(max=self.swiglu_limit)
         up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.swiglu_alpha))
+
+
+def _plus(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x if bias is None else x + bias
+
+
+class _FloatWeight:
+    """A float weight beside quantized ones (a GGUF expert whose down projection is stored in float)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+
+def _kernel_form(weight: GroupQuantized | torch.Tensor, device: torch.device) -> QuantizedWeight:
+    return pack_for_device(weight, device) if isinstance(weight, GroupQuantized) else _FloatWeight(weight)

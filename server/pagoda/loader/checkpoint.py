@@ -15,9 +15,13 @@ class QuantizedBlocks:
     """A weight kept in its file's block-quantized encoding (GGUF): each row of `data` holds the blocks of
     one output row, so row slices of `data` are row slices of the weight."""
 
-    data: torch.Tensor  # uint8 [rows, row_bytes]
+    data: torch.Tensor  # uint8 [rows, row_bytes]; [E, rows, row_bytes] for stacked experts
     ggml_type: int  # gguf.GGMLQuantizationType
-    shape: tuple[int, int]  # of the float weight, (rows, columns)
+    shape: tuple[int, ...]  # of the float weight, (rows, columns) or (E, rows, columns)
+
+    def unstacked(self) -> list[QuantizedBlocks]:
+        """Stacked experts [E, rows, columns] as one weight per expert."""
+        return [QuantizedBlocks(data, self.ggml_type, self.shape[1:]) for data in self.data]
 
 
 WeightIterator = Iterator[tuple[str, torch.Tensor]]

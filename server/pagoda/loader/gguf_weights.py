@@ -65,7 +65,7 @@ _CONFIG_ONLY_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_f
 # norms, routers and the stacked experts (which run in full precision) are always expanded.
 _LINEAR_WEIGHT_KINDS = {
     "attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv", "ffn_gate", "ffn_up", "ffn_down",
-    "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
+    "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",
 }
 
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
@@ -145,9 +145,8 @@ def _load_tensor(
 ) -> torch.Tensor | QuantizedBlocks:
     blocks = keep_quantized and info.ggml_type not in _FLOAT_TYPES and _is_linear_weight(info)
     if blocks:
-        rows, cols = info.shape
         # blocks run along a row, so the rows are rows of bytes: the rope unpermute below moves them whole
-        tensor = file.raw_bytes(info).view(rows, -1)
+        tensor = file.raw_bytes(info).view(*info.shape[:-1], -1)
     else:
         tensor = dequantize(file.raw_bytes(info), info.ggml_type, info.shape)
     if arch.rope_permuted:
@@ -158,4 +157,4 @@ def _load_tensor(
     if arch.norms_plus_one and info.name.endswith("norm.weight"):
         # norms are small (one row), so this torch op never fans out to threads
         tensor = tensor.float() - 1.0
-    return QuantizedBlocks(tensor, int(info.ggml_type), (rows, cols)) if blocks else tensor
+    return QuantizedBlocks(tensor, int(info.ggml_type), tuple(info.shape)) if blocks else tensor

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from pagoda.layers.moe import DOWN, GATE, UP, ExpertShard
+from pagoda.loader.checkpoint import QuantizedBlocks
 
 _PARTS = {"w1": GATE, "gate_proj": GATE, "w3": UP, "up_proj": UP, "w2": DOWN, "down_proj": DOWN}
 _PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|bias)")
@@ -68,7 +69,9 @@ def normalize_expert_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Itera
         raise ValueError(f"MXFP4 expert weights without their blocks or scales: {', '.join(halves)}")
 
 
-def expert_shards(name: str, tensor: torch.Tensor) -> list[tuple[str, ExpertShard, torch.Tensor]] | None:
+def expert_shards(
+    name: str, tensor: torch.Tensor | QuantizedBlocks
+) -> list[tuple[str, ExpertShard, torch.Tensor | QuantizedBlocks]] | None:
     """(parameter name, (expert, part), tensor) for each expert an expert tensor holds; None for others."""
     if match := _PER_EXPERT.fullmatch(name):
         prefix, expert, proj, kind = match.groups()
@@ -76,7 +79,8 @@ def expert_shards(name: str, tensor: torch.Tensor) -> list[tuple[str, ExpertShar
     if match := _STACKED.fullmatch(name):
         prefix, proj, kind = match.groups()
         part = _PARTS[proj]
-        return [(_target(prefix, part, kind), (expert, part), t) for expert, t in enumerate(tensor)]
+        experts = tensor.unstacked() if isinstance(tensor, QuantizedBlocks) else tensor  # GGUF's, kept
+        return [(_target(prefix, part, kind), (expert, part), t) for expert, t in enumerate(experts)]
     return None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,15 @@ class QuantizedWeight(Protocol):
     def matmul(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def tensors(self) -> list[torch.Tensor]: ...
+
+
+@runtime_checkable
+class WeightsAfterLoading(Protocol):
+    """A layer that quantizes weights of its own after loading (not through a `Linear`'s quant method)."""
+
+    def process_weights_after_loading(self) -> None: ...
+
+    def quantized_tensors(self) -> list[torch.Tensor]: ...
 
 
 def pack_for_device(weight: GroupQuantized, device: torch.device) -> QuantizedWeight:
@@ -68,6 +77,11 @@ class LinearMethod:
         """What holds the layer's weight in memory, for accounting."""
         return [layer.weight]
 
+    def quantize_weight(self, weight: torch.Tensor) -> QuantizedWeight | None:
+        """A float weight [N, K] in this format, for layers that hold many (the experts of an MoE layer);
+        None keeps it in float (full precision; GGUF's weights arrive quantized from the file instead)."""
+        return None
+
 
 class _PackedLinearMethod(LinearMethod):
     """Common ground of the integer formats: the layer's `quantized` weight does the product."""
@@ -87,35 +101,42 @@ class Int8LinearMethod(_PackedLinearMethod):
     """W8A16: per-output-channel symmetric int8, quantized at load from the full-precision weight."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        weight = layer.weight.data
-        layer.quantized = pack_for_device(quantize_per_channel_int8(weight), weight.device)
+        layer.quantized = self.quantize_weight(layer.weight.data)
         layer.register_parameter("weight", None)
 
+    def quantize_weight(self, weight: torch.Tensor) -> QuantizedWeight:
+        return pack_for_device(quantize_per_channel_int8(weight), weight.device)
 
-class Fp8LinearMethod(LinearMethod):
+
+class Fp8Weight:
     """e4m3 weights with one float32 scale per output row. On GPUs with fp8 tensor cores (compute
     capability 8.9+) activations are quantized per row on the fly and multiplied by torch._scaled_mm;
     elsewhere the weight is dequantized inside the product."""
 
+    def __init__(self, weight: torch.Tensor) -> None:
+        weight = weight.float()
+        self.scale = (weight.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        self.weight = (weight / self.scale[:, None]).to(FP8_DTYPE)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if _has_fp8_matmul(x, self.weight):
+            return _scaled_fp8_matmul(x, self.weight, self.scale, None)
+        weight = _e4m3_as_scaled_half(self.weight).to(x.dtype)
+        return F.linear(x, weight) * (self.scale * _E4M3_IN_HALF_FACTOR).to(x.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight, self.scale]
+
+
+class Fp8LinearMethod(_PackedLinearMethod):
+    """fp8 e4m3 weights quantized at load (`Fp8Weight`)."""
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        weight = layer.weight.data.float()
-        scale = (weight.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-        layer.fp8_weight = (weight / scale[:, None]).to(FP8_DTYPE)
-        layer.fp8_scale = scale
+        layer.quantized = self.quantize_weight(layer.weight.data)
         layer.register_parameter("weight", None)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if _has_fp8_matmul(flat, layer.fp8_weight):
-            out = _scaled_fp8_matmul(flat, layer.fp8_weight, layer.fp8_scale, bias)
-        else:
-            weight = _e4m3_as_scaled_half(layer.fp8_weight).to(x.dtype)
-            out = F.linear(flat, weight) * (layer.fp8_scale * _E4M3_IN_HALF_FACTOR).to(x.dtype)
-            out = out if bias is None else out + bias
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    def weight_tensors(self, layer: nn.Module) -> list[torch.Tensor]:
-        return [layer.fp8_weight, layer.fp8_scale]
+    def quantize_weight(self, weight: torch.Tensor) -> QuantizedWeight:
+        return Fp8Weight(weight)
 
 
 # e4m3's bits moved into a float16 stand for the same number times 2**-8, subnormals included:
@@ -242,6 +263,8 @@ def process_weights_after_loading(model: nn.Module) -> None:
         method = getattr(module, "quant_method", None)
         if isinstance(method, LinearMethod):
             method.process_weights_after_loading(module)
+        elif isinstance(module, WeightsAfterLoading):  # the experts of an MoE layer
+            module.process_weights_after_loading()
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -254,5 +277,7 @@ def weight_bytes(model: nn.Module) -> int:
             held = [p for p in held if p is not getattr(module, "weight", None)] + method.weight_tensors(
                 module
             )
+        elif isinstance(module, WeightsAfterLoading):
+            held = held + module.quantized_tensors()
         tensors.update((t.data_ptr(), t) for t in held)
     return sum(t.numel() * t.element_size() for t in tensors.values())
