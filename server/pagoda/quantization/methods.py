@@ -36,8 +36,11 @@ class QuantizedWeight(Protocol):
     def tensors(self) -> list[torch.Tensor]: ...
 
 
-def pack_for_device(weight: GroupQuantized, device: torch.device) -> QuantizedWeight:
-    """The kernel-ready form of `weight` on `device`: the Triton layout on GPUs, torch's packed CPU one."""
+def pack_for_device(
+    weight: GroupQuantized, device: torch.device, dense_dtype: torch.dtype | None = None
+) -> QuantizedWeight:
+    """The kernel-ready form of `weight` on `device`: the Triton layout on GPUs, torch's packed CPU one
+    (plus, with `dense_dtype`, a dense copy for steps of many rows)."""
     if device.type == "cuda":
         from pagoda.quantization.triton_kernels import TritonQuantizedWeight  # triton only where it runs
 
@@ -48,7 +51,7 @@ def pack_for_device(weight: GroupQuantized, device: torch.device) -> QuantizedWe
             weight.bits,
         )
         return TritonQuantizedWeight(moved)
-    return CpuQuantizedWeight(weight)
+    return CpuQuantizedWeight(weight, dense_dtype)
 
 
 class LinearMethod:
@@ -160,7 +163,11 @@ class GGUFLinearMethod(_PackedLinearMethod):
     The checkpoint hands each linear weight over as `QuantizedBlocks`; fused projections (q/k/v,
     gate/up) collect one part per shard and stack them after loading, whatever mix of formats they hold.
     A weight in a format without a kernel (or a float one) is kept in float, whole layer.
+    With `dense_dtype` (CPU only), a dense copy of each quantized weight serves steps of many rows.
     """
+
+    def __init__(self, dense_dtype: torch.dtype | None = None) -> None:
+        self.dense_dtype = dense_dtype
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
         if get_tp_size() > 1:
@@ -197,7 +204,7 @@ class GGUFLinearMethod(_PackedLinearMethod):
         device = layer.weight.device
         del layer.gguf_parts
         if all(isinstance(p, GroupQuantized) for p in parts):
-            layer.quantized = pack_for_device(stack_rows(parts), device)
+            layer.quantized = pack_for_device(stack_rows(parts), device, self.dense_dtype)
             layer.register_parameter("weight", None)
             return
         full = [p.dequantize() if isinstance(p, GroupQuantized) else p for p in parts]
@@ -206,7 +213,8 @@ class GGUFLinearMethod(_PackedLinearMethod):
         layer.quantized = None
 
 
-def linear_method(quantization: str | None) -> LinearMethod:
+def linear_method(quantization: str | None, dense_dtype: torch.dtype | None = None) -> LinearMethod:
+    """The method for `quantization`; `dense_dtype`: GGUF weights also keep a dense copy in that dtype."""
     methods: dict[str | None, type[LinearMethod]] = {
         None: LinearMethod,
         "int8": Int8LinearMethod,
@@ -217,7 +225,7 @@ def linear_method(quantization: str | None) -> LinearMethod:
         raise ValueError(
             f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATION_METHODS)}"
         )
-    return methods[quantization]()
+    return GGUFLinearMethod(dense_dtype) if quantization == "gguf" else methods[quantization]()
 
 
 _current_method: LinearMethod = LinearMethod()
@@ -229,10 +237,10 @@ def get_linear_method() -> LinearMethod:
 
 
 @contextmanager
-def quantized_layers(quantization: str | None) -> Iterator[None]:
+def quantized_layers(quantization: str | None, dense_dtype: torch.dtype | None = None) -> Iterator[None]:
     """Build a model inside this to give its linear layers the `quantization` method."""
     global _current_method
-    _current_method = linear_method(quantization)
+    _current_method = linear_method(quantization, dense_dtype)
     try:
         yield
     finally:
