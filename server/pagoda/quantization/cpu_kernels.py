@@ -81,8 +81,8 @@ class CpuQuantizedWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x @ w.T [M, N], in x's dtype."""
-        if self.dense is not None and x.shape[0] >= DENSE_MIN_ROWS:
-            return F.linear(x, self.dense.to(x.dtype))
+        if self.dense is not None and x.shape[0] >= DENSE_MIN_ROWS:  # kept in the activations' dtype
+            return F.linear(x, self.dense)
         if self.fallback is not None:
             return F.linear(x, self.fallback.dequantize(x.dtype))
         # (a step of one sequence calls this ~120 times: skip the no-op casts of bfloat16 activations)
