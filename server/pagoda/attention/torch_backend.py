@@ -63,31 +63,54 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens (query [N, H, D]) over its cached context. `sinks`
     [H]: a logit per head that joins each softmax's denominator with no value (gpt-oss)."""
-    num_heads, head_dim = query.shape[1:]
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    group = query.shape[1] // k_cache.shape[2]
     # SDPA runs in the cache's dtype; soft-capped logits and dequantized fp8 in float32
     exact = softcap is not None or sinks is not None or k_cache.dtype == torch.float8_e4m3fn
     dtype = torch.float32 if exact else k_cache.dtype
     parts = _plan(md, k_cache.shape[1], group, sliding_window, dtype)
+    scales = (k_scale, v_scale)
+    if len(parts) == 1 and parts[0].rows is ALL_ROWS:  # one call for the whole batch: no output copy
+        return _attend_part(query, k_cache, v_cache, parts[0], scale, softcap, scales, sinks)
     out = torch.empty_like(query)
     for part in parts:
-        keys = _gather(k_cache, part.blocks, k_scale).view(part.num_seqs, -1, num_kv_heads, head_dim)
-        values = _gather(v_cache, part.blocks, v_scale).view(part.num_seqs, -1, num_kv_heads, head_dim)
-        if part.context is not None:
-            keys, values = keys[:, part.context], values[:, part.context]
-        q = query[part.rows]
-        if part.query_len == 1:  # decodes: [B, H, D] -> [B, Hkv, group, D]
-            q = q.view(part.num_seqs, num_kv_heads, group, head_dim)
-        else:  # one prefill chunk: [L, H, D] -> [1, Hkv, group * L, D], rows ordered (group, query)
-            q = q.view(part.query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-            q = q.reshape(1, num_kv_heads, group * part.query_len, head_dim)
-        sink_rows = None if sinks is None else _sink_rows(sinks, num_kv_heads, group, part.query_len)
-        attended = _attend(q, keys, values, part.bias, scale, softcap, sink_rows)
-        if part.query_len > 1:
-            attended = attended.view(num_kv_heads, group, part.query_len, head_dim).permute(2, 0, 1, 3)
-        out[part.rows] = attended.reshape(-1, num_heads, head_dim).to(out.dtype)
+        out[part.rows] = _attend_part(query, k_cache, v_cache, part, scale, softcap, scales, sinks)
     return out
+
+
+def _attend_part(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    part: _Part,
+    scale: float,
+    softcap: float | None,
+    kv_scales: tuple[float, float],
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """One SDPA call's rows of the output, [rows, H, D] in the query's dtype."""
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    keys = _gather(k_cache, part.blocks, kv_scales[0]).view(part.num_seqs, -1, num_kv_heads, head_dim)
+    values = _gather(v_cache, part.blocks, kv_scales[1]).view(part.num_seqs, -1, num_kv_heads, head_dim)
+    if part.context is not None:
+        keys, values = keys[:, part.context], values[:, part.context]
+    q = query if part.rows is ALL_ROWS else query[part.rows]
+    if part.query_len == 1:  # decodes: [B, H, D] -> [B, Hkv, group, D]
+        q = q.view(part.num_seqs, num_kv_heads, group, head_dim)
+    else:  # one prefill chunk: [L, H, D] -> [1, Hkv, group * L, D], rows ordered (group, query)
+        q = q.view(part.query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        q = q.reshape(1, num_kv_heads, group * part.query_len, head_dim)
+    sink_rows = None if sinks is None else _sink_rows(sinks, num_kv_heads, group, part.query_len)
+    attended = _attend(q, keys, values, part.bias, scale, softcap, sink_rows)
+    if part.query_len > 1:
+        attended = attended.view(num_kv_heads, group, part.query_len, head_dim).permute(2, 0, 1, 3)
+    attended = attended.reshape(-1, num_heads, head_dim)
+    # (a step of one sequence runs ~30 ops per layer here: skip the no-op cast of same-dtype K/V)
+    return attended if attended.dtype == query.dtype else attended.to(query.dtype)
+
+
+ALL_ROWS = slice(None)  # a _Part's rows when it is the whole batch
 
 
 @dataclass
@@ -136,7 +159,7 @@ def _build_plan(
         # the padding past each context is masked by causality: its positions exceed the query's
         visible = _visible((seq_lens - 1)[:, None], key_pos[None, :], sliding_window)
         whole_batch = len(groups) == 1 and len(decode_rows) == start
-        rows = slice(None) if whole_batch else torch.tensor([decode_rows[i] for i in members], device=device)
+        rows = ALL_ROWS if whole_batch else torch.tensor([decode_rows[i] for i in members], device=device)
         parts.append(_Part(rows, len(seqs), 1, blocks, None, _bias(visible, dtype)[:, None, None, :]))
     return parts
 
@@ -228,7 +251,8 @@ def _attend(
     precision in float32, as transformers' SDPA path does): converting the gathered K/V to float32 would
     cost more than the attention itself. Soft-capped logits and sinks are computed in float32."""
     if softcap is None and sinks is None:
-        q, k, v = query.to(keys.dtype), keys.transpose(1, 2), values.transpose(1, 2)
+        q = query if query.dtype == keys.dtype else query.to(keys.dtype)
+        k, v = keys.transpose(1, 2), values.transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     q = query.float()
     k = keys.float().transpose(1, 2)

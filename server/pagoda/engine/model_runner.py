@@ -53,7 +53,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         torch.manual_seed(config.seed)
         self.kv_cache_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
-        with model_shard(config.tensor_parallel_size), quantized_layers(self.quantization):
+        # a dense copy of the GGUF weights for steps of many rows: on the CPU, where the int4 kernel serves
+        dense = self.dtype if config.dense_weights_for_batches and self.device.type == "cpu" else None
+        with model_shard(config.tensor_parallel_size), quantized_layers(self.quantization, dense):
             self.model = build_model(checkpoint.config, self.dtype, self.device)
         gguf = self.quantization == "gguf"
         self.model.load_weights(checkpoint.quantized_weights() if gguf else checkpoint.weights())

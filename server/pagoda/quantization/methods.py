@@ -45,8 +45,11 @@ class WeightsAfterLoading(Protocol):
     def quantized_tensors(self) -> list[torch.Tensor]: ...
 
 
-def pack_for_device(weight: GroupQuantized, device: torch.device) -> QuantizedWeight:
-    """The kernel-ready form of `weight` on `device`: the Triton layout on GPUs, torch's packed CPU one."""
+def pack_for_device(
+    weight: GroupQuantized, device: torch.device, dense_dtype: torch.dtype | None = None
+) -> QuantizedWeight:
+    """The kernel-ready form of `weight` on `device`: the Triton layout on GPUs, torch's packed CPU one
+    (plus, with `dense_dtype`, a dense copy for steps of many rows)."""
     if device.type == "cuda":
         from pagoda.quantization.triton_kernels import TritonQuantizedWeight  # triton only where it runs
 
@@ -57,7 +60,7 @@ def pack_for_device(weight: GroupQuantized, device: torch.device) -> QuantizedWe
             weight.bits,
         )
         return TritonQuantizedWeight(moved)
-    return CpuQuantizedWeight(weight)
+    return CpuQuantizedWeight(weight, dense_dtype)
 
 
 class LinearMethod:
@@ -89,8 +92,11 @@ class _PackedLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.quantized is None:  # a weight left in float (a format or shape without a kernel)
             return super().apply(layer, x, bias)
-        out = layer.quantized.matmul(x.reshape(-1, x.shape[-1]))
-        out = out.view(*x.shape[:-1], out.shape[-1])
+        if x.dim() == 2:  # the flat batch, as the models pass it: no reshapes (~120 calls a step)
+            out = layer.quantized.matmul(x)
+        else:
+            out = layer.quantized.matmul(x.reshape(-1, x.shape[-1]))
+            out = out.view(*x.shape[:-1], out.shape[-1])
         return out if bias is None else out + bias
 
     def weight_tensors(self, layer: nn.Module) -> list[torch.Tensor]:
@@ -178,7 +184,11 @@ class GGUFLinearMethod(_PackedLinearMethod):
     The checkpoint hands each linear weight over as `QuantizedBlocks`; fused projections (q/k/v,
     gate/up) collect one part per shard and stack them after loading, whatever mix of formats they hold.
     A weight in a format without a kernel (or a float one) is kept in float, whole layer.
+    With `dense_dtype` (CPU only), a dense copy of each quantized weight serves steps of many rows.
     """
+
+    def __init__(self, dense_dtype: torch.dtype | None = None) -> None:
+        self.dense_dtype = dense_dtype
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
         if get_tp_size() > 1:
@@ -215,7 +225,7 @@ class GGUFLinearMethod(_PackedLinearMethod):
         device = layer.weight.device
         del layer.gguf_parts
         if all(isinstance(p, GroupQuantized) for p in parts):
-            layer.quantized = pack_for_device(stack_rows(parts), device)
+            layer.quantized = pack_for_device(stack_rows(parts), device, self.dense_dtype)
             layer.register_parameter("weight", None)
             return
         full = [p.dequantize() if isinstance(p, GroupQuantized) else p for p in parts]
@@ -224,7 +234,8 @@ class GGUFLinearMethod(_PackedLinearMethod):
         layer.quantized = None
 
 
-def linear_method(quantization: str | None) -> LinearMethod:
+def linear_method(quantization: str | None, dense_dtype: torch.dtype | None = None) -> LinearMethod:
+    """The method for `quantization`; `dense_dtype`: GGUF weights also keep a dense copy in that dtype."""
     methods: dict[str | None, type[LinearMethod]] = {
         None: LinearMethod,
         "int8": Int8LinearMethod,
@@ -235,7 +246,7 @@ def linear_method(quantization: str | None) -> LinearMethod:
         raise ValueError(
             f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATION_METHODS)}"
         )
-    return methods[quantization]()
+    return GGUFLinearMethod(dense_dtype) if quantization == "gguf" else methods[quantization]()
 
 
 _current_method: LinearMethod = LinearMethod()
@@ -247,10 +258,10 @@ def get_linear_method() -> LinearMethod:
 
 
 @contextmanager
-def quantized_layers(quantization: str | None) -> Iterator[None]:
+def quantized_layers(quantization: str | None, dense_dtype: torch.dtype | None = None) -> Iterator[None]:
     """Build a model inside this to give its linear layers the `quantization` method."""
     global _current_method
-    _current_method = linear_method(quantization)
+    _current_method = linear_method(quantization, dense_dtype)
     try:
         yield
     finally:
