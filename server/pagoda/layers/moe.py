@@ -176,8 +176,8 @@ class FusedMoE(nn.Module):
             {} if isinstance(method, GGUFLinearMethod) else None
         )
         self.hidden_size, self.params_dtype = hidden_size, torch.get_default_dtype()
-        shape13 = (num_experts, 2 * self.intermediate, hidden_size)
-        shape2 = (num_experts, hidden_size, self.intermediate)
+        shape13: tuple[int, ...] = (num_experts, 2 * self.intermediate, hidden_size)
+        shape2: tuple[int, ...] = (num_experts, hidden_size, self.intermediate)
         if self.file_parts is not None:
             shape13, shape2 = (0,), (0,)
         self.w13 = self._param(*shape13, shards=2 * num_experts)
@@ -232,10 +232,13 @@ class FusedMoE(nn.Module):
         if self.file_parts is not None:
             self._take_file_parts()
             return
-        experts = [self.quantize(self.w13.data[e]) for e in range(self.num_experts)]
-        if experts[0] is None:  # this format keeps the experts in float
+        w13s = [self.quantize(self.w13.data[e]) for e in range(self.num_experts)]
+        w2s = [self.quantize(self.w2.data[e]) for e in range(self.num_experts)]
+        if any(w is None for w in w13s + w2s):  # this format keeps the experts in float
             return
-        self.quantized = [(w13, self.quantize(self.w2.data[e])) for e, w13 in enumerate(experts)]
+        self.quantized = [
+            (w13, w2) for w13, w2 in zip(w13s, w2s, strict=True) if w13 is not None and w2 is not None
+        ]
         self.register_parameter("w13", None)
         self.register_parameter("w2", None)
 
