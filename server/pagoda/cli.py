@@ -62,7 +62,7 @@ def add_engine_arguments(group: argparse._ArgumentGroup) -> None:
         if meta.get("help") is None:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if hints[f.name] is bool:
+        if bool in (typing.get_args(hints[f.name]) or (hints[f.name],)):  # bool, or bool | None = auto
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"]
             )

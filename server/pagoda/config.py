@@ -123,11 +123,12 @@ class EngineConfig:
         choices=KV_CACHE_DTYPES,
     )
     enforce_eager: bool = option(False, "Never capture CUDA graphs. Default: off.")
-    dense_weights_for_batches: bool = option(
-        False,
+    dense_weights_for_batches: bool | None = option(
+        None,
         "CPU, quantized GGUF weights: also keep each linear weight in the model's dtype, for steps of 16 "
         "or more tokens (prefill, large decode batches), where a dense GEMM beats the int4 kernel, whose "
-        "cost grows with the rows; 2 more bytes per weight in bfloat16. Default: off.",
+        "cost grows with the rows; 2 more bytes per weight in bfloat16. Default: on for GGUF files of up "
+        "to 512 MiB (the copy takes about 4x the file), off above.",
     )
     seed: int = option(0, "Random seed of the engine. Default: %(default)s.")
     # vLLM's dict, or its JSON text

@@ -11,7 +11,7 @@ from tiny_models import make_tiny_model
 
 from pagoda import LLM
 from pagoda.engine import precision
-from pagoda.engine.precision import resolve_dtype, resolve_quantization
+from pagoda.engine.precision import resolve_dense_copy, resolve_dtype, resolve_quantization
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
@@ -41,6 +41,25 @@ def test_auto_quantization_serves_gguf_blocks_as_they_are() -> None:
     assert resolve_quantization("none", gguf, tensor_parallel_size=1) is None
     assert resolve_quantization(None, hf, tensor_parallel_size=1) is None
     assert resolve_quantization("int8", hf, tensor_parallel_size=1) == "int8"
+
+
+def test_dense_weight_copies_by_default_only_for_small_files_on_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the embedded model (~100 MB) keeps them: LLM()'s prefill takes the dense GEMM
+    llm = LLM(kv_cache_memory=16 << 20, max_model_len=256)
+    projection = llm.engine.runner.model.model.layers[0].mlp.down_proj.quantized
+    assert projection.dense is not None and projection.dense.dtype == llm.engine.runner.dtype
+    small, large = tmp_path / "small.gguf", tmp_path / "large.gguf"
+    small.write_bytes(b"\0" * 1000)
+    large.write_bytes(b"\0" * 1001)
+    monkeypatch.setattr(precision, "DENSE_COPY_MAX_FILE_BYTES", 1000)
+    assert resolve_dense_copy(None, SimpleNamespace(path=small), CPU)
+    assert not resolve_dense_copy(None, SimpleNamespace(path=large), CPU)  # its memory serves the KV cache
+    assert not resolve_dense_copy(None, SimpleNamespace(path=tmp_path), CPU)  # a directory: no GGUF blocks
+    assert resolve_dense_copy(True, SimpleNamespace(path=large), CPU)  # the option decides when given
+    assert not resolve_dense_copy(False, SimpleNamespace(path=small), CPU)
+    assert not resolve_dense_copy(True, SimpleNamespace(path=small), GPU)  # GPUs run their own kernels
 
 
 def rss_bytes() -> int:

@@ -18,7 +18,7 @@ from pagoda.config import EngineConfig
 from pagoda.distributed.parallel_state import all_reduce_min, model_shard
 from pagoda.distributed.workers import TensorParallelWorkers
 from pagoda.engine.cuda_graphs import DecodeGraphs
-from pagoda.engine.precision import resolve_dtype, resolve_quantization
+from pagoda.engine.precision import resolve_dense_copy, resolve_dtype, resolve_quantization
 from pagoda.engine.scheduler import ScheduledSequence
 from pagoda.engine.spec_decode.rejection_sampler import Emitted, verify
 from pagoda.engine.step_inputs import PromptScoring, StepInputs, build_step_inputs
@@ -54,7 +54,8 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.kv_cache_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         # a dense copy of the GGUF weights for steps of many rows: on the CPU, where the int4 kernel serves
-        dense = self.dtype if config.dense_weights_for_batches and self.device.type == "cpu" else None
+        keep_dense = resolve_dense_copy(config.dense_weights_for_batches, checkpoint, self.device)
+        dense = self.dtype if keep_dense else None
         with model_shard(config.tensor_parallel_size), quantized_layers(self.quantization, dense):
             self.model = build_model(checkpoint.config, self.dtype, self.device)
         gguf = self.quantization == "gguf"
