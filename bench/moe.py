@@ -46,18 +46,17 @@ def make_model(family: str, path: Path) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, overrides = FAMILIES[family]
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=VOCAB_SIZE,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-        max_position_embeddings=2048,
-        **overrides,
-    )
+    shape: dict[str, Any] = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 512,
+        "intermediate_size": 1024,  # a dense MLP's, where the family has one; Mixtral's experts override it
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 64,
+        "max_position_embeddings": 2048,
+    }
+    config = AutoConfig.for_model(model_type, **(shape | overrides))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
