@@ -174,3 +174,16 @@ def test_help_explains_every_flag_and_is_fast() -> None:
         check=True,
     )
     assert probe.stdout.strip() == "False"
+
+
+def test_what_serve_imports_leaves_torch_compile_unloaded() -> None:
+    """`pagoda serve` imports the engine and the API server before it loads the model; torch.compile's
+    machinery (torch._dynamo, torch._inductor: ~3 s on these machines) must not come with them, so cold
+    start stays within its budget. A dependency that compiles at import time (llguidance.torch did) fails
+    this."""
+    code = (
+        "import sys, pagoda.cli, pagoda.engine.llm_engine, pagoda.entrypoints.api_server\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
