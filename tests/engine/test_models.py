@@ -10,10 +10,10 @@ logits close to transformers' full recomputation.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 from safetensors.torch import load_file
 from tiny_models import (
@@ -107,13 +107,7 @@ def load_our_model(path: Path) -> tuple[nn.Module, ModelSpec]:
     return model, ModelSpec.from_hf_config(hf_config)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    # on a few shared cores, idle OpenMP threads spinning make these tiny models tens of times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_torch_thread = pytest.fixture(autouse=True, scope="module")(tiny_models.one_torch_thread)
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ test_engine_parity.py and test_tensor_parallel.py.)"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize as reference_dequantize
@@ -33,12 +33,7 @@ MAX_NEW = 6
 PROMPTS = [[5, 9, 33, 77, 100, 3, 18, 19, 200, 201, 7], [40, 41], [250, 7, 7, 7, 90, 12, 13]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_torch_thread = pytest.fixture(autouse=True, scope="module")(tiny_models.one_torch_thread)
 
 
 def engine_greedy(model: Path | str, prompts: list[list[int]]) -> list[list[int]]:

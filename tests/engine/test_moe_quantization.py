@@ -4,10 +4,10 @@ models keep full precision's prompt logprobs and most of its greedy tokens."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 from gguf import GGMLQuantizationType
 from test_moe import write_moe_gguf
@@ -22,12 +22,7 @@ E, H, I, TOKENS, TOP_K = 4, 64, 48, 40, 2  # noqa: E741 (the expert intermediate
 TOLERANCE = {"int8": 2e-2, "fp8": 6e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_torch_thread = pytest.fixture(autouse=True, scope="module")(tiny_models.one_torch_thread)
 
 
 def loaded_experts(quantization: str | None, weights: dict[str, torch.Tensor]) -> FusedMoE:

@@ -12,6 +12,7 @@ The tokenizer is byte-level (any text round-trips) with a toy chat template.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -273,3 +274,12 @@ def reference_greedy(
         all_logits.append(logits)
         tokens.append(int(logits.argmax()))
     return tokens[len(prompt) :], torch.stack(all_logits)
+
+
+def one_torch_thread() -> Iterator[None]:
+    """Run a test module's tiny models on one torch thread (a module-scoped autouse fixture where used): on a
+    few shared cores, idle OpenMP threads spinning make these tiny models tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
