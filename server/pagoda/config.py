@@ -22,6 +22,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("none", "int8", "fp8", "gguf")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+LOAD_FORMATS = ("auto", "dummy")
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -121,6 +122,12 @@ class EngineConfig:
         "KV-cache element type (auto: the model's dtype); fp8 (e4m3, a scale per layer) doubles the "
         "tokens that fit. Default: %(default)s.",
         choices=KV_CACHE_DTYPES,
+    )
+    load_format: str = option(
+        "auto",
+        "auto: the checkpoint's weights; dummy: random ones, for benchmarks of a model whose weights are not "
+        "at hand (reads only the directory's config.json). Default: %(default)s.",
+        choices=LOAD_FORMATS,
     )
     enforce_eager: bool = option(False, "Never capture CUDA graphs. Default: off.")
     dense_weights_for_batches: bool | None = option(

@@ -120,6 +120,41 @@ def test_compiled_write_kv_then_attend():
     assert torch.equal(gpu.v_cache.view(-1, 2, 64)[gpu.md.slot_mapping], kv[:, 2:])
     out = triton_backend.paged_attention(gpu.query, gpu.k_cache, gpu.v_cache, gpu.md, 0.125, None, None)
     assert_matches_reference(out.cpu(), on_cpu(gpu), 0.125)
+    # as the layer calls it: this step's keys read from the strided projection output
+    out = triton_backend.paged_attention(
+        gpu.query, gpu.k_cache, gpu.v_cache, gpu.md, 0.125, None, None, new_kv=(kv[:, :2], kv[:, 2:])
+    )
+    assert_matches_reference(out.cpu(), on_cpu(gpu), 0.125)
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim", "sliding_window"),
+    [(32, 8, 128, None), (14, 2, 64, None), (8, 4, 128, 100), (16, 1, 256, None)],
+    ids=["llama3", "qwen2-group7", "window", "mqa-d256"],
+)
+def test_compiled_prefill_reads_this_steps_keys_from_the_projection(
+    num_heads, num_kv_heads, head_dim, sliding_window
+):
+    from pagoda.attention import triton_backend
+
+    # prefill chunks of up to 600 tokens, some after cached prefixes, beside decodes
+    lens = ([600, 1, 257, 1, 130, 64], [600, 700, 1257, 33, 130, 1100])
+    batch = make_batch(
+        *lens, block_size=16, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        dtype=torch.bfloat16,
+    )
+    gpu = on_cuda(batch)
+    slots = gpu.md.slot_mapping
+    flat_k = gpu.k_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = gpu.v_cache.view(-1, num_kv_heads, head_dim)
+    new_kv = flat_k[slots].clone(), flat_v[slots].clone()
+    flat_k[slots] = float("nan")  # read from new_kv, never from this step's cache slots
+    flat_v[slots] = float("nan")
+    scale = head_dim**-0.5
+    out = triton_backend.paged_attention(
+        gpu.query, gpu.k_cache, gpu.v_cache, gpu.md, scale, sliding_window, None, new_kv=new_kv
+    )
+    assert_matches_reference(out.cpu(), batch, scale, sliding_window)
 
 
 @pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])

@@ -132,3 +132,26 @@ def test_missing_weights_and_shards_are_reported(tmp_path: Path) -> None:
     shards[-1].unlink()
     with pytest.raises(FileNotFoundError, match="shards that are missing"):
         open_checkpoint(tmp_path)
+
+
+def test_dummy_load_format_needs_only_config_json(tmp_path: Path) -> None:
+    # vLLM's --load-format dummy: random weights for a model whose checkpoint is not at hand
+    from pagoda import LLM, SamplingParams
+
+    tiny_llama().config.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    with pytest.raises(FileNotFoundError, match="has no weights"):
+        open_checkpoint(tmp_path)
+    llm = LLM(model=str(tmp_path), load_format="dummy", skip_tokenizer_init=True, device="cpu")
+    params = list(llm.engine.runner.model.parameters())
+    assert all(p.abs().max() <= 1e-3 for p in params)
+    assert all(p.abs().max() > 0 for p in params)  # drawn, not left as allocated
+    out = llm.generate([{"prompt_token_ids": [3, 4, 5]}], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_dummy_load_format_refuses_a_gguf_file(tmp_path: Path) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="dummy needs a Hugging Face model directory"):
+        open_checkpoint(gguf, "dummy")

@@ -284,3 +284,29 @@ def test_rejects_heads_not_a_multiple_of_kv_heads(tb):
     batch = make_batch(*DECODE, block_size=4, num_heads=3, num_kv_heads=2, head_dim=16, dtype=torch.float32)
     with pytest.raises(ValueError, match="multiple"):
         tb.paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None)
+
+
+@pytest.mark.parametrize(
+    ("lens", "sliding_window", "softcap"),
+    [
+        (([40, 1, 23, 5], [40, 9, 50, 5]), None, None),  # whole tiles below the diagonal, cached prefixes
+        (([40, 1, 23, 5], [40, 9, 50, 5]), 11, None),
+        (MIXED, None, 2.0),
+    ],
+    ids=["causal", "window", "softcap"],
+)
+def test_prefill_reads_this_steps_keys_from_the_projection(tb, lens, sliding_window, softcap):
+    batch = make_batch(*lens, block_size=4, num_heads=4, num_kv_heads=2, head_dim=16, dtype=torch.float16)
+    expected = reference_attention(batch, 0.25, sliding_window, softcap)
+    slots = batch.md.slot_mapping
+    flat_k, flat_v = batch.k_cache.view(-1, 2, 16), batch.v_cache.view(-1, 2, 16)
+    new_kv = flat_k[slots].clone(), flat_v[slots].clone()
+    # the kernel must take this step's keys from new_kv: their cache slots hold NaN now
+    flat_k[slots] = float("nan")
+    flat_v[slots] = float("nan")
+    launch = tb.AttentionLaunch(block_m=16, tile_n=16, num_segments=1)
+    out = tb.launch_paged_attention(
+        batch.query, batch.k_cache, batch.v_cache, batch.md, 0.25, sliding_window, softcap, launch, new_kv
+    )
+    tol = TOLERANCE[torch.float16]
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)

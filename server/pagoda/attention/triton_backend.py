@@ -112,6 +112,39 @@ def _tanh(x):
 
 
 @triton.jit
+def _attend_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k,  # [HEAD_DIM_P, TILE_N]
+    v,  # [TILE_N, HEAD_DIM_P]
+    visible,  # [BLOCK_M, TILE_N]; read only when MASKED
+    scale,
+    softcap,
+    MASKED: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One K/V tile of flash attention: scores in the log2 domain (for exp2), running max and sum, and the
+    accumulator rescaled to the new max."""
+    s = tl.dot(q, k, input_precision=DOT_PRECISION)
+    if USE_SOFTCAP:
+        s = softcap * _tanh(s * scale / softcap) * _LOG2E
+    else:
+        s = s * (scale * _LOG2E)
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]; written only when NUM_SEGMENTS == 1
     partial_out_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS, HEAD_DIM_P] fp32; only when NUM_SEGMENTS > 1
@@ -120,6 +153,8 @@ def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    new_k_ptr,  # [num_tokens, num_kv_heads, head_dim]: this step's keys, read when NEW_KV
+    new_v_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
@@ -138,6 +173,10 @@ def _paged_attention_kernel(
     stride_vc_block,
     stride_vc_slot,
     stride_vc_head,
+    stride_nk_tok,
+    stride_nk_head,
+    stride_nv_tok,
+    stride_nv_head,
     stride_bt_seq,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
@@ -150,10 +189,12 @@ def _paged_attention_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
+    NEW_KV: tl.constexpr,  # this step's keys come from new_k/new_v, only earlier ones from the cache
     DOT_DTYPE: tl.constexpr,  # operand type of both tl.dot calls
     DOT_PRECISION: tl.constexpr,
 ):
-    q_block_id = tl.program_id(0)
+    # The last q-blocks of a prefill see the most keys: start them first, so none is left running alone.
+    q_block_id = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
 
@@ -183,14 +224,15 @@ def _paged_attention_kernel(
         other=0.0,
     ).to(DOT_DTYPE)
 
-    # Keys any row of this tile may see: [first_key, key_end).
+    # Keys any row of this tile may see: [first_key, key_end); the cache serves [first_key, cached_end).
     key_end = tl.minimum(context_len + (q_block + 1) * BLOCK_Q, seq_len)
     if USE_WINDOW:
         first_key = tl.maximum(context_len + q_block * BLOCK_Q - sliding_window + 1, 0)
     else:
         first_key = 0
+    cached_end = context_len if NEW_KV else key_end
     tile_begin = first_key // TILE_N
-    tile_end = tl.cdiv(key_end, TILE_N)
+    tile_end = tl.cdiv(cached_end, TILE_N)
     if NUM_SEGMENTS > 1:
         tiles_per_segment = tl.cdiv(tile_end - tile_begin, NUM_SEGMENTS)
         segment_begin = tile_begin + segment * tiles_per_segment
@@ -203,7 +245,7 @@ def _paged_attention_kernel(
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     for tile in range(tile_begin, tile_end):
         k_pos = tile * TILE_N + tl.arange(0, TILE_N)
-        k_valid = k_pos < key_end
+        k_valid = k_pos < cached_end
         block = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
         in_block = k_pos % BLOCK_SIZE
         k_off = block * stride_kc_block + in_block * stride_kc_slot + kv_head * stride_kc_head
@@ -213,25 +255,52 @@ def _paged_attention_kernel(
             mask=dim_valid[:, None] & k_valid[None, :],
             other=0.0,
         ).to(DOT_DTYPE)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
-        if USE_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        visible = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(visible, s * _LOG2E, float("-inf"))  # log2 domain, for exp2
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_cache_ptr + v_off[:, None] + dims[None, :],
             mask=k_valid[:, None] & dim_valid[None, :],
             other=0.0,
         ).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        visible = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, k, v, visible, scale, softcap, True, USE_SOFTCAP, DOT_DTYPE, DOT_PRECISION
+        )
+
+    if NEW_KV:
+        # This step's keys j = 0 .. new_end - 1 (at positions context_len + j), read where the projection
+        # wrote them: no gather through the block table. Key j is visible to query token q_tok >= j, so
+        # tiles wholly at or below this tile's first query token need no mask; the diagonal tiles do.
+        new_end = tl.minimum((q_block + 1) * BLOCK_Q, q_len)
+        first_row = q_block * BLOCK_Q
+        if USE_WINDOW:
+            new_begin = tl.maximum(first_key - context_len, 0) // TILE_N * TILE_N
+            full_end = new_begin  # the window's edge crosses every tile: mask them all
+        else:
+            new_begin = 0
+            full_end = (first_row + 1) // TILE_N * TILE_N
+        for start in range(new_begin, full_end, TILE_N):
+            j = start + tl.arange(0, TILE_N)
+            k, v = _load_new_kv(
+                new_k_ptr, new_v_ptr, q_start + j, kv_head, dims, j < new_end, dim_valid,
+                stride_nk_tok, stride_nk_head, stride_nv_tok, stride_nv_head, k_cache_ptr, DOT_DTYPE,
+            )
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, k, v, 0, scale, softcap, False, USE_SOFTCAP, DOT_DTYPE, DOT_PRECISION
+            )
+        for start in range(full_end, new_end, TILE_N):
+            j = start + tl.arange(0, TILE_N)
+            j_valid = j < new_end
+            k, v = _load_new_kv(
+                new_k_ptr, new_v_ptr, q_start + j, kv_head, dims, j_valid, dim_valid,
+                stride_nk_tok, stride_nk_head, stride_nv_tok, stride_nv_head, k_cache_ptr, DOT_DTYPE,
+            )
+            visible = j_valid[None, :] & (j[None, :] <= q_tok[:, None])
+            if USE_WINDOW:
+                visible = visible & (j[None, :] > q_tok[:, None] - sliding_window)
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, k, v, visible, scale, softcap, True, USE_SOFTCAP, DOT_DTYPE, DOT_PRECISION
+            )
 
     if NUM_SEGMENTS == 1:
         out = acc / tl.where(row_valid, l_i, 1.0)[:, None]
@@ -245,6 +314,39 @@ def _paged_attention_kernel(
         tl.store(partial_out_ptr + part[:, None] * HEAD_DIM_P + dims[None, :], acc, mask=row_valid[:, None])
         tl.store(partial_max_ptr + part, m_i, mask=row_valid)
         tl.store(partial_sum_ptr + part, l_i, mask=row_valid)
+
+
+@triton.jit
+def _load_new_kv(
+    new_k_ptr,
+    new_v_ptr,
+    tok,  # [TILE_N] flat token indices
+    kv_head,
+    dims,
+    tok_valid,
+    dim_valid,
+    stride_nk_tok,
+    stride_nk_head,
+    stride_nv_tok,
+    stride_nv_head,
+    k_cache_ptr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """A tile of this step's keys ([HEAD_DIM_P, TILE_N], transposed for the dot) and values, rounded to the
+    cache's type first, so they are the numbers a later step reads back from the cache."""
+    tok = tok.to(tl.int64)
+    cache_type = k_cache_ptr.dtype.element_ty
+    k = tl.load(
+        new_k_ptr + tok[None, :] * stride_nk_tok + kv_head * stride_nk_head + dims[:, None],
+        mask=dim_valid[:, None] & tok_valid[None, :],
+        other=0.0,
+    )
+    v = tl.load(
+        new_v_ptr + tok[:, None] * stride_nv_tok + kv_head * stride_nv_head + dims[None, :],
+        mask=tok_valid[:, None] & dim_valid[None, :],
+        other=0.0,
+    )
+    return k.to(cache_type).to(DOT_DTYPE), v.to(cache_type).to(DOT_DTYPE)
 
 
 @triton.jit
@@ -370,11 +472,16 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Causal attention of query [N, H, D] over each sequence's context in the paged cache -> [N, H, D]."""
+    """Causal attention of query [N, H, D] over each sequence's context in the paged cache -> [N, H, D].
+
+    `new_kv`: this step's keys and values [N, Hkv, D] (already written to the cache); a prefill reads them
+    from there instead of gathering them back out of the cache's blocks.
+    """
     _, num_heads, head_dim = query.shape
     launch = choose_launch(md, num_heads, k_cache.shape[2], head_dim, query.device)
-    return launch_paged_attention(query, k_cache, v_cache, md, scale, sliding_window, softcap, launch)
+    return launch_paged_attention(query, k_cache, v_cache, md, scale, sliding_window, softcap, launch, new_kv)
 
 
 def launch_paged_attention(
@@ -386,6 +493,7 @@ def launch_paged_attention(
     sliding_window: int | None,
     softcap: float | None,
     launch: AttentionLaunch,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
@@ -402,6 +510,10 @@ def launch_paged_attention(
     block_m = max(launch.block_m, group_p)
     block_q = block_m // group_p
     segments = launch.num_segments
+    # a decode reads its one new key from the cache like the rest; splitting keys (decode only) needs that too
+    read_new_kv = new_kv is not None and segments == 1 and not md.decode_only
+    new_k, new_v = new_kv if read_new_kv else (k_cache[0], v_cache[0])  # else unread
+    _check_last_dim_contiguous(new_k, new_v)
     if segments > 1:
         partial_out = torch.empty(
             num_tokens, num_heads, segments, head_dim_p, dtype=torch.float32, device=query.device
@@ -420,6 +532,8 @@ def launch_paged_attention(
         query,
         k_cache,
         v_cache,
+        new_k,
+        new_v,
         md.block_tables,
         md.seq_lens,
         md.query_start_loc,
@@ -438,6 +552,10 @@ def launch_paged_attention(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        new_k.stride(0),
+        new_k.stride(1),
+        new_v.stride(0),
+        new_v.stride(1),
         md.block_tables.stride(0),
         HEAD_DIM=head_dim,
         HEAD_DIM_P=head_dim_p,
@@ -450,6 +568,7 @@ def launch_paged_attention(
         USE_WINDOW=sliding_window is not None,
         USE_SOFTCAP=softcap is not None,
         NUM_SEGMENTS=segments,
+        NEW_KV=read_new_kv,
         DOT_DTYPE=_dot_dtype(k_cache.dtype),
         # fp32 caches get exact fp32 products, not TF32
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",

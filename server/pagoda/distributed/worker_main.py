@@ -68,7 +68,7 @@ def _serve(config: EngineConfig, max_model_len: int, rank: int, store_port: int,
     conn.send((JOINING, None))
     store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
     init_tensor_parallel(store, rank, config.tensor_parallel_size, device)
-    runner = ModelRunner(config, open_checkpoint(config.model), max_model_len)
+    runner = ModelRunner(config, open_checkpoint(config.model, config.load_format), max_model_len)
     conn.send((READY, None))
     while (inputs := conn.recv()) is not STOP:
         runner.run(inputs)

@@ -35,7 +35,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         start = time.perf_counter()
-        checkpoint = open_checkpoint(config.model)
+        checkpoint = open_checkpoint(config.model, config.load_format)
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             self.tokenizer = open_tokenizer(config.tokenizer) if config.tokenizer else checkpoint.tokenizer

@@ -25,6 +25,7 @@ from pagoda.engine.step_inputs import PromptScoring, StepInputs, build_step_inpu
 from pagoda.layers.attention import Attention
 from pagoda.layers.sampler import Sampler
 from pagoda.loader import Checkpoint
+from pagoda.loader.dummy import fill_random_weights
 from pagoda.models.registry import build_model
 from pagoda.models.spec import ModelSpec
 from pagoda.quantization import kv_cache_dtype, process_weights_after_loading, quantized_layers
@@ -59,7 +60,10 @@ class ModelRunner:
         with model_shard(config.tensor_parallel_size), quantized_layers(self.quantization, dense):
             self.model = build_model(checkpoint.config, self.dtype, self.device)
         gguf = self.quantization == "gguf"
-        self.model.load_weights(checkpoint.quantized_weights() if gguf else checkpoint.weights())
+        if config.load_format == "dummy":
+            fill_random_weights(self.model)
+        else:
+            self.model.load_weights(checkpoint.quantized_weights() if gguf else checkpoint.weights())
         process_weights_after_loading(self.model)
         if gguf and self.device.type == "cpu" and config.tensor_parallel_size == 1:
             # a quantized model on the CPU: single streams are bound by reading weights, the head's most

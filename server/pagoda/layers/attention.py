@@ -71,9 +71,15 @@ class Attention(nn.Module):
         if self._backend is None:
             self._backend = get_backend(q.device)
         self._backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping)
-        out = self._backend.paged_attention(
-            query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap
-        )
+        if self._backend is torch_backend:
+            out = torch_backend.paged_attention(
+                query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap
+            )
+        else:  # Triton reads this step's keys where the projection left them, earlier ones from the cache
+            out = self._backend.paged_attention(
+                query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap,
+                new_kv=(key, value),
+            )
         return out.view(-1, self.num_heads * self.head_dim)
 
     def _forward_fp8_cache(

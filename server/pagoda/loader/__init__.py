@@ -13,8 +13,11 @@ if TYPE_CHECKING:
 __all__ = ["Checkpoint", "open_checkpoint", "open_tokenizer"]
 
 
-def open_checkpoint(model: str | Path | None) -> Checkpoint:
-    """Open a Hugging Face model directory, a `.gguf` file, or (None) the embedded SmolLM2-135M-Instruct."""
+def open_checkpoint(model: str | Path | None, load_format: str = "auto") -> Checkpoint:
+    """Open a Hugging Face model directory, a `.gguf` file, or (None) the embedded SmolLM2-135M-Instruct.
+
+    `load_format="dummy"`: a directory whose weights will be random; it needs only its config.json.
+    """
     if model is None:
         from pagoda.embedded import embedded_model_path
 
@@ -23,7 +26,9 @@ def open_checkpoint(model: str | Path | None) -> Checkpoint:
     if path.is_dir():
         from pagoda.loader.hf import open_hf_directory
 
-        return open_hf_directory(path)
+        return open_hf_directory(path, with_weights=load_format != "dummy")
+    if load_format == "dummy":
+        raise ValueError(f"load_format dummy needs a Hugging Face model directory, not {str(model)!r}")
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")

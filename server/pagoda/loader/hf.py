@@ -16,14 +16,15 @@ from pagoda.loader.checkpoint import Checkpoint
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def open_hf_directory(path: Path) -> Checkpoint:
+def open_hf_directory(path: Path, with_weights: bool = True) -> Checkpoint:
+    """`with_weights=False`: the weights will not be read (random ones stand in), so none need be there."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory: it has no config.json")
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     if not config.architectures:
         # a config saved from a bare model class; the causal-LM class of its model type is what we serve
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
-    weight_files = _weight_files(path)
+    weight_files = _weight_files(path) if with_weights else []
     tokenizer = _tokenizer(path)
     return Checkpoint(
         path=path,
