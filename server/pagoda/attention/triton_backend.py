@@ -434,8 +434,12 @@ def choose_launch(
     wide = head_dim > 128
     num_warps = 8 if wide else 4
     if not md.decode_only:
+        if wide:
+            return AttentionLaunch(block_m=max(64, group_p), tile_n=32, num_segments=1, num_warps=8)
+        # the fastest of bench/attention_kernels.py --sweep on an H200 for 4096-token prefills (within 10%
+        # of the fastest for batches of 1024-token ones): docs/benchmarks.md, "GPU"
         return AttentionLaunch(
-            block_m=max(64, group_p), tile_n=32 if wide else 64, num_segments=1, num_warps=num_warps
+            block_m=max(128, group_p), tile_n=64, num_segments=1, num_warps=8, num_stages=3
         )
     return AttentionLaunch(
         block_m=max(16, group_p),
