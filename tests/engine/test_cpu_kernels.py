@@ -1,0 +1,100 @@
+"""The C++ CPU decode-attention kernel (pagoda/attention/csrc) against torch SDPA on gathered, contiguous K/V.
+
+`make install` builds the kernel; a checkout without the build fails here rather than skipping.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_triton_attention import TOLERANCE, make_batch, reference_attention
+
+from pagoda.attention import cpu_kernels
+
+DECODES = ([1, 1, 1, 1, 1], [1, 17, 40, 33, 120])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert cpu_kernels.available(), "the C++ CPU kernel is not built: python -m pagoda.attention.cpu_kernels"
+
+
+def decode_step(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int = 16):
+    """A decode batch whose new K/V are not in the cache yet, as a layer sees it: the kernel writes them."""
+    batch = make_batch(
+        *DECODES, block_size=block_size, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        dtype=dtype,
+    )
+    slots = batch.md.slot_mapping
+    key = batch.k_cache.view(-1, num_kv_heads, head_dim)[slots].clone()
+    value = batch.v_cache.view(-1, num_kv_heads, head_dim)[slots].clone()
+    return batch, key, value
+
+
+@pytest.mark.parametrize(
+    ("dtype", "num_heads", "num_kv_heads", "head_dim"),
+    [
+        (torch.float32, 9, 3, 64),  # SmolLM2-135M's heads
+        (torch.bfloat16, 8, 2, 128),
+        (torch.float16, 4, 4, 32),  # MHA
+        (torch.bfloat16, 6, 1, 48),  # MQA, head dim not a power of two
+    ],
+)
+def test_decode_matches_sdpa_and_writes_the_new_tokens(dtype, num_heads, num_kv_heads, head_dim):
+    batch, key, value = decode_step(dtype, num_heads, num_kv_heads, head_dim)
+    expected = reference_attention(batch, head_dim**-0.5, None, None)
+    flat_k = batch.k_cache.view(-1, num_kv_heads, head_dim)
+    flat_k[batch.md.slot_mapping] = 0  # the kernel must put this step's keys in place before attending
+    batch.v_cache.view(-1, num_kv_heads, head_dim)[batch.md.slot_mapping] = 0
+    out = cpu_kernels.paged_decode_attention(
+        batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, head_dim**-0.5, None, None
+    )
+    assert torch.equal(flat_k[batch.md.slot_mapping], key)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(("sliding_window", "softcap"), [(9, None), (None, 2.0), (6, 2.0)])
+def test_window_and_softcap(sliding_window, softcap):
+    batch, key, value = decode_step(torch.float32, 4, 2, 16, block_size=4)
+    out = cpu_kernels.paged_decode_attention(
+        batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, 1.0, sliding_window, softcap
+    )
+    expected = reference_attention(batch, 1.0, sliding_window, softcap)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_strided_query_and_keys_from_a_fused_projection():
+    batch, key, value = decode_step(torch.float32, 4, 2, 16)
+    qkv = torch.cat([batch.query, key, value], dim=1)  # [N, 8, D]: the layout of a fused projection
+    query, key, value = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    assert not query.is_contiguous()
+    out = cpu_kernels.paged_decode_attention(
+        query, key, value, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None
+    )
+    torch.testing.assert_close(out, reference_attention(batch, 0.25, None, None), atol=2e-5, rtol=2e-5)
+
+
+def test_padding_slots_are_not_written():
+    batch, key, value = decode_step(torch.float32, 4, 2, 16)
+    before = batch.k_cache.clone()
+    slots = batch.md.slot_mapping.clone()
+    batch.md.slot_mapping[0] = -1  # a padded row: the kernel skips its write
+    cpu_kernels.paged_decode_attention(
+        batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None
+    )
+    flat_before, flat_after = before.view(-1, 2, 16), batch.k_cache.view(-1, 2, 16)
+    assert torch.equal(flat_after[slots[0]], flat_before[slots[0]])
+    assert torch.equal(flat_after[slots[1:]], key[1:])
+
+
+def test_rejects_what_it_cannot_compute():
+    batch, key, value = decode_step(torch.float32, 4, 2, 16)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        cpu_kernels.paged_decode_attention(
+            batch.query.double(), key, value, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None
+        )
+    with pytest.raises(RuntimeError, match="one new token per sequence"):
+        cpu_kernels.paged_decode_attention(
+            batch.query[:3], key, value, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None
+        )
