@@ -13,7 +13,9 @@ OUT=${OUT:-/tmp/pagoda-gpu}; mkdir -p "$OUT"
 STEPS=" ${STEPS:-tests sweep attention decode host offline} "
 has() { [[ "$STEPS" == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (gguf), carried as wheels
+# Packages the GPU image lacks (gguf, llguidance) or holds in another version than `make test` installs
+# (transformers, whose gpt-oss reference differs in 5.17), carried as wheels: see docs/benchmarks.md, "GPU".
+if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
