@@ -9,6 +9,7 @@ import logging
 import signal
 
 from pagoda.cli import non_negative_float
+from pagoda.router.policies import POLICIES, PrefixAffinity
 
 ARGUMENTS_HELP = "Route OpenAI API requests across engine replicas (prefix- and load-aware)."
 
@@ -46,7 +47,7 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     )
     routing = parser.add_argument_group("routing")
     routing.add_argument(
-        "--policy", choices=["prefix", "least-load", "round-robin"], default="prefix",
+        "--policy", choices=list(POLICIES), default="prefix",
         help="prefix: the replica likely to hold the prompt's prefix in KV cache, loads bounded; "
         "least-load: fewest open + waiting requests; round-robin: what a Service does. Default: %(default)s.",
     )
@@ -115,7 +116,6 @@ async def serve(args: argparse.Namespace) -> None:
     from pagoda.router.backends import BackendPool
     from pagoda.router.discovery import EndpointSliceWatcher, KubeAPI
     from pagoda.router.metrics import RouterMetrics
-    from pagoda.router.policies import POLICIES, PrefixAffinity
     from pagoda.router.proxy import Router, RouterSettings, build_app, upstream_session
 
     log = logging.getLogger("pagoda.router")
