@@ -94,7 +94,7 @@ def test_rejects_what_it_cannot_compute():
         cpu_kernels.paged_decode_attention(
             batch.query.double(), key, value, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None
         )
-    with pytest.raises(RuntimeError, match="one new token per sequence"):
+    with pytest.raises(RuntimeError, match="a key and a slot per query"):
         cpu_kernels.paged_decode_attention(
             batch.query[:3], key, value, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None
         )
@@ -118,3 +118,29 @@ def test_engine_decodes_through_the_kernel_as_transformers_does(arch, tmp_path, 
     got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
     assert got == want
     assert calls  # the decode steps went through the C++ kernel
+
+
+# speculative verification: a few new tokens per sequence (after cached prefixes), beside decodes
+FEW_TOKENS = ([3, 1, 5, 2, 8], [3, 17, 40, 9, 120])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "sliding_window", "softcap"),
+    [
+        (torch.float32, None, None),
+        (torch.float32, 6, None),
+        (torch.float32, None, 2.0),
+        (torch.bfloat16, 7, 2.0),
+    ],
+)
+def test_a_few_new_tokens_per_sequence_attend_causally(dtype, sliding_window, softcap):
+    batch = make_batch(*FEW_TOKENS, block_size=4, num_heads=6, num_kv_heads=2, head_dim=32, dtype=dtype)
+    slots = batch.md.slot_mapping
+    key = batch.k_cache.view(-1, 2, 32)[slots].clone()
+    value = batch.v_cache.view(-1, 2, 32)[slots].clone()
+    expected = reference_attention(batch, 0.5, sliding_window, softcap)
+    out = cpu_kernels.paged_decode_attention(
+        batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, 0.5, sliding_window, softcap
+    )
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)

@@ -1,5 +1,6 @@
-"""The CPU attention kernel written in C++ (`csrc/paged_decode.cpp`): decode attention that reads the paged
-cache in place. `python -m pagoda.attention.cpu_kernels` compiles it once against the installed torch
+"""The CPU attention kernel written in C++ (`csrc/paged_decode.cpp`): attention that reads the paged cache
+in place, for steps whose sequences bring at most MAX_QUERY_LEN new tokens each (decodes, speculative
+verification). `python -m pagoda.attention.cpu_kernels` compiles it once against the installed torch
 (`make install` runs it; it needs g++); the engine loads it when it is there and otherwise keeps the torch
 backend's gather + SDPA, which computes the same thing.
 
@@ -23,6 +24,9 @@ from pagoda.attention.metadata import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+# The kernel computes each query row's scores one key at a time; a longer prefill chunk is a matrix product
+# that SDPA (on the torch path) runs far faster.
+MAX_QUERY_LEN = 8
 
 
 def library_path() -> Path:
@@ -74,11 +78,11 @@ def paged_decode_attention(
     sliding_window: int | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Write this decode step's key/value [N, Hkv, D] into the cache, then attend: query [N, H, D], one
-    token per sequence, over its cached context -> [N, H, D]. Needs `available()`."""
+    """Write this step's key/value [N, Hkv, D] into the cache, then attend: query [N, H, D], each
+    sequence's new tokens causally over its context -> [N, H, D]. Needs `available()`."""
     return torch.ops.pagoda.paged_decode_attention(
-        query, key, value, k_cache, v_cache, md.slot_mapping, md.block_tables, md.seq_lens, scale,
-        sliding_window or 0, softcap or 0.0,
+        query, key, value, k_cache, v_cache, md.slot_mapping, md.query_start_loc, md.block_tables,
+        md.seq_lens, scale, sliding_window or 0, softcap or 0.0,
     )
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pagoda.attention import cpu_kernels, get_backend, torch_backend
+from pagoda.attention.cpu_kernels import MAX_QUERY_LEN
 from pagoda.attention.metadata import get_attention_metadata
 from pagoda.quantization.kv_cache import calibrate_scale, is_fp8
 
@@ -70,7 +71,7 @@ class Attention(nn.Module):
             return out.view(-1, self.num_heads * self.head_dim)
         if self._backend is None:
             self._backend = get_backend(q.device)
-        if self._backend is torch_backend and md.decode_only and cpu_kernels.available():
+        if self._backend is torch_backend and md.max_query_len <= MAX_QUERY_LEN and cpu_kernels.available():
             # the C++ kernel writes the new K/V and reads every context in place, without gathering it
             out = cpu_kernels.paged_decode_attention(
                 query, key, value, self.k_cache, self.v_cache, md, self.scale, self.sliding_window,
