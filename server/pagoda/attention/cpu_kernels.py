@@ -14,6 +14,7 @@ import argparse
 import functools
 import hashlib
 import logging
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def build(march: str = "native") -> Path:
     target = library_path()
     if target.is_file():
         return target
+    if shutil.which("g++") is None:
+        raise SystemExit("building the C++ CPU attention kernel needs g++ (Debian: apt-get install g++)")
     torch_dir = Path(torch.__file__).parent
     command = [
         "g++", "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
