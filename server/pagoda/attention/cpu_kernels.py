@@ -45,10 +45,11 @@ def build(march: str = "native") -> Path:
         raise SystemExit("building the C++ CPU attention kernel needs g++ (Debian: apt-get install g++)")
     torch_dir = Path(torch.__file__).parent
     command = [
-        "g++", "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
+        "g++", "-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c++20",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
         str(SOURCE), f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}",
+        "-lmvec",  # glibc's vector math: see the source
         "-o", str(target.with_suffix(".tmp")),
     ]  # fmt: skip
     subprocess.run(command, check=True)
