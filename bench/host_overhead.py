@@ -1,10 +1,11 @@
 """The host's share of a decode step: how long the engine's Python takes per step at 1, 32 and 256 running
 sequences, split into its phases, on a model whose forward costs next to nothing.
 
-A batch of `--batch` requests (random prompts of 64-128 tokens, ignore_eos, greedy, detokenized as
-`LLM.generate` does) is added to an engine with room for all of them; once their prefills are done, N decode
-steps are timed, each split by wrapping the engine's own methods from here (the engine carries no profiling
-code; times are exclusive: a phase's nested phases are not counted twice):
+A batch of `--batch` requests (random prompts of 64-128 tokens, ignore_eos, greedy, detokenized and with
+outputs only when finished, as `LLM.generate` asks; `--stream`: an output every step, as the server's)
+is added to an engine with room for all of them; once their prefills are done, N decode steps are timed,
+each split by wrapping the engine's own methods from here (the engine carries no profiling code; times
+are exclusive: a phase's nested phases are not counted twice):
 
     schedule     Scheduler.schedule (and the block manager under it)
     inputs       build_step_inputs (flat ids, positions, slots, block tables)
@@ -30,6 +31,7 @@ detokenize with; ids past its vocabulary (2/3 of qwen0.5b's) decode to nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import tempfile
@@ -65,6 +67,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="timed decode steps per batch size")
     parser.add_argument("--warmup-steps", type=int, default=5, help="decode steps before timing")
     parser.add_argument("--max-tokens", type=int, default=300, help="output tokens per request")
+    parser.add_argument(
+        "--clock", choices=["thread", "wall"],
+        help="the phases' clock: this thread's CPU time (default on cpu: robust to other processes on a busy "
+        "machine) or the wall clock (default on cuda, where the host waits for the device)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stream", action="store_true",
+        help="a cumulative output every step, as the server streams (default: the final one only, as "
+        "LLM.generate asks)",
+    )  # fmt: skip
     parser.add_argument("--device-repeats", type=int, default=20, help="back-to-back forwards (cuda)")
     parser.add_argument(
         "--engine-option", action="append", default=[], metavar="KEY=VALUE",
@@ -96,7 +108,8 @@ def make_model(shape: str, path: Path) -> Path:
 class PhaseTimer:
     """Exclusive wall time per phase: time spent in a wrapped call, minus its wrapped callees'."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
         self.totals: dict[str, float] = defaultdict(float)
         self.stack: list[float] = []  # per open call: the time its wrapped callees took
         self.enabled = False  # the wrappers cost ~1 us a call: the wall clock is timed without them
@@ -108,11 +121,11 @@ class PhaseTimer:
             if not self.enabled:
                 return original(*args, **kwargs)
             self.stack.append(0.0)
-            start = time.perf_counter()
+            start = self.clock()
             try:
                 return original(*args, **kwargs)
             finally:
-                elapsed = time.perf_counter() - start
+                elapsed = self.clock() - start
                 nested = self.stack.pop()
                 self.totals[phase] += elapsed - nested
                 if self.stack:
@@ -124,12 +137,12 @@ class PhaseTimer:
         self.totals.clear()
 
 
-def instrument(llm: Any) -> PhaseTimer:
+def instrument(llm: Any, clock: Callable[[], float]) -> PhaseTimer:
     from pagoda.engine import model_runner
     from pagoda.engine.request import Request
 
     engine = llm.engine
-    timer = PhaseTimer()
+    timer = PhaseTimer(clock)
     timer.wrap(engine, "step", "other")
     timer.wrap(model_runner, "build_step_inputs", "inputs")
     timer.wrap(engine.runner, "run", "forward")
@@ -144,11 +157,14 @@ def instrument_scheduler(engine: Any, timer: PhaseTimer) -> None:
     timer.wrap(engine.scheduler, "schedule", "schedule")
 
 
-def add_requests(engine: Any, batch: int, max_tokens: int, tag: str) -> None:
-    from pagoda.sampling_params import SamplingParams
+def add_requests(engine: Any, batch: int, args: argparse.Namespace, tag: str) -> None:
+    from pagoda import sampling_params
 
     rng = random.Random(batch)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = sampling_params.SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    kind = getattr(sampling_params, "RequestOutputKind", None)  # absent before outputs had kinds
+    if kind is not None and not args.stream:  # as LLM.generate asks
+        params = dataclasses.replace(params, output_kind=kind.FINAL_ONLY)
     tokenizer = engine.tokenizer
     vocab = min(engine.vocab_size, len(tokenizer)) if tokenizer is not None else engine.vocab_size
     for i in range(batch):
@@ -163,7 +179,7 @@ def synchronize(device: str) -> None:
 
 def measure(llm: Any, timer: PhaseTimer, batch: int, args: argparse.Namespace) -> dict[str, float]:
     engine = llm.engine
-    add_requests(engine, batch, args.max_tokens, f"b{batch}")
+    add_requests(engine, batch, args, f"b{batch}")
     # prefills (chunked under the token budget) until every sequence decodes, then a few decode steps
     while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens - 1
                                           for s in engine.scheduler.running):
@@ -239,6 +255,7 @@ def print_table(results: dict[int, dict[str, float]], device: str) -> None:
 
 def main() -> None:
     args = parse_args()
+    args.clock = args.clock or ("thread" if args.device == "cpu" else "wall")
     from pagoda import LLM
 
     if args.device == "cpu":  # the host work is single-threaded; idle OpenMP threads only add noise
@@ -253,7 +270,8 @@ def main() -> None:
             model=path, device=args.device, max_num_seqs=max(args.batch),
             max_model_len=min(2048, 128 + args.max_tokens + 64), **options,
         )
-        timer = instrument(llm)
+        clock = time.thread_time if args.clock == "thread" else time.perf_counter
+        timer = instrument(llm, clock)
         instrument_scheduler(llm.engine, timer)
         results = {}
         for batch in args.batch:
@@ -262,7 +280,8 @@ def main() -> None:
             print(f"batch {batch}: wall {r['wall']:.2f} ms (median {r['wall_median']:.2f}), "
                   f"host {r['host']:.2f} ms", flush=True)
     print(f"\n{args.device}: {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; "
-          f"model {args.model or args.shape}; torch threads {torch.get_num_threads()}")
+          f"model {args.model or args.shape}; torch threads {torch.get_num_threads()}; "
+          f"phases timed on the {args.clock} clock")
     print_table(results, args.device)
 
 
