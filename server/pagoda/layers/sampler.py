@@ -74,7 +74,12 @@ class Sampler:
                 presence = _column([p.presence_penalty for p in params], logits)
                 apply_frequency_presence_penalties_(padded, generated, frequency, presence)
             logits = padded[:, :vocab_size]
-        blocked = [(row, token) for row, seq in enumerate(seqs) for token in self._blocked_stop_tokens(seq)]
+        blocked = [
+            (row, token)
+            for row, seq in enumerate(seqs)
+            if seq.params.min_tokens  # most rows have none: skip the call
+            for token in self._blocked_stop_tokens(seq)
+        ]
         if blocked:
             row_token = torch.tensor(blocked, device=logits.device)
             minus_inf = torch.tensor(float("-inf"), device=logits.device)
@@ -135,6 +140,8 @@ def apply_token_filters(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Ten
     allowed: list[tuple[int, int]] = []
     for row, seq in enumerate(seqs):
         params = seq.params
+        if not (params.logit_bias or params.allowed_token_ids or params.bad_words_token_ids):
+            continue  # most rows: nothing to filter
         bias += [(row, token, value) for token, value in (params.logit_bias or {}).items()]
         allowed += [(row, token) for token in params.allowed_token_ids or []]
         completion = seq.completion_token_ids if params.bad_words_token_ids else []
