@@ -25,6 +25,7 @@ from pagoda.structured_outputs.bitmask import sample_constrained
 
 _NEUTRAL = SamplingParams()  # temperature 1, no top-k / top-p / min-p
 NUCLEUS_CANDIDATES = 1024  # top-p looks for its nucleus among this many best tokens before sorting a row
+ARGMAX_CHUNK = 128  # columns per chunk of a CPU argmax (vocabularies are multiples of it, almost all)
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Sampler:
 
     def _pick(self, processed: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         if all(seq.params.greedy for seq in seqs):
-            return processed.argmax(dim=-1)
+            return argmax(processed)
         return self._sample_random(processed, seqs)
 
     def penalised_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -96,7 +97,7 @@ class Sampler:
 
     def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         greedy = [seq.params.greedy for seq in seqs]
-        greedy_tokens = logits.argmax(dim=-1) if any(greedy) else None
+        greedy_tokens = argmax(logits) if any(greedy) else None
         # greedy rows ride along with neutral settings; their draw is replaced by the argmax below
         params = [_NEUTRAL if seq.params.greedy else seq.params for seq in seqs]
         generators = [None if seq.params.greedy else seq.generator for seq in seqs]
@@ -129,6 +130,19 @@ class Sampler:
             k = seqs[row].params.logprobs or 0
             result[row] = _trim_top(entry, k, token_list[row])
         return result
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax of `x` [B, V]: the first index of its maximum, a NaN counting as the largest,
+    exactly as `torch.argmax`. On the CPU torch's argmax is a scalar loop (7.8 ms for 32 rows of 49k
+    logits), while a max is vectorised: so the first 128-column chunk holding the row's maximum is found
+    from the chunks' maxima, then the column within it (0.7 ms)."""
+    rows, cols = x.shape
+    if x.device.type != "cpu" or cols % ARGMAX_CHUNK or not x.is_contiguous():
+        return x.argmax(dim=-1)
+    chunk = x.view(rows, cols // ARGMAX_CHUNK, ARGMAX_CHUNK).amax(dim=-1).argmax(dim=-1)
+    columns = chunk[:, None] * ARGMAX_CHUNK + torch.arange(ARGMAX_CHUNK)
+    return chunk * ARGMAX_CHUNK + x.gather(1, columns).argmax(dim=-1)
 
 
 def apply_token_filters(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -324,4 +338,4 @@ def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | Non
         uniform[torch.tensor(seeded, device=probs.device)] = own.to(probs.device)
     # -log(U) is Exponential(1), several times faster than exponential_() on CPU, and never 0 (U < 1), so
     # no 0/0 NaN can win the argmax
-    return (probs / uniform.log_().neg_()).argmax(dim=-1)
+    return argmax(probs / uniform.log_().neg_())
