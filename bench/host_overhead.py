@@ -17,9 +17,9 @@ are exclusive: a phase's nested phases are not counted twice):
     outputs      Request.output: the RequestOutput snapshots
     other        the rest of LLMEngine.step
 
-On `--device cuda` the script also times the device: the last decode step's forward + LM head replayed
-back to back (`--device-repeats` times, CUDA events around them), so a step costs max(host launch, device)
-and, with CUDA graphs, the device's time; wall / device says how CPU-bound the engine is.
+On `--device cuda` the script also times the device: the last decode step's forward, LM head and argmax
+run back to back (`--device-repeats` times, CUDA events around them; with CUDA graphs the step's graph is
+replayed on its inputs); wall / device says how CPU-bound the engine is.
 
     python -m bench.host_overhead                           # CPU, a tiny random Llama, 1 / 32 / 256
     python -m bench.host_overhead --device cuda --shape qwen0.5b
@@ -187,8 +187,7 @@ def measure(llm: Any, timer: PhaseTimer, batch: int, args: argparse.Namespace) -
     engine = llm.engine
     add_requests(engine, batch, args, f"b{batch}")
     # prefills (chunked under the token budget) until every sequence decodes, then a few decode steps
-    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens - 1
-                                          for s in engine.scheduler.running):
+    while engine.scheduler.waiting or any(s.num_completion_tokens == 0 for s in engine.scheduler.running):
         engine.step()
     for _ in range(args.warmup_steps):
         engine.step()
@@ -223,24 +222,40 @@ def timed_steps(engine: Any, steps: int, device: str) -> list[float]:
 
 
 def device_ms(engine: Any, repeats: int) -> float:
-    """The forward + LM head of one decode step of the running batch, replayed back to back."""
+    """The device's time for one decode step of the running batch: its forward, LM head and argmax, run
+    back to back. With CUDA graphs, the last step's graph replays on its inputs (still in the graph's
+    buffers); eager, the step's inputs are rebuilt and run again (a step then costs max(host, device))."""
     from pagoda.engine.scheduler import ScheduledSequence
     from pagoda.engine.step_inputs import build_step_inputs
 
-    batch = [ScheduledSequence.of(seq, 1) for seq in engine.scheduler.running]
-    # the step that is next: its one new token per sequence has its KV slot allocated already
-    for item in batch:
-        item.seq.num_computed_tokens -= 1
-    inputs, _ = build_step_inputs(batch, engine.runner.block_size)
-    for item in batch:
-        item.seq.num_computed_tokens += 1
-    run = engine.runner.run
-    run(inputs)
+    runner, n = engine.runner, len(engine.scheduler.running)
+    graphs = runner.graphs
+    captured = getattr(graphs, "graphs", {})
+    size = next((s for s in sorted(captured) if s >= n), None)
+    if size is not None:
+        graph, hidden = captured[size]
+
+        def forward() -> Any:
+            graph.replay()
+            return runner.model.compute_logits(hidden[:n]).argmax(dim=-1)
+    else:
+        # the last step's positions again: their KV slots are allocated, and rewritten with the same values
+        seqs = engine.scheduler.running
+        for seq in seqs:
+            seq.num_computed_tokens -= 1
+        inputs, _ = build_step_inputs([ScheduledSequence.of(seq, 1) for seq in seqs], runner.block_size)
+        for seq in seqs:
+            seq.num_computed_tokens += 1
+        inputs.logit_rows = list(range(n))  # not the sequences' last tokens, but as many LM-head rows
+
+        def forward() -> Any:
+            return runner.run(inputs).argmax(dim=-1)
+    forward()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeats):
-        run(inputs)
+        forward()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / repeats
