@@ -61,7 +61,7 @@ TINY = dict(
 )
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -87,7 +87,9 @@ def parse_args() -> argparse.Namespace:
         "--engine-option", action="append", default=[], metavar="KEY=VALUE",
         help="an extra EngineConfig option, e.g. enforce_eager=true or skip_tokenizer_init=true",
     )  # fmt: skip
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    args.clock = args.clock or ("thread" if args.device == "cpu" else "wall")
+    return args
 
 
 def make_model(shape: str, path: Path) -> Path:
@@ -276,7 +278,6 @@ def print_table(results: dict[int, dict[str, float]], device: str) -> None:
 
 def main() -> None:
     args = parse_args()
-    args.clock = args.clock or ("thread" if args.device == "cpu" else "wall")
     from pagoda import LLM
 
     if args.device == "cpu":  # the host work is single-threaded; idle OpenMP threads only add noise
