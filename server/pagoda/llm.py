@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence as SequenceOf
 from itertools import count
 from typing import Any, TypedDict, cast
@@ -11,7 +12,7 @@ from tqdm import tqdm
 from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.outputs import RequestOutput
-from pagoda.sampling_params import SamplingParams
+from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
 
 class TokensPrompt(TypedDict):
@@ -45,6 +46,9 @@ class LLM:
         params = list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        # only the finished outputs are read: none are built for the steps before (vLLM's LLM does the same)
+        final = {id(p): dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params}
+        params = [final[id(p)] for p in params]
         order: dict[str, int] = {}
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             request_id = str(next(self._ids))

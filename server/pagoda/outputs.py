@@ -38,4 +38,5 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
-    new_token_counts: list[int] = field(default_factory=list)  # tokens each sample gained this step
+    # tokens each sample gained since its last output: this step, but a FINAL_ONLY request has one output
+    new_token_counts: list[int] = field(default_factory=list)

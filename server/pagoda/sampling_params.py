@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 from pagoda.structured_outputs.params import StructuredOutputsParams
+
+
+class RequestOutputKind(IntEnum):
+    """Which outputs a request gets (vLLM's values): a cumulative snapshot every step that extends it, or
+    only the last, as `LLM.generate` asks for (it reads nothing else). vLLM's DELTA is not supported."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -32,6 +42,8 @@ class SamplingParams:
     bad_words: list[str] = field(default_factory=list)  # never complete one (the engine tokenizes them)
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (JSON schema, regex...)
+    detokenize: bool = True  # False: token ids only, no text (and so no stop strings)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,6 +70,8 @@ class SamplingParams:
              "logit_bias values must be in [-100, 100]"),
             (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
              "allowed_token_ids must not be empty"),
+            (self.detokenize or not self.stop, "stop strings need detokenize=True"),
+            (self.output_kind != RequestOutputKind.DELTA, "output_kind DELTA is not supported"),
         ]
         for ok, message in checks:
             if not ok:

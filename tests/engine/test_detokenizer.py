@@ -121,6 +121,19 @@ def test_special_tokens_are_skipped_or_kept_like_decode(
     assert ("<|im_end|>" in expected) is not skip_special_tokens
 
 
+def test_a_tokenizer_class_that_decodes_its_own_way_keeps_it(byte_level_bpe: PreTrainedTokenizerFast) -> None:
+    """Plain fast tokenizers are decoded by their Rust decoder directly; a subclass's own decode is kept."""
+
+    class Shouting(PreTrainedTokenizerFast):
+        def decode(self, token_ids, skip_special_tokens=False, **kwargs):
+            return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs).upper()
+
+    assert IncrementalDetokenizer(byte_level_bpe, []).backend_decode is not None
+    shouting = Shouting(tokenizer_object=byte_level_bpe.backend_tokenizer)
+    assert IncrementalDetokenizer(shouting, []).backend_decode is None
+    assert "".join(stream(shouting, [], byte_level_bpe.encode("quiet words"))) == "QUIET WORDS"
+
+
 def test_sentencepiece_style_keeps_the_space_a_prompt_gives_the_first_token(
     sentencepiece_style: PreTrainedTokenizerFast,
 ) -> None:

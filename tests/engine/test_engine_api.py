@@ -9,6 +9,7 @@ import torch
 from tiny_models import EOS_ID, load_reference_model, make_tiny_model, make_tiny_tokenizer, reference_greedy
 
 from pagoda import LLM, SamplingParams
+from pagoda.sampling_params import RequestOutputKind
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,33 @@ def test_stop_strings_tokens_and_lengths(llm: LLM, reference: torch.nn.Module) -
                             use_tqdm=False)
     assert by_str.outputs[0].text == plain_text[: plain_text.index(stop)]
     assert by_str.outputs[0].finish_reason == "stop" and by_str.outputs[0].stop_reason == stop
+
+
+def test_output_kinds_and_token_ids_without_text(llm: LLM, reference: torch.nn.Module) -> None:
+    """A cumulative output every step, or the final one only (what LLM.generate asks for); detokenize=False
+    gives the same tokens without text."""
+    prompt = list(b"kinds of output")
+    greedy, _ = reference_greedy(reference, prompt, 5)
+    engine = llm.engine
+    kinds = {"cumulative": RequestOutputKind.CUMULATIVE, "final": RequestOutputKind.FINAL_ONLY}
+    for request_id, kind in kinds.items():
+        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, output_kind=kind)
+        engine.add_request(request_id, prompt, params)
+    seen: dict[str, list[list[int]]] = {request_id: [] for request_id in kinds}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen[output.request_id].append(output.outputs[0].token_ids)
+    assert seen["cumulative"] == [greedy[:i] for i in range(1, 6)]
+    assert seen["final"] == [greedy]
+
+    [out] = llm.generate([{"prompt_token_ids": prompt}],
+                         SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, detokenize=False),
+                         use_tqdm=False)
+    assert out.outputs[0].token_ids == greedy and out.outputs[0].text == ""
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop=["x"], detokenize=False)
+    with pytest.raises(ValueError, match="DELTA"):
+        SamplingParams(output_kind=RequestOutputKind.DELTA)
 
 
 def test_min_tokens_and_eos(llm: LLM) -> None:

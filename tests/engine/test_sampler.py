@@ -21,6 +21,7 @@ from pagoda.layers.sampler import (
     Sampler,
     apply_min_p,
     apply_top_k_top_p,
+    argmax,
 )
 from pagoda.sampling_params import SamplingParams
 
@@ -256,3 +257,16 @@ def test_prompt_logprobs_score_each_next_prompt_token() -> None:
         assert entry[token] == pytest.approx(float(raw[position, token]), abs=1e-5)
         assert list(entry)[:2] == raw[position].topk(2).indices.tolist()
         assert len(entry) == (2 if token in entry and list(entry).index(token) < 2 else 3)
+
+
+@pytest.mark.parametrize("vocab_size", [384, 49152, 1000])  # 1000: not in 128-column chunks
+def test_cpu_argmax_is_torch_argmax_ties_nan_and_inf_included(vocab_size: int) -> None:
+    torch.manual_seed(0)
+    logits = torch.cat([
+        torch.randn(8, vocab_size),
+        torch.randint(0, 3, (8, vocab_size)).float(),  # many ties: the first index must win
+        torch.full((2, vocab_size), float("-inf")),
+    ])
+    logits[0, [7, vocab_size - 1]] = float("nan")
+    logits[1, vocab_size // 2] = float("inf")
+    assert torch.equal(argmax(logits), logits.argmax(dim=-1))

@@ -24,6 +24,7 @@ def test_kv_slots_match_the_per_token_definition() -> None:
         start = rng.randrange(8 * BS)
         end = rng.randrange(start + 1, 8 * BS + 1)
         assert kv_slots(table, start, end, BS) == [slot_of(table, p) for p in range(start, end)]
+        assert kv_slots(table, start, start + 1, BS) == [slot_of(table, start)]  # a decode step's one slot
 
 
 def scheduled(seq: Sequence, num_new: int) -> ScheduledSequence:

@@ -79,7 +79,7 @@ class BlockManager:
         cached = cached or []
         num_computed = seq.num_computed_tokens + len(cached) * self.block_size
         num_needed = seq.blocks_needed(num_computed + num_new_tokens) - len(seq.block_table) - len(cached)
-        num_revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        num_revived = sum(1 for b in cached if self.blocks[b].ref_count == 0) if cached else 0
         if num_needed + num_revived > self.num_free_blocks:
             return False
         if not seq.block_table:
@@ -95,9 +95,10 @@ class BlockManager:
             self._take(block_id)
             self._forget(block_id)
             seq.block_table.append(block_id)
-        if self.enable_prefix_caching:
-            # proposed tokens (past num_tokens) may be rejected: only real tokens key a block
-            self._register_full_blocks(seq, min(num_computed + num_new_tokens, seq.num_tokens))
+        # proposed tokens (past num_tokens) may be rejected: only real tokens key a block
+        num_full = min(num_computed + num_new_tokens, seq.num_tokens) // self.block_size
+        if self.enable_prefix_caching and num_full > len(seq.block_hashes):
+            self._register_full_blocks(seq, num_full)
         return True
 
     def free_tail(self, seq: Sequence) -> None:
@@ -137,10 +138,10 @@ class BlockManager:
         block.hash = None
         block.token_ids = ()
 
-    def _register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
-        """Key the blocks that `num_tokens` tokens fill, so later requests can share them."""
+    def _register_full_blocks(self, seq: Sequence, num_full: int) -> None:
+        """Key the first `num_full` blocks (full of real tokens), so later requests can share them."""
         hashes = seq.block_hashes
-        for i in range(len(hashes), num_tokens // self.block_size):
+        for i in range(len(hashes), num_full):
             tokens = tuple(seq.block_tokens(i))
             hashes.append(chain_hash(hashes[-1] if hashes else None, tokens))
             block = self.blocks[seq.block_table[i]]

@@ -218,7 +218,7 @@ class LLMEngine:
             if finish_reason is not None:
                 self.scheduler.finish(seq, finish_reason)
             updated[request.request_id] = request
-        outputs = [request.output() for request in updated.values()]
+        outputs = [request.output() for request in updated.values() if request.wants_output]
         for output in outputs:
             if output.finished:
                 del self.requests[output.request_id]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -33,6 +34,13 @@ from pagoda.quantization import kv_cache_dtype, process_weights_after_loading, q
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_CACHE_BYTES = 4 << 30  # vLLM's default CPU KV-cache space
+_NUMPY_INTS = {torch.long: np.int64, torch.int32: np.int32}
+
+
+def host_tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of a list of ints, converted by numpy: 3-4x faster than `torch.tensor(values)`, which
+    checks every element on its own (a quarter of a microsecond each, thousands of them per step)."""
+    return torch.from_numpy(np.array(values, dtype=_NUMPY_INTS[dtype]))
 
 
 class ModelRunner:
@@ -157,8 +165,8 @@ class ModelRunner:
             hidden = self.model(input_ids, self._to_device(positions, torch.long))
         self.model.compute_logits(hidden[-1:])
 
-    def _to_device(self, values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.tensor(values, dtype=dtype)
+    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        tensor = host_tensor(values, dtype)
         if self.device.type == "cpu":
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
@@ -166,15 +174,16 @@ class ModelRunner:
     def _metadata(
         self, slots: list[int], query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]]
     ) -> AttentionMetadata:
-        query_start_loc = [0]
-        for n in query_lens:
-            query_start_loc.append(query_start_loc[-1] + n)
         width = max(len(t) for t in block_tables)
+        padded: list[int] = []  # the tables padded to one width, row after row
+        for table in block_tables:
+            padded += table
+            padded += [0] * (width - len(table))
         return AttentionMetadata(
             slot_mapping=self._to_device(slots, torch.long),
-            query_start_loc=self._to_device(query_start_loc, torch.int32),
+            query_start_loc=self._to_device(list(accumulate(query_lens, initial=0)), torch.int32),
             seq_lens=self._to_device(seq_lens, torch.int32),
-            block_tables=self._to_device([t + [0] * (width - len(t)) for t in block_tables], torch.int32),
+            block_tables=self._to_device(padded, torch.int32).view(len(block_tables), width),
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
@@ -209,9 +218,12 @@ class ModelRunner:
             with attention_metadata(md):
                 input_ids = self._to_device(inputs.input_ids, torch.long)
                 hidden = self.model(input_ids, self._to_device(inputs.positions, torch.long))
-        if not inputs.logit_rows:
+        rows = inputs.logit_rows
+        if not rows:
             return None
-        return self.model.compute_logits(hidden[self._to_device(inputs.logit_rows, torch.long)])
+        if len(rows) == hidden.shape[0] and rows == list(range(len(rows))):  # a decode step: every row
+            return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden[self._to_device(rows, torch.long)])
 
     @staticmethod
     def _record_prompt_logprobs(scorings: list[PromptScoring], logits: torch.Tensor | None) -> int:

@@ -7,6 +7,7 @@ from typing import Any
 from pagoda.engine.detokenizer import SequenceDetokenizer
 from pagoda.engine.sequence import Sequence
 from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagoda.sampling_params import RequestOutputKind
 
 
 class Request:
@@ -22,10 +23,13 @@ class Request:
         self.request_id = request_id
         self.prompt = prompt
         self.seqs = seqs
+        self.prompt_token_ids = seqs[0].prompt_token_ids  # every sample's; a copy made once
         self.eos_token_ids = set(eos_token_ids)
         self.metrics = RequestMetrics(arrival_time=arrival_time)
         self.detokenizers = [
-            SequenceDetokenizer(tokenizer, s.prompt_token_ids, s.params) if tokenizer is not None else None
+            SequenceDetokenizer(tokenizer, s.prompt_token_ids, s.params)
+            if tokenizer is not None and s.params.detokenize
+            else None
             for s in seqs
         ]
         self._new_tokens = [0] * len(seqs)
@@ -33,6 +37,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def wants_output(self) -> bool:
+        """Whether this step's tokens make an output: every step, or only the last (FINAL_ONLY)."""
+        return self.seqs[0].params.output_kind != RequestOutputKind.FINAL_ONLY or self.finished
 
     def append_token(
         self, seq: Sequence, token_id: int, logprobs: dict[int, float] | None, now: float
@@ -63,29 +72,28 @@ class Request:
 
     def output(self) -> RequestOutput:
         """A cumulative snapshot; resets the per-step new-token counts."""
-        if self.finished:
+        finished = self.finished
+        if finished:
             self.metrics.finished_time = self.metrics.last_token_time
-        completions = []
-        for seq, detokenizer in zip(self.seqs, self.detokenizers):
-            text = "" if detokenizer is None else detokenizer.text
-            completions.append(
-                CompletionOutput(
-                    index=seq.index,
-                    text=text,
-                    token_ids=list(seq.completion_token_ids),
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                    logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-                )
+        completions = [
+            CompletionOutput(
+                index=seq.index,
+                text="" if detokenizer is None else detokenizer.text,
+                token_ids=seq.completion_token_ids,  # a fresh list
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             )
+            for seq, detokenizer in zip(self.seqs, self.detokenizers)
+        ]
         first = self.seqs[0]
         new_counts, self._new_tokens = self._new_tokens, [0] * len(self.seqs)
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
-            prompt_token_ids=first.prompt_token_ids,
+            prompt_token_ids=self.prompt_token_ids,
             outputs=completions,
-            finished=self.finished,
+            finished=finished,
             prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
             num_cached_tokens=first.num_cached_tokens,
             metrics=self.metrics,

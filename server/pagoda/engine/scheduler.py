@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass(frozen=True)
-class ScheduledSequence:
+class ScheduledSequence(NamedTuple):  # a named tuple: built for every running sequence every step, cheaply
     seq: Sequence
     num_new_tokens: int  # including the proposed tokens
     # whether this step computes the sequence's last token, so its logits give the next one; fixed when

@@ -42,32 +42,39 @@ def build_step_inputs(
 ) -> tuple[StepInputs, list[PromptScoring]]:
     """The step's inputs, and the prompt scorings whose rows lead `logit_rows` (in that order)."""
     inputs = StepInputs()
+    # the lists by local names: this loop runs for every scheduled sequence, every step
+    input_ids, positions, slots, logit_rows = (inputs.input_ids, inputs.positions, inputs.slots,
+                                               inputs.logit_rows)
     scorings: list[PromptScoring] = []
     sampled_rows: list[int] = []
     for item in batch:
-        seq, start = item.seq, item.seq.num_computed_tokens
-        end = start + item.num_new_tokens
-        row = len(inputs.input_ids)  # of position `start`
-        inputs.input_ids.extend(seq.token_ids[start:end])
-        inputs.input_ids.extend(seq.spec_token_ids[: item.num_spec_tokens])  # proposals after real tokens
-        inputs.positions.extend(range(start, end))
-        inputs.slots.extend(kv_slots(seq.block_table, start, end, block_size))
-        inputs.query_lens.append(item.num_new_tokens)
+        seq, num_new = item.seq, item.num_new_tokens
+        start = seq.num_computed_tokens
+        end = start + num_new
+        row = len(input_ids)  # of position `start`
+        input_ids += seq.token_ids[start:end]
+        if item.num_spec_tokens:
+            input_ids += seq.spec_token_ids[: item.num_spec_tokens]  # proposals after real tokens
+        positions += range(start, end)
+        slots += kv_slots(seq.block_table, start, end, block_size)
+        inputs.query_lens.append(num_new)
         inputs.seq_lens.append(end)
         inputs.block_tables.append(seq.block_table)
-        scoring = prompt_scoring(item)
+        scoring = prompt_scoring(item) if seq.params.prompt_logprobs is not None else None
         if scoring is not None:
             scorings.append(scoring)
-            inputs.logit_rows.extend(range(row + scoring.lo - start, row + scoring.hi - start))
+            logit_rows += range(row + scoring.lo - start, row + scoring.hi - start)
         if item.samples:  # the last real token's row, then one per proposal to verify
-            last = row + item.num_new_tokens - 1
-            sampled_rows.extend(range(last - item.num_spec_tokens, last + 1))
-    inputs.logit_rows.extend(sampled_rows)
+            last = row + num_new - 1
+            sampled_rows += range(last - item.num_spec_tokens, last + 1)
+    logit_rows += sampled_rows
     return inputs, scorings
 
 
 def kv_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
     """Cache slots of positions start..end-1, one contiguous range per block."""
+    if end - start == 1:  # a decode step's one position
+        return [(block_table[start // block_size] * block_size) + start % block_size]
     slots: list[int] = []
     for b in range(start // block_size, (end - 1) // block_size + 1):
         lo, hi = max(start, b * block_size), min(end, (b + 1) * block_size)

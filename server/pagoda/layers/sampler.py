@@ -25,6 +25,7 @@ from pagoda.structured_outputs.bitmask import sample_constrained
 
 _NEUTRAL = SamplingParams()  # temperature 1, no top-k / top-p / min-p
 NUCLEUS_CANDIDATES = 1024  # top-p looks for its nucleus among this many best tokens before sorting a row
+ARGMAX_CHUNK = 128  # columns per chunk of a CPU argmax (vocabularies are multiples of it, almost all)
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Sampler:
 
     def _pick(self, processed: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         if all(seq.params.greedy for seq in seqs):
-            return processed.argmax(dim=-1)
+            return argmax(processed)
         return self._sample_random(processed, seqs)
 
     def penalised_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -74,7 +75,12 @@ class Sampler:
                 presence = _column([p.presence_penalty for p in params], logits)
                 apply_frequency_presence_penalties_(padded, generated, frequency, presence)
             logits = padded[:, :vocab_size]
-        blocked = [(row, token) for row, seq in enumerate(seqs) for token in self._blocked_stop_tokens(seq)]
+        blocked = [
+            (row, token)
+            for row, seq in enumerate(seqs)
+            if seq.params.min_tokens  # most rows have none: skip the call
+            for token in self._blocked_stop_tokens(seq)
+        ]
         if blocked:
             row_token = torch.tensor(blocked, device=logits.device)
             minus_inf = torch.tensor(float("-inf"), device=logits.device)
@@ -91,7 +97,7 @@ class Sampler:
 
     def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         greedy = [seq.params.greedy for seq in seqs]
-        greedy_tokens = logits.argmax(dim=-1) if any(greedy) else None
+        greedy_tokens = argmax(logits) if any(greedy) else None
         # greedy rows ride along with neutral settings; their draw is replaced by the argmax below
         params = [_NEUTRAL if seq.params.greedy else seq.params for seq in seqs]
         generators = [None if seq.params.greedy else seq.generator for seq in seqs]
@@ -126,6 +132,19 @@ class Sampler:
         return result
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax of `x` [B, V]: the first index of its maximum, a NaN counting as the largest,
+    exactly as `torch.argmax`. On the CPU torch's argmax is a scalar loop (7.8 ms for 32 rows of 49k
+    logits), while a max is vectorised: so the first 128-column chunk holding the row's maximum is found
+    from the chunks' maxima, then the column within it (0.7 ms)."""
+    rows, cols = x.shape
+    if x.device.type != "cpu" or cols % ARGMAX_CHUNK or not x.is_contiguous():
+        return x.argmax(dim=-1)
+    chunk = x.view(rows, cols // ARGMAX_CHUNK, ARGMAX_CHUNK).amax(dim=-1).argmax(dim=-1)
+    columns = chunk[:, None] * ARGMAX_CHUNK + torch.arange(ARGMAX_CHUNK)
+    return chunk * ARGMAX_CHUNK + x.gather(1, columns).argmax(dim=-1)
+
+
 def apply_token_filters(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logit_bias added, tokens outside allowed_token_ids and the last token of a bad word whose prefix
     the completion ends with masked (vLLM's semantics). The caller's tensor is untouched; rows without
@@ -135,6 +154,8 @@ def apply_token_filters(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Ten
     allowed: list[tuple[int, int]] = []
     for row, seq in enumerate(seqs):
         params = seq.params
+        if not (params.logit_bias or params.allowed_token_ids or params.bad_words_token_ids):
+            continue  # most rows: nothing to filter
         bias += [(row, token, value) for token, value in (params.logit_bias or {}).items()]
         allowed += [(row, token) for token in params.allowed_token_ids or []]
         completion = seq.completion_token_ids if params.bad_words_token_ids else []
@@ -317,4 +338,4 @@ def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | Non
         uniform[torch.tensor(seeded, device=probs.device)] = own.to(probs.device)
     # -log(U) is Exponential(1), several times faster than exponential_() on CPU, and never 0 (U < 1), so
     # no 0/0 NaN can win the argmax
-    return (probs / uniform.log_().neg_()).argmax(dim=-1)
+    return argmax(probs / uniform.log_().neg_())

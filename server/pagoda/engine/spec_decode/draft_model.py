@@ -18,7 +18,7 @@ from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.scheduler import ScheduledSequence
 from pagoda.engine.sequence import Sequence
 from pagoda.engine.step_inputs import StepInputs, kv_slots
-from pagoda.layers.sampler import exponential_race, warped_probs
+from pagoda.layers.sampler import argmax, exponential_race, warped_probs
 from pagoda.loader import open_checkpoint
 from pagoda.models.spec import ModelSpec
 
@@ -90,7 +90,7 @@ class DraftModelProposer:
     def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[torch.Tensor | None]]:
         """Greedy sequences take the draft's argmax (a point mass); sampled ones draw from the draft's
         distribution under their own temperature / top-k / top-p, which verification then needs."""
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = argmax(logits).tolist()
         dists: list[torch.Tensor | None] = [None] * len(seqs)
         sampled = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
         if sampled:

@@ -18,6 +18,7 @@ import torch
 
 from pagoda.engine.sequence import Sequence
 from pagoda.layers.sampler import Sampler, exponential_race, logprob_dicts, warped_probs
+from pagoda.layers.sampler import argmax as row_argmax
 
 if TYPE_CHECKING:
     from pagoda.engine.scheduler import ScheduledSequence
@@ -77,7 +78,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, items: list[ScheduledSequence
     contexts = [ctx for item in items for ctx in _contexts(item)]  # one per row
     processed = sampler.penalised_logits(logits, contexts)
     greedy = [ctx.params.greedy for ctx in contexts]
-    argmax = processed.argmax(dim=-1).tolist() if any(greedy) else []
+    argmax = row_argmax(processed).tolist() if any(greedy) else []
     random_rows = [row for row, g in enumerate(greedy) if not g]
     probs = torch.empty(0)
     if random_rows:
