@@ -46,7 +46,9 @@ if has decode; then
 fi
 if has host && [ -f bench/host_overhead.py ]; then
   step host
-  timeout 110 python3 -m bench.host_overhead --device cuda --shape qwen0.5b --batch 1 32 256 2>&1 \
+  # the embedded model's package is not on the GPU machine: its tokenizer travels in .gpu/tokenizer
+  timeout 110 python3 -m bench.host_overhead --device cuda --shape qwen0.5b --batch 1 32 256 \
+    ${BENCH_TOKENIZER:+--tokenizer "$BENCH_TOKENIZER"} 2>&1 \
     | tee "$OUT/host-overhead.txt" | tail -25
 fi
 if has offline; then

@@ -84,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--device-repeats", type=int, default=20, help="back-to-back forwards (cuda)")
     parser.add_argument(
+        "--tokenizer", type=Path,
+        help="a tokenizer directory for the random model (default: the embedded SmolLM2's; where that "
+        "package is not installed, as on a GPU machine, one saved from it)",
+    )  # fmt: skip
+    parser.add_argument(
         "--engine-option", action="append", default=[], metavar="KEY=VALUE",
         help="an extra EngineConfig option, e.g. enforce_eager=true or skip_tokenizer_init=true",
     )  # fmt: skip
@@ -92,9 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_model(shape: str, path: Path) -> Path:
-    """A random model of `shape` with SmolLM2's tokenizer, saved to `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+def make_model(shape: str, path: Path, tokenizer: Path | None = None) -> Path:
+    """A random model of `shape` with SmolLM2's tokenizer (or `tokenizer`'s), saved to `path`."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from pagoda.embedded import embedded_model_path
     from pagoda.loader import open_checkpoint
@@ -108,7 +113,10 @@ def make_model(shape: str, path: Path) -> Path:
         config = Qwen2Config(**QWEN2_05B, torch_dtype="bfloat16")
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path)
-    open_checkpoint(str(embedded_model_path())).tokenizer.save_pretrained(path)
+    if tokenizer is not None:
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(path)
+    else:
+        open_checkpoint(str(embedded_model_path())).tokenizer.save_pretrained(path)
     return path
 
 
@@ -287,7 +295,7 @@ def main() -> None:
         key, _, value = item.partition("=")
         options[key] = {"true": True, "false": False}.get(value.lower(), value)
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model or str(make_model(args.shape, Path(tmp)))
+        path = args.model or str(make_model(args.shape, Path(tmp), args.tokenizer))
         llm = LLM(
             model=path, device=args.device, max_num_seqs=max(args.batch),
             max_model_len=min(2048, 128 + args.max_tokens + 64), **options,

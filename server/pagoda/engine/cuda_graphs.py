@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -94,16 +95,23 @@ class DecodeGraphs:
         """Hidden states [n, hidden] of a decode step of n sequences."""
         n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
-        device = self.input_ids.device
-        self.input_ids[:n].copy_(torch.tensor(input_ids), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.tensor(slots), non_blocking=True)
-        self.slot_mapping[n:size].fill_(-1)
-        self.seq_lens[:n].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
-        self.seq_lens[n:size].fill_(1)
+        # every input in one host array and one copy to the device (numpy fills it without torch.tensor's
+        # per-element checks); the buffers then take their slices, cast on the device
         width = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        self.block_tables[:n, :width].copy_(tables.to(device, non_blocking=True))
+        staged: np.ndarray = np.zeros(4 * n + n * width, dtype=np.int64)
+        for i, values in enumerate((input_ids, positions, slots, seq_lens)):
+            staged[i * n : (i + 1) * n] = values
+        tables = staged[4 * n :].reshape(n, width)
+        for row, table in zip(tables, block_tables, strict=True):
+            row[: len(table)] = table
+        on_device = torch.from_numpy(staged).pin_memory().to(self.input_ids.device, non_blocking=True)
+        self.input_ids[:n].copy_(on_device[:n])
+        self.positions[:n].copy_(on_device[n : 2 * n])
+        self.slot_mapping[:n].copy_(on_device[2 * n : 3 * n])
+        self.slot_mapping[n:size].fill_(-1)
+        self.seq_lens[:n].copy_(on_device[3 * n : 4 * n])
+        self.seq_lens[n:size].fill_(1)
+        self.block_tables[:n, :width].copy_(on_device[4 * n :].view(n, width))
         graph, hidden = self.graphs[size]
         graph.replay()
         self.replays += 1
