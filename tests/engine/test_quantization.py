@@ -25,7 +25,7 @@ from pagoda import LLM, SamplingParams
 from pagoda.config import EngineConfig
 from pagoda.layers.linear import Linear, MergedLinear
 from pagoda.loader.checkpoint import QuantizedBlocks
-from pagoda.quantization import process_weights_after_loading, quantized_layers
+from pagoda.quantization import cpu_kernels, process_weights_after_loading, quantized_layers
 from pagoda.quantization.cpu_kernels import DENSE_MIN_ROWS, CpuQuantizedWeight
 from pagoda.quantization.gguf_blocks import group_quantized_from_blocks
 from pagoda.quantization.grouped import GroupQuantized
@@ -93,6 +93,19 @@ def test_cpu_dense_copy_serves_steps_of_many_rows(ggml_type: GGMLQuantizationTyp
     expected = F.linear(many.float(), reference_weight(weight))
     assert relative_error(dense.matmul(many), expected) < CPU_KERNEL_TOLERANCE
     assert not torch.equal(dense.matmul(many), plain.matmul(many))  # ... and above it, the dense GEMM
+
+
+@pytest.mark.parametrize("ggml_type", QUANTIZABLE + BLOCK_ONLY, ids=lambda t: t.name)
+def test_cpu_dense_copy_is_the_reference_weight_rounded_once(
+    ggml_type: GGMLQuantizationType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # built a few rows at a time (a chunk here is 3 rows, not a divisor of 64): each value must still be
+    # gguf-py's float32 weight, rounded to bfloat16 once
+    monkeypatch.setattr(cpu_kernels, "_DENSE_CHUNK_BYTES", 3 * 4 * 512)
+    weight = gguf_weight(ggml_type, 64, 512)
+    dense = CpuQuantizedWeight(group_quantized_from_blocks(weight), torch.bfloat16).dense
+    assert dense is not None
+    assert torch.equal(dense, reference_weight(weight).bfloat16())
 
 
 def test_cpu_kernel_falls_back_on_shapes_without_a_packed_kernel() -> None:
