@@ -6,6 +6,7 @@ int8 / fp8-KV engines against full precision on a tiny model, and perplexity on 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from pydoc_data.topics import topics
@@ -123,6 +124,31 @@ def build_linear(quantization: str | None, weight: torch.Tensor) -> Linear:
     layer.weight.weight_loader(layer.weight, weight)
     process_weights_after_loading(layer)
     return layer
+
+
+def test_packing_in_parallel_leaves_torch_threads_as_they_were() -> None:
+    """The layers are packed by single-threaded workers; torch.set_num_threads(1) in them also sets the
+    count that threads starting later begin with: the engine thread must still get the usual count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # whatever this module runs with: the workers' 1 must not stick
+    try:
+        check_packing_restores_threads(2)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_packing_restores_threads(threads: int) -> None:
+    with quantized_layers("int8"):
+        model = torch.nn.Sequential(*(Linear(64, 64) for _ in range(4)))
+    for layer in model:
+        layer.weight.weight_loader(layer.weight, torch.randn(64, 64))
+    process_weights_after_loading(model)
+    assert all(layer.quantized is not None for layer in model)
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [threads] and torch.get_num_threads() == threads
 
 
 def test_int8_linear_matches_per_channel_reference() -> None:

@@ -290,10 +290,16 @@ def process_weights_after_loading(model: nn.Module, *more: Callable[[], None]) -
         for job in jobs:
             job()
         return
+    # torch.set_num_threads also sets the count every thread that has not run a parallel op yet starts
+    # with (the engine thread, say): put it back once the workers are done
+    threads = torch.get_num_threads()
     single_threaded = {"initializer": torch.set_num_threads, "initargs": (1,)}
-    with ThreadPoolExecutor(workers, "pack-weights", **single_threaded) as pool:
-        for done in [pool.submit(job) for job in jobs]:
-            done.result()  # raises what the job raised
+    try:
+        with ThreadPoolExecutor(workers, "pack-weights", **single_threaded) as pool:
+            for done in [pool.submit(job) for job in jobs]:
+                done.result()  # raises what the job raised
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _job(module: nn.Module) -> Callable[[], None] | None:
