@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable
@@ -217,13 +218,16 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # torch and the model code load here; the engine thread then loads and warms up the model
+    config = engine_config(args)
+    # torch and the model code load here; the model starts loading at once, while the HTTP server's
+    # modules import, and the engine thread takes the engine over to warm it up
     import pagoda.engine.llm_engine  # noqa: F401
+
+    engine_factory = _start_loading(config)
     from pagoda.entrypoints.api_server import ServerSettings, run_server
     from pagoda.entrypoints.constraints import ToolOptions
 
     import_seconds = time.perf_counter() - start
-    config = engine_config(args)
     settings = ServerSettings(
         served_model_names=args.served_model_name,
         api_key=args.api_key,
@@ -234,8 +238,31 @@ def serve(args: argparse.Namespace) -> int:
         import_seconds=import_seconds,
         tool_options=ToolOptions(args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser),
     )
-    logging.getLogger("pagoda.server").info("imports done in %.2f s; loading the model", import_seconds)
-    return run_server(config, settings, args.host, args.port, args.log_level)
+    logging.getLogger("pagoda.server").info("imports done in %.2f s; the model is loading", import_seconds)
+    return run_server(config, settings, args.host, args.port, args.log_level, engine_factory)
+
+
+def _start_loading(config: EngineConfig) -> Callable[[EngineConfig], Any] | None:
+    """On the CPU, start building the engine on a thread now: the weights' tensor work (which releases the
+    GIL) then overlaps the HTTP server's imports, about a second of cold start. Returns the engine factory
+    for the engine thread, which waits for the engine (or raises what loading raised); None on GPUs, where
+    the engine thread builds its engine itself (CUDA graphs are captured and replayed on one thread)."""
+    if config.torch_device.type != "cpu":
+        return None
+    from concurrent.futures import Future
+
+    from pagoda.engine.llm_engine import LLMEngine
+
+    engine: Future[LLMEngine] = Future()
+
+    def load() -> None:
+        try:
+            engine.set_result(LLMEngine(config))
+        except BaseException as error:  # the engine thread raises it, and the server exits
+            engine.set_exception(error)
+
+    threading.Thread(target=load, name="pagoda-load", daemon=True).start()
+    return lambda _: engine.result()
 
 
 def main(argv: list[str] | None = None) -> int:

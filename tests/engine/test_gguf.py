@@ -33,7 +33,9 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from pagoda.embedded import EMBEDDED_FILE, embedded_model_path
 from pagoda.loader import Checkpoint, dequant, open_checkpoint
 from pagoda.loader.dequant import dequantize
+from pagoda.loader.gguf_config import GGUFModelConfig
 from pagoda.loader.gguf_reader import GGUFFile
+from pagoda.models.spec import ModelSpec
 
 Q = GGMLQuantizationType
 QUANTIZABLE_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
@@ -143,6 +145,19 @@ def tiny_configs() -> dict[str, PretrainedConfig]:
     }
 
 
+def transformers_config(config: PretrainedConfig | GGUFModelConfig) -> PretrainedConfig:
+    """transformers' own config for a rebuilt one (the plain families get our GGUFModelConfig)."""
+    return config.to_transformers() if isinstance(config, GGUFModelConfig) else config
+
+
+def assert_reads_like_transformers(config: PretrainedConfig | GGUFModelConfig) -> None:
+    """Our config for the GGUF must describe the same model as transformers' class built from the same
+    fields: every field ModelSpec reads, defaults included."""
+    hf = transformers_config(config)
+    assert ModelSpec.from_hf_config(config) == ModelSpec.from_hf_config(hf)
+    assert config.architectures == hf.architectures
+
+
 def llama_cpp_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
     """convert_hf_to_gguf.py's LlamaModel.permute, verbatim in effect."""
     return (
@@ -215,7 +230,10 @@ def test_tiny_gguf_loads_back_to_the_hf_model(tmp_path: Path, arch: str) -> None
 
     assert checkpoint.tokenizer is None and checkpoint.chat_template is None
     assert checkpoint.config.architectures == [type(reference).__name__]
-    assert type(checkpoint.config) is type(config)
+    # the plain families skip transformers' config classes (~2 s of imports at start-up)
+    assert isinstance(checkpoint.config, GGUFModelConfig) == (arch in ("llama", "qwen2", "qwen3"))
+    assert type(transformers_config(checkpoint.config)) is type(config)
+    assert_reads_like_transformers(checkpoint.config)
     weights = dict(checkpoint.weights())
     expected = {k: v for k, v in reference.state_dict().items() if k in weights or k != "lm_head.weight"}
     assert sorted(weights) == sorted(expected)
@@ -225,7 +243,7 @@ def test_tiny_gguf_loads_back_to_the_hf_model(tmp_path: Path, arch: str) -> None
         torch.testing.assert_close(tensor.float(), expected[name], rtol=0, atol=atol, msg=name)
 
     # The rebuilt config must run the same model: same logits from the same weights.
-    rebuilt = AutoModelForCausalLM.from_config(checkpoint.config).eval()
+    rebuilt = AutoModelForCausalLM.from_config(transformers_config(checkpoint.config)).eval()
     rebuilt.load_state_dict(weights, strict=False)
     rebuilt.tie_weights()
     ids = torch.randint(0, config.vocab_size, (2, 24))
@@ -254,6 +272,8 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path: Path) -> None:
     checkpoint = open_checkpoint(path)
 
     assert checkpoint.config.rope_parameters == {**scaling, "rope_theta": 500000.0}
+    assert transformers_config(checkpoint.config).rope_parameters == {**scaling, "rope_theta": 500000.0}
+    assert_reads_like_transformers(checkpoint.config)
     assert "rope_freqs.weight" not in dict(checkpoint.weights())
 
 
@@ -299,7 +319,8 @@ def test_embedded_config_matches_transformers(embedded: tuple[Checkpoint, Path])
     checkpoint, path = embedded
     expected = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     ours = checkpoint.config
-    assert type(ours) is type(expected) and ours.architectures == ["LlamaForCausalLM"]
+    assert type(transformers_config(ours)) is type(expected) and ours.architectures == ["LlamaForCausalLM"]
+    assert_reads_like_transformers(ours)
     for field in (
         "vocab_size",
         "hidden_size",
@@ -331,7 +352,7 @@ def test_embedded_weights_match_transformers_dequant_and_unpermute(embedded: tup
         "blk.29.ffn_down.weight": "model.layers.29.mlp.down_proj.weight",
         "output_norm.weight": "model.norm.weight",
     }
-    processor = LlamaTensorProcessor(config=cfg.to_dict())
+    processor = LlamaTensorProcessor(config=transformers_config(cfg).to_dict())
     file = GGUFFile(path)  # its bytes match gguf-py's reader: test_dequantize_matches_gguf_reference
     reference = {}
     for gguf_name, hf_name in wanted.items():

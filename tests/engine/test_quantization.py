@@ -6,6 +6,7 @@ int8 / fp8-KV engines against full precision on a tiny model, and perplexity on 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from pydoc_data.topics import topics
@@ -25,7 +26,7 @@ from pagoda import LLM, SamplingParams
 from pagoda.config import EngineConfig
 from pagoda.layers.linear import Linear, MergedLinear
 from pagoda.loader.checkpoint import QuantizedBlocks
-from pagoda.quantization import process_weights_after_loading, quantized_layers
+from pagoda.quantization import cpu_kernels, process_weights_after_loading, quantized_layers
 from pagoda.quantization.cpu_kernels import DENSE_MIN_ROWS, CpuQuantizedWeight
 from pagoda.quantization.gguf_blocks import group_quantized_from_blocks
 from pagoda.quantization.grouped import GroupQuantized
@@ -95,6 +96,19 @@ def test_cpu_dense_copy_serves_steps_of_many_rows(ggml_type: GGMLQuantizationTyp
     assert not torch.equal(dense.matmul(many), plain.matmul(many))  # ... and above it, the dense GEMM
 
 
+@pytest.mark.parametrize("ggml_type", QUANTIZABLE + BLOCK_ONLY, ids=lambda t: t.name)
+def test_cpu_dense_copy_is_the_reference_weight_rounded_once(
+    ggml_type: GGMLQuantizationType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # built a few rows at a time (a chunk here is 3 rows, not a divisor of 64): each value must still be
+    # gguf-py's float32 weight, rounded to bfloat16 once
+    monkeypatch.setattr(cpu_kernels, "_DENSE_CHUNK_BYTES", 3 * 4 * 512)
+    weight = gguf_weight(ggml_type, 64, 512)
+    dense = CpuQuantizedWeight(group_quantized_from_blocks(weight), torch.bfloat16).dense
+    assert dense is not None
+    assert torch.equal(dense, reference_weight(weight).bfloat16())
+
+
 def test_cpu_kernel_falls_back_on_shapes_without_a_packed_kernel() -> None:
     # 24 rows: the int4 kernel wants multiples of 16
     weight = gguf_weight(Q.Q4_0, 24, 256)
@@ -110,6 +124,31 @@ def build_linear(quantization: str | None, weight: torch.Tensor) -> Linear:
     layer.weight.weight_loader(layer.weight, weight)
     process_weights_after_loading(layer)
     return layer
+
+
+def test_packing_in_parallel_leaves_torch_threads_as_they_were() -> None:
+    """The layers are packed by single-threaded workers; torch.set_num_threads(1) in them also sets the
+    count that threads starting later begin with: the engine thread must still get the usual count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # whatever this module runs with: the workers' 1 must not stick
+    try:
+        check_packing_restores_threads(2)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_packing_restores_threads(threads: int) -> None:
+    with quantized_layers("int8"):
+        model = torch.nn.Sequential(*(Linear(64, 64) for _ in range(4)))
+    for layer in model:
+        layer.weight.weight_loader(layer.weight, torch.randn(64, 64))
+    process_weights_after_loading(model)
+    assert all(layer.quantized is not None for layer in model)
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [threads] and torch.get_num_threads() == threads
 
 
 def test_int8_linear_matches_per_channel_reference() -> None:

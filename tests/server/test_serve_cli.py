@@ -187,3 +187,21 @@ def test_what_serve_imports_leaves_torch_compile_unloaded() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_serve_imports_and_the_gguf_config_leave_transformers_unloaded() -> None:
+    """Importing transformers and its config classes costs `pagoda serve` ~3 s of its cold start: serve's
+    imports, opening the embedded GGUF, its config, model and weights must do without (only the tokenizer,
+    built on a thread of its own while the weights load, still wraps itself in transformers' class)."""
+    code = (
+        "import sys, pagoda.cli, pagoda.engine.llm_engine, pagoda.entrypoints.api_server\n"
+        "from pagoda.loader import open_checkpoint\n"
+        "from pagoda.models.registry import build_model\n"
+        "import torch\n"
+        "checkpoint = open_checkpoint(None)\n"
+        "model = build_model(checkpoint.config, torch.float32, torch.device('cpu'))\n"
+        "next(checkpoint.quantized_weights())\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')[:3])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -36,9 +36,9 @@ class LLMEngine:
         self.config = config
         start = time.perf_counter()
         checkpoint = open_checkpoint(config.model, config.load_format)
-        self.tokenizer = None
-        if not config.skip_tokenizer_init:
-            self.tokenizer = open_tokenizer(config.tokenizer) if config.tokenizer else checkpoint.tokenizer
+        own_tokenizer = not config.skip_tokenizer_init and not config.tokenizer
+        if own_tokenizer:
+            checkpoint.prefetch_tokenizer()  # built while the weights load
         self.eos_token_ids = list(checkpoint.eos_token_ids)
         self.model_name = Path(config.model).name if config.model else "SmolLM2-135M-Instruct"
         spec = ModelSpec.from_hf_config(checkpoint.config)
@@ -56,6 +56,9 @@ class LLMEngine:
             if workers is not None:
                 workers.close()
             raise
+        self.tokenizer = None
+        if not config.skip_tokenizer_init:
+            self.tokenizer = checkpoint.tokenizer if own_tokenizer else open_tokenizer(config.tokenizer)
         self.spec_decoder = self._spec_decoder()
         self.load_seconds = time.perf_counter() - start
         self._reset_scheduler()

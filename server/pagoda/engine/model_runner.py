@@ -72,10 +72,11 @@ class ModelRunner:
             fill_random_weights(self.model)
         else:
             self.model.load_weights(checkpoint.quantized_weights() if gguf else checkpoint.weights())
-        process_weights_after_loading(self.model)
+        head_jobs = []
         if gguf and self.device.type == "cpu" and config.tensor_parallel_size == 1:
             # a quantized model on the CPU: single streams are bound by reading weights, the head's most
-            self.model.lm_head.quantize_for_small_batches()
+            head_jobs.append(self.model.lm_head.quantize_for_small_batches)
+        process_weights_after_loading(self.model, *head_jobs)
         self.model.eval()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = self._num_kv_blocks()

@@ -9,12 +9,14 @@ the rest (streams end with an error chunk) and exits 0; a second signal exits at
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import hmac
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
@@ -225,6 +227,13 @@ class TimedH11Protocol(H11Protocol):
             self.transport.close()
 
 
+def _copy_tokenizers(engine: Any, done: concurrent.futures.Future[Tokenizers]) -> None:
+    try:
+        done.set_result(Tokenizers(engine.tokenizer))
+    except BaseException as error:  # raised where the server turns ready, which then never happens
+        done.set_exception(error)
+
+
 def _as_json(scope: Scope) -> Scope:
     """Read every request body as JSON, like the OpenAI API (`curl -d` sends a form content type)."""
     headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
@@ -281,9 +290,23 @@ def build_app(config: EngineConfig, settings: ServerSettings, engine_factory: An
     state = ServerState(config=config, settings=settings)
     state.model_root = config.model or "builtin://smollm2-135m-instruct"
 
+    tokenizers: concurrent.futures.Future[Tokenizers] = concurrent.futures.Future()
+
+    def load_engine(engine_config: EngineConfig) -> Any:
+        """The engine, and (on a thread of their own, while the engine thread warms it up) the HTTP side's
+        copies of its tokenizer: deep copies of a large vocabulary take most of a second."""
+        if engine_factory is None:
+            from pagoda.engine.llm_engine import LLMEngine
+
+            engine = LLMEngine(engine_config)
+        else:
+            engine = engine_factory(engine_config)
+        threading.Thread(target=_copy_tokenizers, args=(engine, tokenizers), daemon=True).start()
+        return engine
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.llm = AsyncLLM(config, engine_factory, on_step=_observe_step, on_fatal=_on_fatal)
+        state.llm = AsyncLLM(config, load_engine, on_step=_observe_step, on_fatal=_on_fatal)
         state.llm.start()
         task = asyncio.create_task(_become_ready())
         state.background.add(task)
@@ -298,10 +321,10 @@ def build_app(config: EngineConfig, settings: ServerSettings, engine_factory: An
         names = settings.served_model_names or [engine.model_name]
         state.metrics = ServerMetrics(names[0], state.llm.get_stats)
         trust = settings.trust_request_chat_template
-        tokenizers = Tokenizers(engine.tokenizer)
-        state.completion = ServingCompletion(state.llm, names, settings.max_queue_len, trust, tokenizers)
+        copies = await asyncio.wrap_future(tokenizers)
+        state.completion = ServingCompletion(state.llm, names, settings.max_queue_len, trust, copies)
         state.chat = ServingChat(
-            state.llm, names, settings.max_queue_len, trust, tokenizers, tool_options=settings.tool_options
+            state.llm, names, settings.max_queue_len, trust, copies, tool_options=settings.tool_options
         )
         times = state.llm.startup_times
         total = settings.import_seconds + times.load_s + times.warmup_s
@@ -459,10 +482,16 @@ async def drain(state: ServerState) -> None:
 
 
 def run_server(
-    config: EngineConfig, settings: ServerSettings, host: str, port: int, log_level: str = "info"
+    config: EngineConfig,
+    settings: ServerSettings,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    engine_factory: Any = None,
 ) -> int:
-    """Serve until a signal drains the server; returns the process exit code."""
-    app = build_app(config, settings)
+    """Serve until a signal drains the server; returns the process exit code. `engine_factory`: what the
+    engine thread calls for its engine (default: it builds an LLMEngine)."""
+    app = build_app(config, settings, engine_factory)
     state: ServerState = app.state.pagoda
     protocol = type("TimedH11Protocol", (TimedH11Protocol,), {"head_timeout": settings.http_read_timeout})
     uv_config = uvicorn.Config(

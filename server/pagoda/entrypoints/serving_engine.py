@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import sys
@@ -20,8 +21,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-from transformers import PreTrainedTokenizerBase
 
 from pagoda.engine.async_engine import (
     AsyncLLM,
@@ -70,14 +69,12 @@ def _call_with_deadline(fn: Callable[[], T], seconds: float) -> T:
         sys.settrace(previous)
 
 
-# apply_chat_template's own parameters: a template variable with one of these names would change how it
-# runs (e.g. tokenize=True), not what the template sees
-_RESERVED_TEMPLATE_KWARGS = frozenset(
-    inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
-) - {
-    "self",
-    "kwargs",
-}
+@functools.cache
+def _reserved_template_kwargs(tokenizer_class: type) -> frozenset[str]:
+    """apply_chat_template's own parameters: a template variable with one of these names would change how
+    it runs (e.g. tokenize=True), not what the template sees. Read from the tokenizer's class when first
+    needed, so importing this module does not import transformers."""
+    return frozenset(inspect.signature(tokenizer_class.apply_chat_template).parameters) - {"self", "kwargs"}
 
 
 class Tokenizers:
@@ -173,7 +170,7 @@ class ServingEngine:
                 "this server does not accept chat templates from requests (--trust-request-chat-template)",
                 "chat_template",
             )
-        reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(template_kwargs or {}))
+        reserved = sorted(_reserved_template_kwargs(type(tokenizer)) & set(template_kwargs or {}))
         if reserved:
             raise bad_request(
                 f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs"

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from pagoda.loader.gguf_config import GGUFModelConfig
 
 
 @dataclass
@@ -32,18 +40,45 @@ QuantizedWeightIterator = Iterator[tuple[str, "torch.Tensor | QuantizedBlocks"]]
 class Checkpoint:
     """A model's config, tokenizer and weights under Hugging Face names.
 
-    `weights()` reads lazily, one tensor at a time, so a large model never sits in memory twice.
+    `weights()` reads lazily, one tensor at a time, so a large model never sits in memory twice; the
+    tokenizer is built on first use, or on a thread of its own from `prefetch_tokenizer()` on.
     """
 
     path: Path
-    config: PretrainedConfig  # of the model's own class (LlamaConfig, ...), `architectures` set
-    tokenizer: PreTrainedTokenizerBase | None  # a fast tokenizer; None when a directory ships none
+    # of the model's own class (LlamaConfig, ...), `architectures` set; for the plain GGUF families a
+    # GGUFModelConfig that reads the same (its to_transformers() gives the transformers class)
+    config: PretrainedConfig | GGUFModelConfig
+    # a fast tokenizer; None when a directory ships none
+    tokenizer_loader: Callable[[], PreTrainedTokenizerBase | None] = field(repr=False)
     chat_template: str | None  # also set on the tokenizer, so apply_chat_template works
     eos_token_ids: list[int]  # every id that ends generation, the primary EOS first
     torch_dtype: torch.dtype  # the weights' own dtype, what dtype="auto" means
     weight_loader: Callable[[], WeightIterator] = field(repr=False)
     # block-quantized files only: the same weights, linear layers' ones left in their blocks
     quantized_weight_loader: Callable[[], QuantizedWeightIterator] | None = field(default=None, repr=False)
+
+    _prefetched: Future[PreTrainedTokenizerBase | None] | None = field(default=None, init=False, repr=False)
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        return self._prefetched.result() if self._prefetched is not None else self.tokenizer_loader()
+
+    def prefetch_tokenizer(self) -> None:
+        """Start building the tokenizer on a thread while the caller loads the weights (their tensor work
+        runs without the GIL): importing transformers for it takes a second or two of `pagoda serve`'s
+        cold start. `tokenizer` waits for it, and raises what it raised."""
+        if self._prefetched is not None or "tokenizer" in self.__dict__:
+            return
+        future: Future[PreTrainedTokenizerBase | None] = Future()
+
+        def build() -> None:
+            try:
+                future.set_result(self.tokenizer_loader())
+            except BaseException as error:  # handed to whoever reads `tokenizer`
+                future.set_exception(error)
+
+        self._prefetched = future
+        threading.Thread(target=build, name="pagoda-tokenizer", daemon=True).start()
 
     @property
     def is_block_quantized(self) -> bool:

@@ -21,11 +21,10 @@ def open_gguf(path: Path) -> Checkpoint:
     file = GGUFFile(path)
     arch = gguf_arch(file)
     config = config_from_gguf(file)
-    tokenizer = tokenizer_from_gguf(file)
     return Checkpoint(
         path=path,
         config=config,
-        tokenizer=tokenizer,
+        tokenizer_loader=lambda: tokenizer_from_gguf(file),
         chat_template=file.metadata.get("tokenizer.chat_template"),
         eos_token_ids=eos_token_ids_from_gguf(file),
         torch_dtype=_torch_dtype(file),

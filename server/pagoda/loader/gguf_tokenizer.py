@@ -8,14 +8,17 @@ go through transformers' own GGUF converter, which is slower but knows their qui
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from pagoda.loader.gguf_reader import GGUFFile
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ def tokenizer_from_gguf(file: GGUFFile) -> PreTrainedTokenizerBase | None:
     if model == "gpt2":
         tokenizer = _byte_level_bpe_tokenizer(file)
     else:
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(file.path.parent, gguf_file=file.path.name)
     template = meta.get("tokenizer.chat_template")
     if template is not None:
@@ -131,6 +136,8 @@ def _byte_level_bpe_tokenizer(file: GGUFFile) -> PreTrainedTokenizerFast:
         special["eos_token"] if meta.get("tokenizer.ggml.add_eos_token", False) else None,
     )
     context_length = meta.get(f"{file.architecture}.context_length")
+    from transformers import PreTrainedTokenizerFast  # the wrapper only: the backend is built above
+
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         clean_up_tokenization_spaces=False,
@@ -151,6 +158,20 @@ def _byte_level_vocab(tokens: list[str], types: np.ndarray) -> dict[str, int]:
             token = "".join(spelling[b] for b in token.encode("utf-8"))
         vocab.setdefault(token, token_id)
     return vocab
+
+
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte alphabet: each byte as a printable character (the printable Latin-1 ones as
+    themselves, the others from U+0100 on), as transformers' and OpenAI's `bytes_to_unicode`."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # "!".."~", "¡".."¬", "®".."ÿ"
+    spelling = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in spelling:
+            spelling[b] = chr(256 + extra)
+            extra += 1
+    return spelling
 
 
 def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:

@@ -11,16 +11,19 @@ import re
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
-from transformers import PretrainedConfig
 
 from pagoda.loader.checkpoint import QuantizedBlocks
 from pagoda.loader.dequant import dequantize
 from pagoda.loader.gguf_config import GGUFArch
 from pagoda.loader.gguf_reader import GGUFFile, GGUFTensorInfo
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _TOP_LEVEL_NAMES = {
     "token_embd": "model.embed_tokens",

@@ -29,7 +29,7 @@ def open_hf_directory(path: Path, with_weights: bool = True) -> Checkpoint:
     return Checkpoint(
         path=path,
         config=config,
-        tokenizer=tokenizer,
+        tokenizer_loader=lambda: tokenizer,
         chat_template=tokenizer.chat_template if tokenizer is not None else None,
         eos_token_ids=_eos_token_ids(path, config, tokenizer),
         torch_dtype=_torch_dtype(config, weight_files),

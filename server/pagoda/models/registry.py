@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
 from pagoda.models.decoder import DecoderForCausalLM
 from pagoda.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # every architecture is the shared decoder, configured by its ModelSpec
 MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING, Any
 
 from pagoda.layers.moe import Routing
 from pagoda.layers.rotary import RopeConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")
 MOE_FAMILY = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3")

@@ -49,6 +49,8 @@ class GroupQuantized:
 
     def with_group_size(self, group_size: int) -> GroupQuantized:
         """The same weight, described by smaller groups (each scale repeated), so formats can stack."""
+        if group_size == self.group_size:
+            return self
         if self.group_size % group_size:
             raise ValueError(f"group size {self.group_size} is not a multiple of {group_size}")
         repeat = self.group_size // group_size
@@ -72,6 +74,8 @@ def quantize_int8(weight: torch.Tensor, group_size: int) -> GroupQuantized:
 
 def stack_rows(parts: list[GroupQuantized]) -> GroupQuantized:
     """Parts of a fused projection (q/k/v, gate/up), possibly of different formats, as one weight."""
+    if len(parts) == 1:
+        return parts[0]
     group_size = min(p.group_size for p in parts)
     parts = [p.with_group_size(group_size) for p in parts]
     offsets = None

@@ -9,7 +9,9 @@ the layer's weight parameter (its loader included), turns the loaded weight into
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
@@ -268,14 +270,45 @@ def quantized_layers(quantization: str | None, dense_dtype: torch.dtype | None =
         _current_method = LinearMethod()
 
 
-def process_weights_after_loading(model: nn.Module) -> None:
-    """After `load_weights`: each linear layer turns its loaded weight into its method's stored form."""
-    for module in model.modules():
-        method = getattr(module, "quant_method", None)
-        if isinstance(method, LinearMethod):
-            method.process_weights_after_loading(module)
-        elif isinstance(module, WeightsAfterLoading):  # the experts of an MoE layer
-            module.process_weights_after_loading()
+_MAX_PACK_THREADS = 8
+
+
+def process_weights_after_loading(model: nn.Module, *more: Callable[[], None]) -> None:
+    """After `load_weights`: each linear layer turns its loaded weight into its method's stored form
+    (and `more`, other such jobs, run beside them).
+
+    On the CPU the layers are repacked in parallel, one per core, each by a thread whose torch ops run
+    single-threaded, as the loader dequantizes (pagoda.loader.dequant): a layer's packing is dozens of
+    small ops, and torch's own OpenMP threads spin-wait at every one of them, which on a busy or
+    CPU-limited host made this 3-5x slower than one thread (and a second of `pagoda serve`'s start-up).
+    """
+    jobs = [*(_job(module) for module in model.modules()), *more]
+    jobs = [job for job in jobs if job is not None]
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    workers = min(_MAX_PACK_THREADS, len(os.sched_getaffinity(0)))
+    if not on_cpu or workers == 1:
+        for job in jobs:
+            job()
+        return
+    # torch.set_num_threads also sets the count every thread that has not run a parallel op yet starts
+    # with (the engine thread, say): put it back once the workers are done
+    threads = torch.get_num_threads()
+    single_threaded = {"initializer": torch.set_num_threads, "initargs": (1,)}
+    try:
+        with ThreadPoolExecutor(workers, "pack-weights", **single_threaded) as pool:
+            for done in [pool.submit(job) for job in jobs]:
+                done.result()  # raises what the job raised
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _job(module: nn.Module) -> Callable[[], None] | None:
+    method = getattr(module, "quant_method", None)
+    if isinstance(method, LinearMethod):
+        return lambda: method.process_weights_after_loading(module)
+    if isinstance(module, WeightsAfterLoading):  # the experts of an MoE layer
+        return module.process_weights_after_loading
+    return None
 
 
 def weight_bytes(model: nn.Module) -> int:

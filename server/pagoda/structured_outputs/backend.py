@@ -18,7 +18,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import llguidance
-import llguidance.hf
 import torch
 
 from pagoda.structured_outputs.params import StructuredOutputsParams
@@ -94,7 +93,10 @@ class GrammarCompiler:
 
     @cached_property
     def tokenizer(self) -> llguidance.LLTokenizer:
-        # about a second for a large vocabulary, so built once, on first use
+        # about a second for a large vocabulary, so built once, on first use; llguidance.hf imports
+        # transformers (~1 s), which `pagoda serve` must not wait for before it is ready
+        import llguidance.hf
+
         return llguidance.hf.from_tokenizer(
             self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids
         )
