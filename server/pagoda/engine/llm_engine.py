@@ -57,8 +57,10 @@ class LLMEngine:
                 workers.close()
             raise
         self.tokenizer = None
-        if not config.skip_tokenizer_init:
-            self.tokenizer = checkpoint.tokenizer if own_tokenizer else open_tokenizer(config.tokenizer)
+        if config.tokenizer and not config.skip_tokenizer_init:
+            self.tokenizer = open_tokenizer(config.tokenizer)
+        elif own_tokenizer:
+            self.tokenizer = checkpoint.tokenizer
         self.spec_decoder = self._spec_decoder()
         self.load_seconds = time.perf_counter() - start
         self._reset_scheduler()

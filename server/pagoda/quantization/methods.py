@@ -282,8 +282,8 @@ def process_weights_after_loading(model: nn.Module, *more: Callable[[], None]) -
     small ops, and torch's own OpenMP threads spin-wait at every one of them, which on a busy or
     CPU-limited host made this 3-5x slower than one thread (and a second of `pagoda serve`'s start-up).
     """
-    jobs = [*(_job(module) for module in model.modules()), *more]
-    jobs = [job for job in jobs if job is not None]
+    found = (_job(module) for module in model.modules())
+    jobs: list[Callable[[], None]] = [job for job in found if job is not None] + list(more)
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     workers = min(_MAX_PACK_THREADS, len(os.sched_getaffinity(0)))
     if not on_cpu or workers == 1:
