@@ -18,6 +18,7 @@ from pagoda.attention.metadata import AttentionMetadata, attention_metadata
 from pagoda.config import EngineConfig
 from pagoda.distributed.parallel_state import all_reduce_min, model_shard
 from pagoda.distributed.workers import TensorParallelWorkers
+from pagoda.engine.cpu_threads import fit_torch_threads
 from pagoda.engine.cuda_graphs import DecodeGraphs
 from pagoda.engine.precision import resolve_dense_copy, resolve_dtype, resolve_quantization
 from pagoda.engine.scheduler import ScheduledSequence
@@ -55,6 +56,8 @@ class ModelRunner:
         self.config = config
         self.workers = workers
         self.device = config.torch_device
+        if self.device.type == "cpu":
+            fit_torch_threads()
         self.dtype = resolve_dtype(config.dtype, checkpoint, self.device)
         self.quantization = resolve_quantization(config.quantization, checkpoint, config.tensor_parallel_size)
         self.spec = ModelSpec.from_hf_config(checkpoint.config)
