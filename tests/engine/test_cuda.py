@@ -335,6 +335,10 @@ def test_compiled_rms_norm_matches_the_torch_layer(monkeypatch, dtype, unit_offs
     fused, reference = torch_and_triton(monkeypatch, "rms_norm", lambda: layer(x))
     # the mean of squares sums in the kernel's own order; all else rounds as torch does
     assert_nearly_equal(fused, reference, 4, 1.0 if dtype == torch.float32 else 0.01)
+    # multiples of 1/8 below 4: the squares sum exactly in any order, so the results are equal
+    x = (torch.randint(-32, 33, (rows, 4096), device=CUDA) / 8).to(dtype)
+    fused, reference = torch_and_triton(monkeypatch, "rms_norm", lambda: layer(x))
+    assert torch.equal(fused, reference)
     # Qwen3's per-head norm of a strided view of the fused qkv output
     head_norm = RMSNorm(128, 1e-6, unit_offset).to(CUDA)
     head_norm.weight.data = torch.randn(128, device=CUDA).to(dtype)
