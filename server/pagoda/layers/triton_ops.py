@@ -56,7 +56,7 @@ def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr, inner, stride_outer, stride_inner, dim, eps,
     UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements in long prefills
     x_ptr += (row // inner) * stride_outer + (row % inner) * stride_inner
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
@@ -94,7 +94,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, half, stride_row, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < half
     gate = tl.load(x_ptr + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -125,7 +125,7 @@ def _rotate_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, stride_xt, stride_xh, stride_ct, stride_st, dim,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_D)
     half = dim // 2
