@@ -304,3 +304,72 @@ def test_fused_moe_kernel_matches_the_torch_expert_loop(dtype: torch.dtype, num_
     got, want = fused_experts(x, moe, groups).float(), moe.experts_torch(x, groups).float()
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     assert relative_error(got, want) < tolerance
+
+
+# --- the one-launch element-wise kernels (RMSNorm, RoPE, SiLU-and-mul) at serving shapes -----------------
+
+
+def torch_and_triton(monkeypatch: pytest.MonkeyPatch, op: str, layer_call):
+    """The layer's output through its Triton kernel, then through its torch code (the kernel declined)."""
+    from pagoda.layers import triton_ops
+
+    kernel, calls = getattr(triton_ops, op), []
+    monkeypatch.setattr(triton_ops, op, lambda *args: calls.append(1) or kernel(*args))
+    fused = layer_call()
+    assert calls, f"the layer did not call triton_ops.{op}"
+    monkeypatch.setattr(triton_ops, op, lambda *args: None)
+    return fused, layer_call()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+@pytest.mark.parametrize("rows", [1, 300])
+def test_compiled_rms_norm_matches_the_torch_layer(monkeypatch, dtype, unit_offset, rows):
+    from test_triton_layers import assert_nearly_equal
+
+    from pagoda.layers.norm import RMSNorm
+
+    layer = RMSNorm(4096, 1e-5, unit_offset).to(CUDA)
+    layer.weight.data = torch.randn(4096, device=CUDA).to(dtype)
+    x = torch.randn(rows, 4096, device=CUDA).to(dtype)
+    fused, reference = torch_and_triton(monkeypatch, "rms_norm", lambda: layer(x))
+    # the mean of squares sums in the kernel's own order; all else rounds as torch does
+    assert_nearly_equal(fused, reference, 4, 1.0 if dtype == torch.float32 else 0.01)
+    # multiples of 1/8 below 4: the squares sum exactly in any order, so the results are equal
+    x = (torch.randint(-32, 33, (rows, 4096), device=CUDA) / 8).to(dtype)
+    fused, reference = torch_and_triton(monkeypatch, "rms_norm", lambda: layer(x))
+    assert torch.equal(fused, reference)
+    # Qwen3's per-head norm of a strided view of the fused qkv output
+    head_norm = RMSNorm(128, 1e-6, unit_offset).to(CUDA)
+    head_norm.weight.data = torch.randn(128, device=CUDA).to(dtype)
+    q = torch.randn(rows, 48 * 128, device=CUDA).to(dtype)[:, : 32 * 128].reshape(rows, 32, 128)
+    fused, reference = torch_and_triton(monkeypatch, "rms_norm", lambda: head_norm(q))
+    assert_nearly_equal(fused, reference, 4, 1.0 if dtype == torch.float32 else 0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 300])
+def test_compiled_rotary_equals_the_torch_rotation(monkeypatch, dtype, rows):
+    from pagoda.layers.rotary import RopeConfig, RotaryEmbedding
+
+    # Llama-3-8B: 32 query + 8 key heads of 128, a strided view of the fused qkv output
+    rope = RotaryEmbedding(RopeConfig(500000.0, 128, "llama3", factor=8.0)).to(CUDA)
+    positions = torch.randint(0, 8000, (rows,), device=CUDA)
+    qkv = torch.randn(rows, 48 * 128, device=CUDA).to(dtype)
+    heads = qkv[:, : 40 * 128].view(rows, 40, 128)
+    fused, reference = torch_and_triton(monkeypatch, "rotate", lambda: rope(positions, heads))
+    assert torch.equal(fused, reference)
+    partial = RotaryEmbedding(RopeConfig(10000.0, 64)).to(CUDA)  # rotary_dim 64 of 128
+    fused, reference = torch_and_triton(monkeypatch, "rotate", lambda: partial(positions, heads))
+    assert torch.equal(fused, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 300])
+def test_compiled_silu_and_mul_equals_the_torch_layer(monkeypatch, dtype, rows):
+    from pagoda.layers.activation import GatedActivation
+
+    act = GatedActivation("silu")
+    x = (torch.randn(rows, 2 * 14336, device=CUDA) * 4).to(dtype)  # Llama-3-8B's gate|up
+    fused, reference = torch_and_triton(monkeypatch, "silu_and_mul", lambda: act(x))
+    assert torch.equal(fused, reference)

@@ -27,7 +27,13 @@ class GatedActivation(nn.Module):
         if name not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
         self.act = ACTIVATIONS[name]
+        self.is_silu = self.act is F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.is_silu:  # one Triton launch instead of two kernels, the same numbers
+            from pagoda.layers import triton_ops
+
+            if (out := triton_ops.silu_and_mul(x)) is not None:
+                return out
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

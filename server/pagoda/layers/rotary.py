@@ -110,4 +110,9 @@ class RotaryEmbedding(nn.Module):
     def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         # transformers' x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]: rolling x by half gives
         # [x2, x1], and the sign moves into sin exactly (negation never rounds)
+        if x.is_cuda:  # one Triton launch instead of four kernels, the same numbers
+            from pagoda.layers import triton_ops
+
+            if (out := triton_ops.rotate(x, cos, signed_sin)) is not None:
+                return out
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
