@@ -17,7 +17,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:  # one Triton launch instead of four kernels, the same numbers
+        if x.is_cuda:  # one Triton launch instead of four kernels: the same roundings, its own summing order
             from pagoda.layers import triton_ops
 
             if (out := triton_ops.rms_norm(x, self.weight, self.eps, self.unit_offset)) is not None:
