@@ -21,6 +21,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -46,17 +48,80 @@ void write_slots(const at::Tensor& src, at::Tensor& cache, const int64_t* slots,
   }
 }
 
+// n values in float32. c10::BFloat16's own conversion does not vectorize; its bits shifted up do.
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <>
+inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t widened = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(dst + i, &widened, sizeof(float));
+  }
+}
+
+// A layer's K or V cache [blocks, block_size, heads, head_dim]: where token t of a block table lies. Strides
+// and the block size (a power of two: a shift and a mask, no division) read once, outside the loops.
+template <typename T>
+struct PagedCache {
+  const T* base;
+  int64_t block_stride, slot_stride, head_stride, mask;
+  int shift;
+
+  explicit PagedCache(const at::Tensor& cache)
+      : base(cache.data_ptr<T>()),
+        block_stride(cache.stride(0)),
+        slot_stride(cache.stride(1)),
+        head_stride(cache.stride(2)),
+        mask(cache.size(1) - 1),
+        shift(__builtin_ctzll(static_cast<uint64_t>(cache.size(1)))) {}
+
+  const T* at(const int32_t* table, int64_t t, int64_t head) const {
+    return base + table[t >> shift] * block_stride + (t & mask) * slot_stride + head * head_stride;
+  }
+};
+
+// Keys scored per pass: their dot products with one query row accumulate in kTokens independent vectors of
+// 16 lanes, one horizontal sum each at the end; one dot at a time was bound by each sum's latency.
+constexpr int64_t kTokens = 8;
+constexpr int64_t kLanes = 16;
+
+// out[j] = q . keys[j] for j < m. keys holds kTokens rows of head_dim floats; rows past m hold whatever
+// the last pass left (their dots are computed, so the loops have fixed trip counts, and dropped).
+inline void dots(const float* q, const float* keys, int64_t head_dim, int64_t m, float* out) {
+  float acc[kTokens][kLanes] = {};
+  const int64_t whole = head_dim - head_dim % kLanes;
+  for (int64_t c = 0; c < whole; c += kLanes) {
+    for (int64_t j = 0; j < kTokens; ++j) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) acc[j][l] += q[c + l] * keys[j * head_dim + c + l];
+    }
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    float sum = 0.f;
+    for (int64_t d = whole; d < head_dim; ++d) sum += q[d] * keys[j * head_dim + d];
+#pragma omp simd reduction(+ : sum)
+    for (int64_t l = 0; l < kLanes; ++l) sum += acc[j][l];
+    out[j] = sum;
+  }
+}
+
 template <typename T>
 void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& query_start_loc, const at::Tensor& block_tables, const at::Tensor& seq_lens,
             double scale, int64_t window, double softcap, at::Tensor& out) {
   const int64_t num_seqs = seq_lens.size(0), num_heads = query.size(1), head_dim = query.size(2);
-  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t num_kv_heads = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads;
   const T* q_base = query.data_ptr<T>();
-  const T* k_base = k_cache.data_ptr<T>();
-  const T* v_base = v_cache.data_ptr<T>();
+  const int64_t q_token_stride = query.stride(0), q_head_stride = query.stride(1);
+  const PagedCache<T> k_pages(k_cache), v_pages(v_cache);
   T* out_base = out.data_ptr<T>();
+  const int64_t out_token_stride = out.stride(0), out_head_stride = out.stride(1);
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -65,7 +130,7 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
   constexpr float kMasked = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q, acc, scores;
+    std::vector<float> q, acc, scores, keys(kTokens * head_dim, 0.f);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / num_kv_heads, kv_head = task % num_kv_heads;
       const int64_t q_start = starts[seq], q_len = starts[seq + 1] - q_start;
@@ -80,39 +145,33 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
       scores.resize(rows * n);
       for (int64_t i = 0; i < q_len; ++i) {
         for (int64_t g = 0; g < group; ++g) {
-          const T* row = q_base + (q_start + i) * query.stride(0) + (kv_head * group + g) * query.stride(1);
+          const T* row = q_base + (q_start + i) * q_token_stride + (kv_head * group + g) * q_head_stride;
           float* dst = q.data() + (i * group + g) * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<float>(row[d]);
+          to_float(row, dst, head_dim);
         }
       }
-      for (int64_t t = first; t < len; ++t) {
-        const T* key = k_base + table[t / block_size] * k_cache.stride(0) + (t % block_size) * k_cache.stride(1) +
-                       kv_head * k_cache.stride(2);
+      for (int64_t t0 = first; t0 < len; t0 += kTokens) {
+        const int64_t m = std::min<int64_t>(kTokens, len - t0);
+        for (int64_t j = 0; j < m; ++j) {  // the next keys in float32, each loaded once for every row
+          to_float(k_pages.at(table, t0 + j, kv_head), keys.data() + j * head_dim, head_dim);
+        }
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t pos = context + r / group;
-          if (t > pos || (window > 0 && t <= pos - window)) {  // causal, and the sliding window
-            scores[r * n + (t - first)] = kMasked;
-            continue;
-          }
-          const float* qr = q.data() + r * head_dim;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += qr[d] * static_cast<float>(key[d]);
-          scores[r * n + (t - first)] = dot * static_cast<float>(scale);
+          dots(q.data() + r * head_dim, keys.data(), head_dim, m, scores.data() + r * n + (t0 - first));
         }
       }
       for (int64_t r = 0; r < rows; ++r) {  // every row sees at least its own token: the max is finite
         float* s = scores.data() + r * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) s[i] *= static_cast<float>(scale);
         if (cap > 0.f) {
-          for (int64_t i = 0; i < n; ++i) s[i] = cap * std::tanh(s[i] / cap);  // tanh(-inf) = -1: re-mask
+          for (int64_t i = 0; i < n; ++i) s[i] = cap * std::tanh(s[i] / cap);
         }
+        // the keys this row may not see: after its own position (causal), before its window
         const int64_t pos = context + r / group;
-        float max = kMasked;
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t t = first + i;
-          if (t > pos || (window > 0 && t <= pos - window)) s[i] = kMasked;
-          max = std::max(max, s[i]);
-        }
+        const int64_t visible_from = window > 0 ? std::max<int64_t>(first, pos - window + 1) : first;
+        std::fill(s, s + (visible_from - first), kMasked);
+        std::fill(s + (pos + 1 - first), s + n, kMasked);
+        const float max = *std::max_element(s, s + n);
         float sum = 0.f;
         for (int64_t i = 0; i < n; ++i) {
           s[i] = expf(s[i] - max);
@@ -122,19 +181,19 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
         for (int64_t i = 0; i < n; ++i) s[i] *= inv;
       }
       for (int64_t t = first; t < len; ++t) {
-        const T* value = v_base + table[t / block_size] * v_cache.stride(0) +
-                         (t % block_size) * v_cache.stride(1) + kv_head * v_cache.stride(2);
+        to_float(v_pages.at(table, t, kv_head), keys.data(), head_dim);  // (the keys' buffer, free now)
+        const float* value = keys.data();
         for (int64_t r = 0; r < rows; ++r) {
           const float p = scores[r * n + (t - first)];
           if (p == 0.f) continue;  // masked
           float* a = acc.data() + r * head_dim;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * static_cast<float>(value[d]);
+          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * value[d];
         }
       }
       for (int64_t i = 0; i < q_len; ++i) {
         for (int64_t g = 0; g < group; ++g) {
-          T* dst = out_base + (q_start + i) * out.stride(0) + (kv_head * group + g) * out.stride(1);
+          T* dst = out_base + (q_start + i) * out_token_stride + (kv_head * group + g) * out_head_stride;
           const float* a = acc.data() + (i * group + g) * head_dim;
           for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(a[d]);
         }
@@ -153,6 +212,7 @@ void check(const at::Tensor& query, const at::Tensor& key, const at::Tensor& val
   }
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && k_cache.dim() == 4, "query/key/value [N, H, D], caches [B, S, Hkv, D]");
   TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK((k_cache.size(1) & (k_cache.size(1) - 1)) == 0, "the block size must be a power of two");
   TORCH_CHECK(key.size(0) == query.size(0) && slot_mapping.size(0) == query.size(0), "a key and a slot per query");
   TORCH_CHECK(query_start_loc.size(0) == seq_lens.size(0) + 1 && block_tables.size(0) == seq_lens.size(0),
               "query_start_loc, block_tables and seq_lens describe the same sequences");
