@@ -34,8 +34,8 @@ def write_kv(
     v_scale: float = 1.0,
 ) -> None:
     """Store each token's key/value at its cache slot (block * block_size + offset); slots < 0 are skipped."""
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
+    valid = _valid_slots(slot_mapping)
+    if valid is not None:
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
     if k_cache.dtype == torch.float8_e4m3fn:
         # The cast saturates at +-448, so a value past the calibrated range clips instead of turning NaN.
@@ -44,9 +44,27 @@ def write_kv(
         value = (value.float() / v_scale).to(v_cache.dtype).view(torch.uint8)
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    # view (not reshape): the write must land in the cache itself, never in a copy
-    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    # view (not reshape): the write must land in the cache itself, never in a copy; the casts are skipped
+    # when they are no-ops (a decode step of one sequence runs ~50 ops per layer: each counts)
+    key = key if key.dtype == k_cache.dtype else key.to(k_cache.dtype)
+    value = value if value.dtype == v_cache.dtype else value.to(v_cache.dtype)
+    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
+    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+
+
+# (slot_mapping, its mask of valid slots or None when all are): every layer of a step writes to the same
+# slots, so the check (three ops, and a device sync on a GPU) runs once per step. Holding the tensor keeps
+# its identity from being reused by another step's.
+_last_slots: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+
+def _valid_slots(slot_mapping: torch.Tensor) -> torch.Tensor | None:
+    """The mask of slots >= 0, or None when every slot is."""
+    global _last_slots
+    if _last_slots is None or _last_slots[0] is not slot_mapping:
+        valid = slot_mapping >= 0
+        _last_slots = (slot_mapping, None if bool(valid.all()) else valid)
+    return _last_slots[1]
 
 
 def paged_attention(
