@@ -16,6 +16,8 @@ written, dequantized as they are gathered. Other caches ignore the scales.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -271,7 +273,8 @@ def _attend(
     if softcap is None and sinks is None:
         q = query if query.dtype == keys.dtype else query.to(keys.dtype)
         k, v = keys.transpose(1, 2), values.transpose(1, 2)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        with _one_thread_if_few_items(q, k.shape[2]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     q = query.float()
     k = keys.float().transpose(1, 2)
     v = values.float().transpose(1, 2)
@@ -283,3 +286,26 @@ def _attend(
         return torch.matmul(scores.softmax(dim=-1), v)
     scores = torch.cat((scores, sinks.expand(scores.shape[0], -1, -1, 1)), dim=-1)
     return torch.matmul(scores.softmax(dim=-1)[..., :-1], v)
+
+
+# SDPA's CPU kernel splits its work into (batch, KV head, block of 256 query rows) items over all threads and
+# sizes per-thread buffers by the thread count. With fewer items than two per thread the split is uneven (3
+# items on 2 threads: 1.5x at best), and on 2 Sapphire Rapids cores waking the other thread cost more than
+# it saved up to ~2k keys (a decode of one SmolLM2 sequence: 31 us on one thread, ~140 on two).
+_ONE_THREAD_MAX_KEYS = 2048
+
+
+@contextmanager
+def _one_thread_if_few_items(query: torch.Tensor, num_keys: int) -> Iterator[None]:
+    """Run the block on one CPU thread when SDPA over `query` [B, Hkv, R, D] has too few items to share."""
+    threads = torch.get_num_threads()
+    batch, heads, rows = query.shape[:3]
+    items = batch * heads * -(-rows // 256)
+    if query.device.type != "cpu" or threads == 1 or items >= 2 * threads or num_keys > _ONE_THREAD_MAX_KEYS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
