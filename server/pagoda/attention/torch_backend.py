@@ -291,7 +291,8 @@ def _attend(
 # SDPA's CPU kernel splits its work into (batch, KV head, block of 256 query rows) items over all threads and
 # sizes per-thread buffers by the thread count. With fewer items than two per thread the split is uneven (3
 # items on 2 threads: 1.5x at best), and on 2 Sapphire Rapids cores waking the other thread cost more than
-# it saved up to ~2k keys (a decode of one SmolLM2 sequence: 31 us on one thread, ~140 on two).
+# it saved up to ~2k keys (a decode of one SmolLM2 sequence, 288 keys: 31-40 us on one thread, 40-270 on
+# two, depending on the machine's load).
 _ONE_THREAD_MAX_KEYS = 2048
 
 
