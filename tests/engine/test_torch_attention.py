@@ -185,3 +185,42 @@ def test_write_kv_fills_slots_and_skips_negative_ones() -> None:
 
 def test_get_backend_picks_torch_on_cpu() -> None:
     assert get_backend(torch.device("cpu")) is torch_backend
+
+
+def test_write_kv_checks_each_steps_slots() -> None:
+    """The slot check is remembered for one slot tensor: a later step's, with a skipped slot, is checked."""
+    k_cache, v_cache = torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)
+    key = torch.randn(2, 1, 8)
+    torch_backend.write_kv(key, key, k_cache, v_cache, torch.tensor([0, 1]))
+    torch_backend.write_kv(key, key, k_cache, v_cache, torch.tensor([-1, 5]))
+    assert torch.equal(k_cache[1, 1], key[1]) and int((k_cache != 0).any(dim=(-1, -2)).sum()) == 3
+
+
+@pytest.mark.parametrize(("num_seqs", "threads_seen"), [(1, 1), (8, 2)])
+def test_decode_attention_of_few_items_runs_on_one_thread(
+    num_seqs: int, threads_seen: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SDPA over fewer (sequence, KV head) items than two per thread runs on one thread (waking the others
+    costs more than they save), with the same result, and the thread count is restored after."""
+    torch.manual_seed(num_seqs)
+    contexts = [(torch.randn(n, 2, 16), torch.randn(n, 2, 16)) for n in range(20, 20 + num_seqs)]
+    k_cache, v_cache, md = build_paged_batch(contexts, [1] * num_seqs, 4, random.Random(0))
+    query = torch.randn(num_seqs, 4, 16)
+    seen: list[int] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return sdpa(*args, **kwargs)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+        out = torch_backend.paged_attention(query, k_cache, v_cache, md, 0.25)
+        assert seen == [threads_seen] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    for i, (keys, values) in enumerate(contexts):
+        expected = reference_attention(query[i : i + 1], keys, values, 0.25, None, None)
+        torch.testing.assert_close(out[i : i + 1], expected)

@@ -16,6 +16,8 @@ written, dequantized as they are gathered. Other caches ignore the scales.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +36,8 @@ def write_kv(
     v_scale: float = 1.0,
 ) -> None:
     """Store each token's key/value at its cache slot (block * block_size + offset); slots < 0 are skipped."""
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
+    valid = _valid_slots(slot_mapping)
+    if valid is not None:
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
     if k_cache.dtype == torch.float8_e4m3fn:
         # The cast saturates at +-448, so a value past the calibrated range clips instead of turning NaN.
@@ -44,9 +46,27 @@ def write_kv(
         value = (value.float() / v_scale).to(v_cache.dtype).view(torch.uint8)
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    # view (not reshape): the write must land in the cache itself, never in a copy
-    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    # view (not reshape): the write must land in the cache itself, never in a copy; the casts are skipped
+    # when they are no-ops (a decode step of one sequence runs ~50 ops per layer: each counts)
+    key = key if key.dtype == k_cache.dtype else key.to(k_cache.dtype)
+    value = value if value.dtype == v_cache.dtype else value.to(v_cache.dtype)
+    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
+    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+
+
+# (slot_mapping, its mask of valid slots or None when all are): every layer of a step writes to the same
+# slots, so the check (three ops, and a device sync on a GPU) runs once per step. Holding the tensor keeps
+# its identity from being reused by another step's.
+_last_slots: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+
+def _valid_slots(slot_mapping: torch.Tensor) -> torch.Tensor | None:
+    """The mask of slots >= 0, or None when every slot is."""
+    global _last_slots
+    if _last_slots is None or _last_slots[0] is not slot_mapping:
+        valid = slot_mapping >= 0
+        _last_slots = (slot_mapping, None if bool(valid.all()) else valid)
+    return _last_slots[1]
 
 
 def paged_attention(
@@ -253,7 +273,8 @@ def _attend(
     if softcap is None and sinks is None:
         q = query if query.dtype == keys.dtype else query.to(keys.dtype)
         k, v = keys.transpose(1, 2), values.transpose(1, 2)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        with _one_thread_if_few_items(q, k.shape[2]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     q = query.float()
     k = keys.float().transpose(1, 2)
     v = values.float().transpose(1, 2)
@@ -265,3 +286,27 @@ def _attend(
         return torch.matmul(scores.softmax(dim=-1), v)
     scores = torch.cat((scores, sinks.expand(scores.shape[0], -1, -1, 1)), dim=-1)
     return torch.matmul(scores.softmax(dim=-1)[..., :-1], v)
+
+
+# SDPA's CPU kernel splits its work into (batch, KV head, block of 256 query rows) items over all threads and
+# sizes per-thread buffers by the thread count. With fewer items than two per thread the split is uneven (3
+# items on 2 threads: 1.5x at best), and on 2 Sapphire Rapids cores waking the other thread cost more than
+# it saved up to ~2k keys (a decode of one SmolLM2 sequence, 288 keys: 31-40 us on one thread, 40-270 on
+# two, depending on the machine's load).
+_ONE_THREAD_MAX_KEYS = 2048
+
+
+@contextmanager
+def _one_thread_if_few_items(query: torch.Tensor, num_keys: int) -> Iterator[None]:
+    """Run the block on one CPU thread when SDPA over `query` [B, Hkv, R, D] has too few items to share."""
+    threads = torch.get_num_threads()
+    batch, heads, rows = query.shape[:3]
+    items = batch * heads * -(-rows // 256)
+    if query.device.type != "cpu" or threads == 1 or items >= 2 * threads or num_keys > _ONE_THREAD_MAX_KEYS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -44,6 +44,7 @@ class DecoderAttention(nn.Module):
         self.num_heads = spec.num_heads // self.qkv_proj.tp_size
         self.num_kv_heads, self.head_dim = self.qkv_proj.num_kv_heads, spec.head_dim
         self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=spec.o_bias)
+        self.qk_norm, self.has_sinks = spec.qk_norm, spec.attention_sinks
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_unit_offset)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_unit_offset)
@@ -63,16 +64,18 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
-        q, k, v = self.qkv_proj.split(qkv)
         heads = [self.num_heads, self.num_kv_heads]
-        if hasattr(self, "q_norm"):  # Qwen3 normalises each head before the rotation
+        qk_width = sum(heads) * self.head_dim
+        if self.qk_norm:  # Qwen3 normalises each head before the rotation
+            q, k, _ = self.qkv_proj.split(qkv)
             q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
             k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
             qk = torch.cat((q, k), dim=1)
         else:  # q and k sit side by side in the fused output: one view holds both
-            qk = qkv[:, : q.shape[-1] + k.shape[-1]].view(-1, sum(heads), self.head_dim)
+            qk = qkv[:, :qk_width].view(-1, sum(heads), self.head_dim)
         q, k = self.rotary_emb(positions, qk).split(heads, dim=1)  # both rotated in one go
-        return self.o_proj(self.attn(q, k, v, getattr(self, "sinks", None)))
+        # (plain attributes, not hasattr on the module: a missing one costs an exception each layer)
+        return self.o_proj(self.attn(q, k, qkv[:, qk_width:], self.sinks if self.has_sinks else None))
 
     def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None = None) -> None:
         # one per query head: this rank's heads
