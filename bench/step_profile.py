@@ -36,6 +36,7 @@ ISA_ENV = {
 PARTS = [
     ("int4_matmul", "int4 matmuls (qkv, o, gate_up, down)"),
     ("lm_head", "LM head"),
+    ("cpp_attention", "attention: C++ kernel (KV write + attention in place)"),
     ("kv_write", "attention: KV write"),
     ("attn_plan", "attention: plan (masks, gather indices)"),
     ("gather", "attention: gather blocks"),
@@ -215,7 +216,7 @@ def _under_aten_op(event: Any) -> bool:
 def ranges(runner: Any) -> Iterator[None]:
     """Profiler ranges around the model's parts, for the duration of the block: instance attributes and
     module globals wrapped here, restored after."""
-    from pagoda.attention import torch_backend
+    from pagoda.attention import cpu_kernels, torch_backend
     from pagoda.layers.activation import GatedActivation
     from pagoda.layers.attention import Attention
     from pagoda.layers.norm import RMSNorm
@@ -233,10 +234,14 @@ def ranges(runner: Any) -> Iterator[None]:
         if hasattr(module, "quant_method"):
             patches.append((module, "forward", "int4_matmul"))
         patches += [(module, "forward", name) for kind, name in kinds if isinstance(module, kind)]
-    functions = [("write_kv", "kv_write"), ("_plan", "attn_plan"), ("_gather", "gather"), ("_attend", "sdpa")]
-    saved = [(torch_backend, attr, getattr(torch_backend, attr)) for attr, _ in functions]
-    for attr, name in functions:
-        setattr(torch_backend, attr, _in_range(getattr(torch_backend, attr), name))
+    functions = [
+        (torch_backend, "write_kv", "kv_write"), (torch_backend, "_plan", "attn_plan"),
+        (torch_backend, "_gather", "gather"), (torch_backend, "_attend", "sdpa"),
+        (cpu_kernels, "paged_decode_attention", "cpp_attention"),
+    ]  # fmt: skip
+    saved = [(module, attr, getattr(module, attr)) for module, attr, _ in functions]
+    for module, attr, name in functions:
+        setattr(module, attr, _in_range(getattr(module, attr), name))
     for obj, attr, name in patches:
         setattr(obj, attr, _in_range(getattr(obj, attr), name))  # an instance attribute shadows the method
     try:
