@@ -94,6 +94,11 @@ def test_rejects_what_it_cannot_compute():
         cpu_kernels.paged_decode_attention(
             batch.query.double(), key, value, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None
         )
+    batch.md.block_tables[2, 0] = batch.k_cache.shape[0]  # a block past the pool: never read
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_kernels.paged_decode_attention(
+            batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None
+        )
     with pytest.raises(RuntimeError, match="a key and a slot per query"):
         cpu_kernels.paged_decode_attention(
             batch.query[:3], key, value, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None

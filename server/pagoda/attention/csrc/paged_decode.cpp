@@ -223,6 +223,20 @@ void check(const at::Tensor& query, const at::Tensor& key, const at::Tensor& val
   TORCH_CHECK(block_tables.stride(1) == 1 && seq_lens.is_contiguous() && slot_mapping.is_contiguous() &&
                   query_start_loc.is_contiguous(),
               "block_tables rows, seq_lens, query_start_loc and slot_mapping must be contiguous");
+  // Every cache read stays inside the pool: each sequence's queries, context and blocks are consistent.
+  const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t block_size = k_cache.size(1), num_blocks = k_cache.size(0), width = block_tables.size(1);
+  TORCH_CHECK(starts[0] == 0 && starts[seq_lens.size(0)] == query.size(0), "query_start_loc must span the queries");
+  for (int64_t i = 0; i < seq_lens.size(0); ++i) {
+    const int64_t q_len = starts[i + 1] - starts[i], used = (lens[i] + block_size - 1) / block_size;
+    TORCH_CHECK(q_len >= 1 && lens[i] >= q_len && used <= width, "sequence ", i, ": inconsistent lengths");
+    for (int64_t b = 0; b < used; ++b) {
+      const int32_t block = tables[i * block_tables.stride(0) + b];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "sequence ", i, ": block ", block, " outside the cache");
+    }
+  }
 }
 
 // Writes key/value [N, Hkv, D] at slot_mapping[N], then attends: sequence i's queries (flat rows
