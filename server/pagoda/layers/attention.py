@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from pagoda.attention import cpu_kernels, get_backend, torch_backend
-from pagoda.attention.cpu_kernels import MAX_QUERY_LEN
 from pagoda.attention.metadata import get_attention_metadata
 from pagoda.quantization.kv_cache import calibrate_scale, is_fp8
 
@@ -71,22 +70,22 @@ class Attention(nn.Module):
             return out.view(-1, self.num_heads * self.head_dim)
         if self._backend is None:
             self._backend = get_backend(q.device)
-        if self._backend is torch_backend and md.max_query_len <= MAX_QUERY_LEN and cpu_kernels.available():
+        if self._backend is not torch_backend:  # Triton reads this step's keys where the projection left them
+            self._backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping)
+            out = self._backend.paged_attention(
+                query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap,
+                new_kv=(key, value),
+            )
+        elif md.max_query_len <= cpu_kernels.MAX_QUERY_LEN and cpu_kernels.available():
             # the C++ kernel writes the new K/V and reads every context in place, without gathering it
             out = cpu_kernels.paged_decode_attention(
                 query, key, value, self.k_cache, self.v_cache, md, self.scale, self.sliding_window,
                 self.softcap,
             )
-            return out.view(-1, self.num_heads * self.head_dim)
-        self._backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping)
-        if self._backend is torch_backend:
+        else:
+            torch_backend.write_kv(key, value, self.k_cache, self.v_cache, md.slot_mapping)
             out = torch_backend.paged_attention(
                 query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap
-            )
-        else:  # Triton reads this step's keys where the projection left them, earlier ones from the cache
-            out = self._backend.paged_attention(
-                query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap,
-                new_kv=(key, value),
             )
         return out.view(-1, self.num_heads * self.head_dim)
 
