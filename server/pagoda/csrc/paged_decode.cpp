@@ -9,7 +9,7 @@
 // prefill chunk is a matrix product that SDPA does far better: it stays on the torch path. The step's new keys and values are written to their slots first, as the
 // torch path does (`write_kv`), so the whole batch's K/V is in place before anyone attends.
 //
-// Built by `python -m pagoda.attention.cpu_kernels` (make install); registered as torch.ops.pagoda.*.
+// Built by `python -m pagoda.cpu_extension` (make install); registered as torch.ops.pagoda.*.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
