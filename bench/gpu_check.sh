@@ -24,7 +24,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 step() { echo "=== $1 $(date +%T)"; }
 if has tests; then
   step tests
-  timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -o addopts= -rf tests/engine/test_cuda.py 2>&1 \
+  timeout "${TEST_TIMEOUT:-360}" python3 -m pytest -q -p no:cacheprovider -o addopts= -rf tests/engine/test_cuda.py 2>&1 \
     | tee "$OUT/pytest-cuda.log" | tail -25
 fi
 if has sweep; then
