@@ -42,7 +42,9 @@ if has attention; then
 fi
 if has decode; then
   step decode
-  timeout 120 python3 -m bench.gpu_decode --out "$OUT/gpu-decode.json" 2>&1 | tail -20
+  # DECODE_PROFILE=N: also the kernels' device time per token over an N-token generation
+  timeout 150 python3 -m bench.gpu_decode --out "$OUT/gpu-decode.json" ${DECODE_PROFILE:+--profile "$DECODE_PROFILE"} \
+    2>&1 | tail -45
 fi
 if has host && [ -f bench/host_overhead.py ]; then
   step host

@@ -67,6 +67,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="then profile an N-token generation and print the kernels' device time per token",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -120,6 +124,24 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.profile:
+        print_kernel_profile(lambda: generate(args.profile), args.profile)
+
+
+def print_kernel_profile(run: Any, tokens: int) -> None:
+    """The CUDA kernels of `run` (inside the decode graphs too), by device time per token: what the step
+    spends beside the weight-reading matmuls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+    rows = [e for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in rows)
+    print(f"device time per token {total / tokens / 1e3:.3f} ms over {tokens} tokens; top kernels:")
+    print("  us/token  calls/token  kernel")
+    for e in rows[:25]:
+        print(f"  {e.device_time_total / tokens:8.1f}  {e.count / tokens:11.1f}  {e.key[:110]}")
 
 
 if __name__ == "__main__":
