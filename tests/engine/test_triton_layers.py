@@ -62,6 +62,22 @@ def test_rms_norm_equals_the_torch_layer(ops, dtype, unit_offset, rows, dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+@pytest.mark.parametrize(("rows", "dim"), [(1, 4096), (13, 576)])
+def test_add_rms_norm_equals_the_residual_add_then_the_torch_layer(ops, dtype, unit_offset, rows, dim):
+    layer = norm_layer(dim, dtype, unit_offset, seed=rows)
+    gen = torch.Generator().manual_seed(dim)
+    # sums that round in half precision; the norm of the rounded sum is held to the ulps of the test above
+    # (its mean of squares sums in its own order)
+    x = (torch.randn(rows, dim, generator=gen) * 300).to(dtype)
+    residual = torch.randn(rows, dim, generator=gen).to(dtype)
+    summed = x + residual
+    out, got_sum = ops.add_rms_norm(x, residual, layer.weight, layer.eps, unit_offset)
+    assert torch.equal(got_sum, summed)
+    assert_nearly_equal(out, layer(summed), 4, 1.0 if dtype == torch.float32 else 0.01)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_reads_strided_heads(ops, dtype):
     # Qwen3's q_norm: each head of q, a strided view of the fused qkv projection
     tokens, heads, head_dim = 5, 3, 128

@@ -53,14 +53,18 @@ def _round(x, dtype: tl.constexpr):
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, w_ptr, out_ptr, inner, stride_outer, stride_inner, dim, eps,
-    UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, w_ptr, out_ptr, residual_ptr, sum_ptr, inner, stride_outer, stride_inner, dim, eps,
+    UNIT_OFFSET: tl.constexpr, ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements in long prefills
     x_ptr += (row // inner) * stride_outer + (row % inner) * stride_inner
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
     x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD_RESIDUAL:  # x + residual, rounded to the activations' dtype as torch's add rounds it, normalised
+        x = _round(x + tl.load(residual_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32),
+                   x_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * dim + cols, x.to(sum_ptr.dtype.element_ty), mask=mask)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     # F.rms_norm on float32: x * rsqrt(mean(x^2) + eps)
     normed = x * tl.math.rsqrt(tl.math.div_rn(tl.sum(x * x, axis=0), dim.to(tl.float32)) + eps)
@@ -77,19 +81,47 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
     dim = x.shape[-1]
     if x.dim() not in (2, 3) or x.stride(-1) != 1 or dim > _MAX_DIM or not weight.is_contiguous():
         return None
-    out_dtype = x.dtype if unit_offset else torch.promote_types(weight.dtype, x.dtype)
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    rows = x.numel() // dim
-    if rows == 0:
-        return out
+    out = torch.empty(x.shape, dtype=_norm_dtype(x, weight, unit_offset), device=x.device)
     inner = x.shape[1] if x.dim() == 3 else 1
     stride_inner = x.stride(1) if x.dim() == 3 else 0
-    _rms_norm_kernel[(rows,)](
-        x, weight, out, inner, x.stride(0), stride_inner, dim, eps,
-        UNIT_OFFSET=unit_offset, BLOCK=triton.next_power_of_2(dim), num_warps=4 if dim <= 4096 else 8,
-        **_LAUNCH,
-    )
+    _launch_rms_norm(x, weight, out, None, None, inner, stride_inner, eps, unit_offset)
     return out
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(RMSNorm.forward(x + residual), x + residual) for rows [N, D] in one launch, or None where the
+    layout is not one this kernel reads."""
+    dim = x.shape[-1]
+    if (
+        x.dim() != 2 or x.stride(-1) != 1 or dim > _MAX_DIM or not weight.is_contiguous()
+        or residual.shape != x.shape or residual.dtype != x.dtype or not residual.is_contiguous()
+    ):
+        return None
+    out = torch.empty(x.shape, dtype=_norm_dtype(x, weight, unit_offset), device=x.device)
+    summed = torch.empty_like(residual)
+    _launch_rms_norm(x, weight, out, residual, summed, 1, 0, eps, unit_offset)
+    return out, summed
+
+
+def _norm_dtype(x: torch.Tensor, weight: torch.Tensor, unit_offset: bool) -> torch.dtype:
+    return x.dtype if unit_offset else torch.promote_types(weight.dtype, x.dtype)
+
+
+def _launch_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None,
+    summed: torch.Tensor | None, inner: int, stride_inner: int, eps: float, unit_offset: bool,
+) -> None:
+    dim = x.shape[-1]
+    rows = x.numel() // dim
+    if rows == 0:
+        return
+    _rms_norm_kernel[(rows,)](
+        x, weight, out, residual, summed, inner, x.stride(0), stride_inner, dim, eps,
+        UNIT_OFFSET=unit_offset, ADD_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(dim),
+        num_warps=4 if dim <= 4096 else 8, **_LAUNCH,
+    )
 
 
 @triton.jit
