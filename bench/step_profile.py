@@ -13,8 +13,9 @@ step is longer than the wall clock's; the shares are what it shows.
     python -m bench.step_profile --isa avx2      # torch's (and oneDNN's, MKL's) AVX2 kernels, float32
 
 `--isa avx2` re-runs the script with ATEN_CPU_CAPABILITY=avx2 (torch's kernel dispatch), ONEDNN_MAX_CPU_ISA
-and MKL_ENABLE_INSTRUCTIONS capped at AVX2, and dtype float32: what `dtype=auto` picks on a CPU without
-native bfloat16, so an AVX-512 host reports an AVX2 host's step too.
+and MKL_ENABLE_INSTRUCTIONS capped at AVX2, Pagoda's C++ operators built for x86-64-v3 (as the image builds
+them), and dtype float32: what `dtype=auto` picks on a CPU without native bfloat16, so an AVX-512 host
+reports an AVX2 host's step too.
 """
 
 from __future__ import annotations
@@ -76,6 +77,19 @@ def reexec_under_isa(isa: str) -> None:
     os.execve(sys.executable, argv, {**os.environ, **env})
 
 
+def use_avx2_extension() -> None:
+    """Pagoda's C++ operators as the image builds them (-march=x86-64-v3: AVX2, no AVX-512), so that
+    `--isa avx2` runs an AVX2 host's code of ours too, not only of torch's."""
+    import tempfile
+    from pathlib import Path
+
+    from pagoda import cpu_extension
+
+    native = cpu_extension.library_path()
+    avx2 = cpu_extension.build("x86-64-v3", Path(tempfile.gettempdir()) / f"x86-64-v3{native.name}")
+    cpu_extension.library_path = lambda: avx2  # type: ignore[assignment]
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     dtype = args.dtype or ("float32" if args.isa else None)
@@ -96,6 +110,8 @@ def main() -> None:
     from bench.env import cpu_model
     from pagoda import LLM
 
+    if args.isa == "avx2":
+        use_avx2_extension()
     llm = LLM(**engine_options(args))
     engine = llm.engine
     runner = engine.runner

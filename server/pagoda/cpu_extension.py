@@ -35,10 +35,12 @@ def library_path() -> Path:
     return SOURCE_DIR.parent / f"_pagoda_cpu_{digest.hexdigest()[:12]}.so"
 
 
-def build(march: str = "native") -> Path:
+def build(march: str = "native", target: Path | None = None) -> Path:
     """Compile the operators for this machine (`march`: g++'s -march; x86-64-v3 for an image that runs on
-    any AVX2 host); a no-op when the current sources are already built."""
-    target = library_path()
+    any AVX2 host) into `target` (default: `library_path()`, replacing older builds there); a no-op when
+    the target is already built."""
+    default = target is None
+    target = target or library_path()
     if target.is_file():
         return target
     if shutil.which("g++") is None:
@@ -55,7 +57,7 @@ def build(march: str = "native") -> Path:
     ]  # fmt: skip
     subprocess.run(command, check=True)
     target.with_suffix(".tmp").rename(target)  # whole or absent, never half-written
-    for stale in target.parent.glob("_pagoda_cpu_*.so"):
+    for stale in target.parent.glob("_pagoda_cpu_*.so") if default else ():
         if stale != target:
             stale.unlink()
     return target
