@@ -33,6 +33,8 @@ class Request:
             for s in seqs
         ]
         self._new_tokens = [0] * len(seqs)
+        # every step's tokens make an output, or only the last ones (FINAL_ONLY, as LLM.generate asks)
+        self.streams = seqs[0].params.output_kind != RequestOutputKind.FINAL_ONLY
 
     @property
     def finished(self) -> bool:
@@ -41,7 +43,7 @@ class Request:
     @property
     def wants_output(self) -> bool:
         """Whether this step's tokens make an output: every step, or only the last (FINAL_ONLY)."""
-        return self.seqs[0].params.output_kind != RequestOutputKind.FINAL_ONLY or self.finished
+        return self.streams or self.finished
 
     def append_token(
         self, seq: Sequence, token_id: int, logprobs: dict[int, float] | None, now: float
@@ -51,11 +53,13 @@ class Request:
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         self._new_tokens[seq.index] += 1
-        self.metrics.first_token_time = self.metrics.first_token_time or now
-        self.metrics.last_token_time = now
+        metrics = self.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
         params = seq.params
         reason: str | None = None
-        if token_id in params.stop_token_ids:
+        if params.stop_token_ids and token_id in params.stop_token_ids:
             reason, seq.stop_reason = "stop", token_id
         elif token_id in self.eos_token_ids and not params.ignore_eos:
             reason = "stop"
