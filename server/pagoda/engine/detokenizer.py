@@ -153,6 +153,7 @@ class SequenceDetokenizer:
         self.stop_strings = StopStrings(params.stop)
         self.output_text = ""  # all text so far, cut before the stop string once one matched
         self.num_emitted = 0  # how many characters of output_text have been streamed
+        self.num_tokens = 0  # how many generated tokens it has been given
 
     @property
     def text(self) -> str:
@@ -161,6 +162,7 @@ class SequenceDetokenizer:
 
     def update(self, token_ids: list[int], finished: bool = False) -> TextDelta:
         """Add the step's new tokens. `finished` (length, EOS, abort) releases all held-back text."""
+        self.num_tokens += len(token_ids)
         new_text = self.detokenizer.append(token_ids)
         if finished:
             new_text += self.detokenizer.flush()

@@ -35,6 +35,10 @@ class Request:
         self._new_tokens = [0] * len(seqs)
         # every step's tokens make an output, or only the last ones (FINAL_ONLY, as LLM.generate asks)
         self.streams = seqs[0].params.output_kind != RequestOutputKind.FINAL_ONLY
+        # Without stop strings the text decides nothing, and a FINAL_ONLY request shows it only at the end:
+        # its tokens are detokenized then, in one go (the same calls in the same order, the same text),
+        # which keeps them off the per-token path of every step.
+        self.text_at_end = not self.streams and not seqs[0].params.stop
 
     @property
     def finished(self) -> bool:
@@ -68,7 +72,7 @@ class Request:
         elif params.max_tokens is not None and seq.num_completion_tokens >= params.max_tokens:
             reason = "length"
         detokenizer = self.detokenizers[seq.index]
-        if detokenizer is not None:
+        if detokenizer is not None and not self.text_at_end:
             delta = detokenizer.update([token_id], finished=reason is not None)
             if delta.stopped:
                 reason, seq.stop_reason = "stop", delta.stop_string
@@ -79,6 +83,8 @@ class Request:
         finished = self.finished
         if finished:
             self.metrics.finished_time = self.metrics.last_token_time
+        if self.text_at_end:
+            self._catch_up_text()
         completions = [
             CompletionOutput(
                 index=seq.index,
@@ -103,3 +109,14 @@ class Request:
             metrics=self.metrics,
             new_token_counts=new_counts,
         )
+
+    def _catch_up_text(self) -> None:
+        """Detokenize the tokens held back for the end, as `append_token` would have one by one: a sequence
+        that ended on a token of its own (a finish reason but "abort") releases its held-back text."""
+        for seq, detokenizer in zip(self.seqs, self.detokenizers):
+            if detokenizer is None:
+                continue
+            pending = seq.completion_token_ids[detokenizer.num_tokens :]
+            if pending:
+                ended = seq.finish_reason is not None and seq.finish_reason != "abort"
+                detokenizer.update(pending, finished=ended)
