@@ -14,7 +14,9 @@ are exclusive: a phase's nested phases are not counted twice):
     execute      the rest of ModelRunner.execute: the sampled tokens as lists, and freeing the step's
                  tensors (on the CPU, at 256 rows, mostly unmapping the 50 MB of logits: 4-5 ms)
     tokens       Request.append_token: stop checks, incremental detokenization, stop strings
-    outputs      Request.output: the RequestOutput snapshots
+    outputs      Request.output: the RequestOutput snapshots (and a FINAL_ONLY request's detokenization,
+                 done when it ends: without `--stream` the timed steps, where nothing ends, leave it out;
+                 it costs what detokenizing token by token costs in `tokens` with `--stream`)
     other        the rest of LLMEngine.step
 
 On `--device cuda` the script also times the device: the last decode step's forward, LM head and argmax

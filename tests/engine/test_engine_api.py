@@ -122,6 +122,29 @@ def test_output_kinds_and_token_ids_without_text(llm: LLM, reference: torch.nn.M
         SamplingParams(output_kind=RequestOutputKind.DELTA)
 
 
+def test_final_only_text_is_the_streamed_text(llm: LLM) -> None:
+    """A FINAL_ONLY request without stop strings is detokenized when it ends, not token by token: its text
+    is the decode of its tokens, as a streamed request's is, for samples that end at different steps (a stop
+    token, the length) and bytes that split characters."""
+    engine, tokenizer = llm.engine, llm.get_tokenizer()
+    prompt = list("naïve 日本 🎉".encode())
+    texts: dict[RequestOutputKind, list[str]] = {}
+    for kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
+        stops = list(range(60, 200))  # stop token ids: EOS alone would seldom come
+        params = SamplingParams(
+            n=4, temperature=1.5, max_tokens=12, seed=7, stop_token_ids=stops, output_kind=kind
+        )
+        engine.add_request(kind.name, prompt, params)
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    texts[kind] = [c.text for c in output.outputs]
+                    assert texts[kind] == [tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                                           for c in output.outputs]
+                    assert len({len(c.token_ids) for c in output.outputs}) > 1  # ended at different steps
+    assert texts[RequestOutputKind.FINAL_ONLY] == texts[RequestOutputKind.CUMULATIVE]
+
+
 def test_min_tokens_and_eos(llm: LLM) -> None:
     # forbid everything but EOS-prone behaviour: min_tokens must hold EOS back
     params = SamplingParams(temperature=0.0, max_tokens=10, min_tokens=10)

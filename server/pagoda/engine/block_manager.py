@@ -76,6 +76,8 @@ class BlockManager:
 
         Returns False, changing nothing, when the free pool is too small.
         """
+        if not cached and self._fits(seq, seq.num_computed_tokens + num_new_tokens):
+            return True  # most decode steps: the last block has room, and no block fills up
         cached = cached or []
         num_computed = seq.num_computed_tokens + len(cached) * self.block_size
         num_needed = seq.blocks_needed(num_computed + num_new_tokens) - len(seq.block_table) - len(cached)
@@ -100,6 +102,16 @@ class BlockManager:
         if self.enable_prefix_caching and num_full > len(seq.block_hashes):
             self._register_full_blocks(seq, num_full)
         return True
+
+    def _fits(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether the sequence's blocks hold its first `num_tokens` tokens already, with every block they
+        fill with real tokens keyed (or nothing to key): then allocating changes nothing."""
+        block_size = self.block_size
+        if not seq.block_table or num_tokens > len(seq.block_table) * block_size:
+            return False  # a new sequence's first allocation also counts its prefix-cache lookup
+        return not self.enable_prefix_caching or min(num_tokens, seq.num_tokens) // block_size <= len(
+            seq.block_hashes
+        )
 
     def free_tail(self, seq: Sequence) -> None:
         """Return the blocks past the sequence's tokens: those allocated for rejected proposals.

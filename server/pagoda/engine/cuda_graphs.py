@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pagoda.attention.metadata import AttentionMetadata, attention_metadata
+from pagoda.engine.step_inputs import padded_tables
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ class DecodeGraphs:
     def fits(self, query_lens: list[int], block_tables: list[list[int]]) -> bool:
         return (
             len(query_lens) <= self.sizes[-1]
-            and all(n == 1 for n in query_lens)
-            and max(len(t) for t in block_tables) <= self.max_blocks
+            and max(query_lens) == 1  # every sequence decodes (none has fewer than one new token)
+            and max(map(len, block_tables)) <= self.max_blocks
         )
 
     def forward(
@@ -97,13 +98,12 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= n)
         # every input in one host array and one copy to the device (numpy fills it without torch.tensor's
         # per-element checks); the buffers then take their slices, cast on the device
-        width = max(len(t) for t in block_tables)
-        staged: np.ndarray = np.zeros(4 * n + n * width, dtype=np.int64)
+        tables = padded_tables(block_tables, np.int64)
+        width = tables.shape[1]
+        staged: np.ndarray = np.empty(4 * n + n * width, dtype=np.int64)
         for i, values in enumerate((input_ids, positions, slots, seq_lens)):
             staged[i * n : (i + 1) * n] = values
-        tables = staged[4 * n :].reshape(n, width)
-        for row, table in zip(tables, block_tables, strict=True):
-            row[: len(table)] = table
+        staged[4 * n :] = tables.reshape(-1)
         on_device = torch.from_numpy(staged).pin_memory().to(self.input_ids.device, non_blocking=True)
         self.input_ids[:n].copy_(on_device[:n])
         self.positions[:n].copy_(on_device[n : 2 * n])

@@ -8,6 +8,7 @@ difference; a window whose text ends in U+FFFD is an incomplete character, and w
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -37,6 +38,13 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.backend_decode = backend_decode(tokenizer)
+        # one callable with the options bound (passed by position: faster than by keyword), called for
+        # every token of every running sequence
+        decode, skip = self.backend_decode, skip_special_tokens
+        self._decode: Callable[[list[int]], str] = (
+            (lambda token_ids: decode(token_ids, skip)) if decode is not None else self._decode_with_tokenizer
+        )
+        self._token_texts = single_token_texts(tokenizer, skip_special_tokens)
         # two extra prompt tokens in case some of them are special tokens that decode to nothing
         self.token_ids = list(prompt_token_ids[-(PROMPT_CONTEXT_TOKENS + 2) :])
         self.read_offset = len(self.token_ids)
@@ -44,37 +52,55 @@ class IncrementalDetokenizer:
 
     def append(self, token_ids: list[int]) -> str:
         """Add generated tokens; return the text they complete (maybe empty)."""
+        if len(token_ids) == 1:  # a decode step's one token, for every running sequence
+            return self._append_one(token_ids[0])
         return "".join(self._append_one(token_id) for token_id in token_ids)
 
     def flush(self) -> str:
         """At the end: release any text held back for an incomplete character (as U+FFFD, like decode)."""
-        return self._advance(self._window_texts())
+        return self._advance(force=True)
 
     def _append_one(self, token_id: int) -> str:
         self.token_ids.append(token_id)
-        prefix_text, new_text = self._window_texts()
-        if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
-            return ""
-        return self._advance((prefix_text, new_text))
+        return self._advance(force=False)
 
-    def _window_texts(self) -> tuple[str, str]:
-        """The window's text without and with the tokens not yet streamed."""
+    def _advance(self, force: bool) -> str:
+        """Decode the window with and without the tokens not yet streamed; stream the difference unless it
+        is empty or ends in an incomplete character (`force`: stream it anyway)."""
         window = self.token_ids[self.prefix_offset :]
-        return self._decode(window[: self.read_offset - self.prefix_offset]), self._decode(window)
-
-    def _advance(self, texts: tuple[str, str]) -> str:
-        prefix_text, new_text = texts
+        num_streamed = self.read_offset - self.prefix_offset
+        if num_streamed == 1:  # most steps: the streamed part of the window is the previous token alone
+            prefix_text = self._token_texts.get(window[0])
+            if prefix_text is None:
+                prefix_text = self._token_texts[window[0]] = self._decode(window[:1])
+        else:
+            prefix_text = self._decode(window[:num_streamed])
+        new_text = self._decode(window)
+        if not force and (len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR)):
+            return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
         return new_text[len(prefix_text) :]
 
-    def _decode(self, token_ids: list[int]) -> str:
-        if self.backend_decode is not None:
-            return self.backend_decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _decode_with_tokenizer(self, token_ids: list[int]) -> str:
         # no clean-up of tokenization spaces: it rewrites text across token boundaries ("a ." -> "a."),
         # so a window's text would stop being a prefix of the next window's
         return self.tokenizer.decode(
             token_ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
         )
+
+
+# per tokenizer and skip_special_tokens, the text of each token decoded alone (it never changes), as the
+# detokenizers of all sequences look it up: one decode per token and step instead of two
+_TOKEN_TEXTS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, dict[bool, dict[int, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def single_token_texts(tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool) -> dict[int, str]:
+    """The shared {token id: text of the token alone} of a tokenizer and skip_special_tokens (filled by its
+    detokenizers, at most one entry per token of the vocabulary)."""
+    return _TOKEN_TEXTS.setdefault(tokenizer, {}).setdefault(skip_special_tokens, {})
 
 
 def backend_decode(tokenizer: PreTrainedTokenizerBase) -> Callable[..., str] | None:
@@ -147,6 +173,7 @@ class SequenceDetokenizer:
         self.stop_strings = StopStrings(params.stop)
         self.output_text = ""  # all text so far, cut before the stop string once one matched
         self.num_emitted = 0  # how many characters of output_text have been streamed
+        self.num_tokens = 0  # how many generated tokens it has been given
 
     @property
     def text(self) -> str:
@@ -155,10 +182,14 @@ class SequenceDetokenizer:
 
     def update(self, token_ids: list[int], finished: bool = False) -> TextDelta:
         """Add the step's new tokens. `finished` (length, EOS, abort) releases all held-back text."""
+        self.num_tokens += len(token_ids)
         new_text = self.detokenizer.append(token_ids)
         if finished:
             new_text += self.detokenizer.flush()
         self.output_text += new_text
+        if not self.stop_strings.stop:  # nothing to find or hold back: all the text streams
+            self.num_emitted = len(self.output_text)
+            return TextDelta(new_text, False, None)
         match = self.stop_strings.find(self.output_text, len(new_text))
         if match is not None:
             index, stop = match

@@ -203,40 +203,48 @@ class LLMEngine:
             self.spec_decoder.propose(batch)
         emitted = iter(self.runner.execute(batch))
         now = time.monotonic()
-        updated: dict[str, Request] = {}
-        for item in batch:
-            seq = item.seq
-            request = self.requests[seq.request_id]
-            request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
-            seq.num_computed_tokens += item.num_new_tokens - item.num_spec_tokens
-            if not item.samples:
+        requests = self.requests
+        updated: dict[str, Request] = {}  # the requests whose output this step's tokens may make
+        for seq, num_new_tokens, samples, num_spec_tokens in batch:  # every running sequence: kept lean
+            request = requests[seq.request_id]
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+            seq.num_computed_tokens += num_new_tokens - num_spec_tokens
+            if not samples:
                 continue
             token_ids, logprobs = next(emitted)
-            finish_reason = None
-            for token_id, token_logprobs in zip(token_ids, logprobs, strict=True):
-                # several accepted tokens: a stop among them ends the sequence there
-                finish_reason = request.append_token(seq, token_id, token_logprobs, now)
-                if finish_reason is not None:
-                    break
-            if item.num_spec_tokens:
-                self._settle_proposals(item, len(token_ids) - 1, finished=finish_reason is not None)
+            if len(token_ids) == 1:
+                finish_reason = request.append_token(seq, token_ids[0], logprobs[0], now)
+            else:
+                finish_reason = None
+                for token_id, token_logprobs in zip(token_ids, logprobs, strict=True):
+                    # several accepted tokens: a stop among them ends the sequence there
+                    finish_reason = request.append_token(seq, token_id, token_logprobs, now)
+                    if finish_reason is not None:
+                        break
+            if num_spec_tokens:
+                self._settle_proposals(seq, num_spec_tokens, len(token_ids) - 1, finish_reason is not None)
             if finish_reason is not None:
                 self.scheduler.finish(seq, finish_reason)
-            updated[request.request_id] = request
+                updated[request.request_id] = request
+            elif request.streams:  # a FINAL_ONLY request has output only once a sequence finishes
+                updated[request.request_id] = request
         outputs = [request.output() for request in updated.values() if request.wants_output]
         for output in outputs:
             if output.finished:
                 del self.requests[output.request_id]
         return outputs
 
-    def _settle_proposals(self, item: ScheduledSequence, num_accepted: int, finished: bool) -> None:
+    def _settle_proposals(
+        self, seq: Sequence, num_spec_tokens: int, num_accepted: int, finished: bool
+    ) -> None:
         """Keep the K/V of the accepted proposals (the target computed them from the same tokens) and
         roll back the rest: the next step overwrites their slots; blocks held only for them go back."""
         assert self.spec_decoder is not None
-        self.spec_decoder.record(item.seq, item.num_spec_tokens, num_accepted)
+        self.spec_decoder.record(seq, num_spec_tokens, num_accepted)
         if not finished:
-            item.seq.num_computed_tokens += num_accepted
-            self.block_manager.free_tail(item.seq)
+            seq.num_computed_tokens += num_accepted
+            self.block_manager.free_tail(seq)
 
     def close(self) -> None:
         """Stop the tensor-parallel worker processes now (garbage collection or exit would, later)."""

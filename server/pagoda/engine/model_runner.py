@@ -23,7 +23,7 @@ from pagoda.engine.cuda_graphs import DecodeGraphs
 from pagoda.engine.precision import resolve_dense_copy, resolve_dtype, resolve_quantization
 from pagoda.engine.scheduler import ScheduledSequence
 from pagoda.engine.spec_decode.rejection_sampler import Emitted, verify
-from pagoda.engine.step_inputs import PromptScoring, StepInputs, build_step_inputs
+from pagoda.engine.step_inputs import PromptScoring, StepInputs, build_step_inputs, padded_tables
 from pagoda.layers.attention import Attention
 from pagoda.layers.sampler import Sampler
 from pagoda.loader import Checkpoint
@@ -173,21 +173,20 @@ class ModelRunner:
         tensor = host_tensor(values, dtype)
         if self.device.type == "cpu":
             return tensor
+        return self._host_to_device(tensor)
+
+    def _host_to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _metadata(
         self, slots: list[int], query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]]
     ) -> AttentionMetadata:
-        width = max(len(t) for t in block_tables)
-        padded: list[int] = []  # the tables padded to one width, row after row
-        for table in block_tables:
-            padded += table
-            padded += [0] * (width - len(table))
+        tables = torch.from_numpy(padded_tables(block_tables, np.int32))
         return AttentionMetadata(
             slot_mapping=self._to_device(slots, torch.long),
             query_start_loc=self._to_device(list(accumulate(query_lens, initial=0)), torch.int32),
             seq_lens=self._to_device(seq_lens, torch.int32),
-            block_tables=self._to_device(padded, torch.int32).view(len(block_tables), width),
+            block_tables=tables if self.device.type == "cpu" else self._host_to_device(tables),
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,

@@ -33,6 +33,12 @@ class Request:
             for s in seqs
         ]
         self._new_tokens = [0] * len(seqs)
+        # every step's tokens make an output, or only the last ones (FINAL_ONLY, as LLM.generate asks)
+        self.streams = seqs[0].params.output_kind != RequestOutputKind.FINAL_ONLY
+        # Without stop strings the text decides nothing, and a FINAL_ONLY request shows it only at the end:
+        # its tokens are detokenized then, in one go (the same calls in the same order, the same text),
+        # which keeps them off the per-token path of every step.
+        self.text_at_end = not self.streams and not seqs[0].params.stop
 
     @property
     def finished(self) -> bool:
@@ -41,7 +47,7 @@ class Request:
     @property
     def wants_output(self) -> bool:
         """Whether this step's tokens make an output: every step, or only the last (FINAL_ONLY)."""
-        return self.seqs[0].params.output_kind != RequestOutputKind.FINAL_ONLY or self.finished
+        return self.streams or self.finished
 
     def append_token(
         self, seq: Sequence, token_id: int, logprobs: dict[int, float] | None, now: float
@@ -51,11 +57,13 @@ class Request:
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         self._new_tokens[seq.index] += 1
-        self.metrics.first_token_time = self.metrics.first_token_time or now
-        self.metrics.last_token_time = now
+        metrics = self.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
         params = seq.params
         reason: str | None = None
-        if token_id in params.stop_token_ids:
+        if params.stop_token_ids and token_id in params.stop_token_ids:
             reason, seq.stop_reason = "stop", token_id
         elif token_id in self.eos_token_ids and not params.ignore_eos:
             reason = "stop"
@@ -64,7 +72,7 @@ class Request:
         elif params.max_tokens is not None and seq.num_completion_tokens >= params.max_tokens:
             reason = "length"
         detokenizer = self.detokenizers[seq.index]
-        if detokenizer is not None:
+        if detokenizer is not None and not self.text_at_end:
             delta = detokenizer.update([token_id], finished=reason is not None)
             if delta.stopped:
                 reason, seq.stop_reason = "stop", delta.stop_string
@@ -75,6 +83,8 @@ class Request:
         finished = self.finished
         if finished:
             self.metrics.finished_time = self.metrics.last_token_time
+        if self.text_at_end:
+            self._catch_up_text()
         completions = [
             CompletionOutput(
                 index=seq.index,
@@ -99,3 +109,14 @@ class Request:
             metrics=self.metrics,
             new_token_counts=new_counts,
         )
+
+    def _catch_up_text(self) -> None:
+        """Detokenize the tokens held back for the end, as `append_token` would have one by one: a sequence
+        that ended on a token of its own (a finish reason but "abort") releases its held-back text."""
+        for seq, detokenizer in zip(self.seqs, self.detokenizers):
+            if detokenizer is None:
+                continue
+            pending = seq.completion_token_ids[detokenizer.num_tokens :]
+            if pending:
+                ended = seq.finish_reason is not None and seq.finish_reason != "abort"
+                detokenizer.update(pending, finished=ended)

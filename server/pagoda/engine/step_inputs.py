@@ -9,6 +9,9 @@ result to the other tensor-parallel ranks and runs it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
+
+import numpy as np
 
 from pagoda.engine.scheduler import ScheduledSequence
 from pagoda.engine.sequence import Sequence
@@ -52,11 +55,16 @@ def build_step_inputs(
         start = seq.num_computed_tokens
         end = start + num_new
         row = len(input_ids)  # of position `start`
-        input_ids += seq.token_ids[start:end]
-        if item.num_spec_tokens:
-            input_ids += seq.spec_token_ids[: item.num_spec_tokens]  # proposals after real tokens
-        positions += range(start, end)
-        slots += kv_slots(seq.block_table, start, end, block_size)
+        if num_new == 1 and not item.num_spec_tokens:  # a decode step: most sequences of most steps
+            input_ids.append(seq.token_ids[start])
+            positions.append(start)
+            slots.append(seq.block_table[start // block_size] * block_size + start % block_size)  # kv_slots'
+        else:
+            input_ids += seq.token_ids[start:end]
+            if item.num_spec_tokens:
+                input_ids += seq.spec_token_ids[: item.num_spec_tokens]  # proposals after real tokens
+            positions += range(start, end)
+            slots += kv_slots(seq.block_table, start, end, block_size)
         inputs.query_lens.append(num_new)
         inputs.seq_lens.append(end)
         inputs.block_tables.append(seq.block_table)
@@ -66,7 +74,10 @@ def build_step_inputs(
             logit_rows += range(row + scoring.lo - start, row + scoring.hi - start)
         if item.samples:  # the last real token's row, then one per proposal to verify
             last = row + num_new - 1
-            sampled_rows += range(last - item.num_spec_tokens, last + 1)
+            if item.num_spec_tokens:
+                sampled_rows += range(last - item.num_spec_tokens, last + 1)
+            else:
+                sampled_rows.append(last)
     logit_rows += sampled_rows
     return inputs, scorings
 
@@ -93,3 +104,14 @@ def prompt_scoring(item: ScheduledSequence) -> PromptScoring | None:
     lo = max(start, max(len(seq.prompt_logprobs), 1) - 1)
     hi = max(lo, min(start + item.num_new_tokens, seq.num_prompt_tokens - 1))
     return PromptScoring(seq, lo, hi)
+
+
+def padded_tables(block_tables: list[list[int]], dtype: type[np.integer]) -> np.ndarray:
+    """The block tables as one array [n, the longest table's length], zero-padded: filled by numpy from
+    the concatenated tables, with no Python loop over the rows (hundreds of them in a large decode step)."""
+    lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
+    width = int(lengths.max())
+    tables: np.ndarray = np.zeros((len(block_tables), width), dtype=dtype)
+    flat = np.fromiter(chain.from_iterable(block_tables), dtype=dtype, count=int(lengths.sum()))
+    tables[np.arange(width) < lengths[:, None]] = flat  # a row-major mask: each row's first len entries
+    return tables
