@@ -43,6 +43,54 @@ int64_t float_lanes() { return capability() == "AVX512" ? 16 : 8; }  // AVX2 and
 // Whether its vector loops compute exp with the AVX2/AVX-512 polynomial (the generic build calls std::exp).
 bool vectorized_exp() { return capability() == "AVX512" || capability() == "AVX2"; }
 
+// Bit casts by memcpy: GCC vectorises these loops, not std::bit_cast's
+inline float from_bits(uint32_t bits) {
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+inline uint32_t to_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
+
+// Conversions that vectorise (c10::BFloat16's own go through a branchy scalar path), rounding as it does:
+// to nearest even, NaN to a quiet NaN.
+template <typename T>
+inline float f32(T v) {
+  return static_cast<float>(v);
+}
+
+template <>
+inline float f32(c10::BFloat16 v) {
+  return from_bits(static_cast<uint32_t>(v.x) << 16);
+}
+
+
+template <typename T>
+inline T to(float v) {
+  return static_cast<T>(v);
+}
+
+template <>
+inline c10::BFloat16 to(float v) {
+  const uint32_t bits = to_bits(v);
+  const uint16_t rounded = v != v ? 0x7FC0 : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  return c10::BFloat16(rounded, c10::BFloat16::from_bits());
+}
+
+// v rounded to T, back in float32: where torch's op ends and the next one reads its output
+template <typename T>
+inline float rounded(float v) {
+  return f32(to<T>(v));
+}
+
+// Rows or elements below which torch's element-wise loops stay on one thread (at::internal::GRAIN_SIZE):
+// a decode step's handful of rows is not worth waking the pool.
+constexpr int64_t kGrain = at::internal::GRAIN_SIZE;
+
 // ---------------------------------------------------------------------------------------------------------
 // RMSNorm: torch.sum's cascade over a contiguous row (aten/src/ATen/native/cpu/SumKernel.cpp), lane by lane
 
@@ -118,14 +166,8 @@ void norm_row(const float* x, const T* weight, int64_t n, float eps, bool unit_o
   const float rstd = 1.f / std::sqrt(mean + eps);
   for (int64_t i = 0; i < n; ++i) {
     const float normed = x[i] * rstd;
-    const float w = static_cast<float>(weight[i]);
-    if (unit_offset) {
-      out[i] = static_cast<T>(normed * (1.f + w));
-    } else if constexpr (std::is_same_v<T, float>) {
-      out[i] = normed * w;
-    } else {
-      out[i] = static_cast<T>(static_cast<float>(static_cast<T>(normed)) * w);
-    }
+    const float w = f32(weight[i]);
+    out[i] = to<T>(unit_offset ? normed * (1.f + w) : rounded<T>(normed) * w);
   }
 }
 
@@ -136,9 +178,6 @@ void check_rows(const at::Tensor& x, const at::Tensor& weight, const char* op) {
               op, ": a contiguous weight of D values");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": the weight in the activations' dtype");
 }
-
-// Rows at a time per thread: a decode step's few rows stay on the calling thread.
-constexpr int64_t kRowGrain = 16;
 
 // RMSNorm of x [N, D]; with a residual [N, D], of x + residual (rounded to the dtype), returned beside the
 // norm as the next residual. -> (norm, sum), sum undefined without a residual.
@@ -155,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::
   at::Tensor sum = residual ? at::empty({rows, dim}, x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / dim), [&](int64_t begin, int64_t end) {
       std::vector<float> row(dim), squares(dim);
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* in = x.data_ptr<scalar_t>() + r * x.stride(0);
@@ -163,11 +202,11 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::
           const scalar_t* res = residual->data_ptr<scalar_t>() + r * residual->stride(0);
           scalar_t* total = sum.data_ptr<scalar_t>() + r * dim;
           for (int64_t i = 0; i < dim; ++i) {
-            total[i] = static_cast<scalar_t>(static_cast<float>(in[i]) + static_cast<float>(res[i]));
-            row[i] = static_cast<float>(total[i]);
+            total[i] = to<scalar_t>(f32(in[i]) + f32(res[i]));
+            row[i] = f32(total[i]);
           }
         } else {
-          for (int64_t i = 0; i < dim; ++i) row[i] = static_cast<float>(in[i]);
+          for (int64_t i = 0; i < dim; ++i) row[i] = f32(in[i]);
         }
         norm_row(row.data(), w, dim, static_cast<float>(eps), unit_offset, squares.data(),
                  out.data_ptr<scalar_t>() + r * dim);
@@ -184,39 +223,49 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::
 // (Its float32 loop takes another exp, not matched here: float32 stays on the torch path.)
 
 // Vectorized<float>::exp_u20 of ATen's AVX2/AVX-512 vectors, one lane.
-float exp_u20(float x) {
+inline float exp_u20(float x) {
   constexpr float kLn2 = 0.693147182f, kLog2e = 1.44269502f;  // the bit patterns ATen sets
-  uint32_t bits;
-  const uint32_t ln_flt_min_bits = 0xc2aeac50, ln_flt_max_bits = 0x42b17218;
-  float ln_flt_min, ln_flt_max;
-  std::memcpy(&ln_flt_min, &ln_flt_min_bits, 4);
-  std::memcpy(&ln_flt_max, &ln_flt_max_bits, 4);
+  const float ln_flt_min = from_bits(0xc2aeac50u), ln_flt_max = from_bits(0x42b17218u);
   const bool underflow = x < ln_flt_min;
   // _mm_min/max_ps return their second operand when either is NaN
   float src = x < ln_flt_max ? x : ln_flt_max;
   src = src > ln_flt_min ? src : ln_flt_min;
-  const float fx = std::floor(std::fma(src, kLog2e, 0.5f));
+  // floor(v), |v| < 130, in a form GCC vectorises (std::floor, or a select of floats, it does not here)
+  const float v = std::fma(src, kLog2e, 0.5f);
+  const int32_t truncated = static_cast<int32_t>(v);
+  const float fx = static_cast<float>(truncated - static_cast<int32_t>(static_cast<float>(truncated) > v));
   const float r = std::fma(-fx, kLn2, src);
   float y = std::fma(r, 0.00828929059f, 0.0418978221f);
   y = std::fma(r, y, 0.166676521f);
   y = std::fma(r, y, 0.499991506f);
   y = std::fma(r, y, 0.999999701f);
   y = std::fma(r, y, 1.f);
-  bits = static_cast<uint32_t>(static_cast<int32_t>(std::nearbyint(fx - 1.f)) + 127) << 23;
-  float two_pow;
-  std::memcpy(&two_pow, &bits, 4);
-  if (underflow) two_pow = 0.f;
+  // fx - 1 is a whole number: truncating it is the vector code's conversion in the current rounding mode
+  const uint32_t pow_bits = static_cast<uint32_t>(static_cast<int32_t>(fx - 1.f) + 127) << 23;
+  const float two_pow = from_bits(underflow ? 0u : pow_bits);
   return y * two_pow * 2.f;
 }
 
-template <typename T>
-void silu_mul_segment(const T* gate, const T* up, T* out, int64_t n, int64_t vector_step, bool vector_exp) {
-  const int64_t vectorized = vector_exp ? n - n % vector_step : 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = static_cast<float>(gate[i]);
-    const float e = i < vectorized ? exp_u20(-g) : std::exp(-g);
-    const T act = static_cast<T>(g / (1.f + e));
-    out[i] = static_cast<T>(static_cast<float>(act) * static_cast<float>(up[i]));
+inline float bf16_to_float(uint16_t bits) { return from_bits(static_cast<uint32_t>(bits) << 16); }
+
+inline uint16_t float_to_bf16(float v) {  // to nearest even, NaN to a quiet NaN, as c10::BFloat16
+  const uint32_t bits = to_bits(v);
+  const uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+  return static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+}
+
+// n bfloat16 outputs (as raw bits: GCC vectorises loads of uint16_t, not of c10::BFloat16), the first
+// `vectorized` of them with exp_u20, the rest with std::exp
+void silu_mul_segment(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n, int64_t vectorized) {
+  for (int64_t i = 0; i < vectorized; ++i) {
+    const float g = bf16_to_float(gate[i]);
+    const float act = bf16_to_float(float_to_bf16(g / (1.f + exp_u20(-g))));
+    out[i] = float_to_bf16(act * bf16_to_float(up[i]));
+  }
+  for (int64_t i = vectorized; i < n; ++i) {
+    const float g = bf16_to_float(gate[i]);
+    const float act = bf16_to_float(float_to_bf16(g / (1.f + std::exp(-g))));
+    out[i] = float_to_bf16(act * bf16_to_float(up[i]));
   }
 }
 
@@ -236,18 +285,17 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   const int64_t chunk = (numel + pieces - 1) / pieces;
   const bool vector_exp = vectorized_exp();
   {
-    using scalar_t = c10::BFloat16;
     // two Vectorized<BFloat16> a step: 64 bytes on AVX2, 128 on AVX-512
-    const int64_t vector_step = 2 * float_lanes() * 4 / static_cast<int64_t>(sizeof(scalar_t));
-    const scalar_t* in = x.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t vector_step = 2 * float_lanes() * 4 / static_cast<int64_t>(sizeof(uint16_t));
+    const auto* in = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+    auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
     at::parallel_for(0, pieces, 1, [&](int64_t first, int64_t last) {
       for (int64_t p = first; p < last; ++p) {
         const int64_t end = std::min(numel, (p + 1) * chunk);
         for (int64_t i = p * chunk; i < end;) {
           const int64_t row = i / width, col = i % width, n = std::min(width - col, end - i);
-          const scalar_t* gate = in + row * x.stride(0) + col;
-          silu_mul_segment(gate, gate + width, dst + i, n, vector_step, vector_exp);
+          const uint16_t* gate = in + row * x.stride(0) + col;
+          silu_mul_segment(gate, gate + width, dst + i, n, vector_exp ? n - n % vector_step : 0);
           i += n;
         }
       }
@@ -273,19 +321,19 @@ void rotary_embedding_(at::Tensor heads, const at::Tensor& cos, const at::Tensor
               "rotary_embedding_: contiguous tables in the heads' dtype");
   const int64_t tokens = heads.size(0), num_heads = heads.size(1), half = rot / 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, heads.scalar_type(), "rotary_embedding_", [&] {
-    at::parallel_for(0, tokens, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tokens, std::max<int64_t>(1, kGrain / (num_heads * rot)), [&](int64_t begin, int64_t end) {
       std::vector<float> x(rot);
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* c = cos.data_ptr<scalar_t>() + t * rot;
         const scalar_t* s = signed_sin.data_ptr<scalar_t>() + t * rot;
         for (int64_t h = 0; h < num_heads; ++h) {
           scalar_t* head = heads.data_ptr<scalar_t>() + t * heads.stride(0) + h * heads.stride(1);
-          for (int64_t i = 0; i < rot; ++i) x[i] = static_cast<float>(head[i]);
-          for (int64_t i = 0; i < rot; ++i) {
-            const float rolled = x[i < half ? i + half : i - half];
-            const scalar_t a = static_cast<scalar_t>(x[i] * static_cast<float>(c[i]));
-            const scalar_t b = static_cast<scalar_t>(rolled * static_cast<float>(s[i]));
-            head[i] = static_cast<scalar_t>(static_cast<float>(a) + static_cast<float>(b));
+          for (int64_t i = 0; i < rot; ++i) x[i] = f32(head[i]);
+          for (int64_t i = 0; i < half; ++i) {
+            head[i] = to<scalar_t>(rounded<scalar_t>(x[i] * f32(c[i])) + rounded<scalar_t>(x[i + half] * f32(s[i])));
+          }
+          for (int64_t i = half; i < rot; ++i) {
+            head[i] = to<scalar_t>(rounded<scalar_t>(x[i] * f32(c[i])) + rounded<scalar_t>(x[i - half] * f32(s[i])));
           }
         }
       }
