@@ -7,13 +7,17 @@ in on the CPU and must compute the very same floats.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from pagoda import cpu_extension
+from pagoda.layers import cpu_ops
 from pagoda.layers.activation import GatedActivation
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RopeConfig, RotaryEmbedding
@@ -23,7 +27,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture(scope="module", autouse=True)
 def built() -> None:
-    assert cpu_extension.available(), "the C++ CPU operators are not built: python -m pagoda.cpu_extension"
+    assert cpu_ops.available(), "the C++ CPU operators are not built: python -m pagoda.cpu_extension"
 
 
 def assert_equal(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -110,3 +114,32 @@ def test_rotary_in_place_matches_transformers(
     assert rope.rotate_(positions, qk).data_ptr() == qkv.data_ptr()  # in place
     assert_equal(qk, expected, "rotated heads")
     assert torch.equal(qkv[:, heads * head_dim :], v)  # v untouched
+
+
+# torch's kernels under another capability (a host without AVX-512, or none): other vector widths, other exps
+CAPABILITY_CHECK = """
+import torch, torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from pagoda.layers import cpu_ops
+from pagoda.layers.norm import RMSNorm
+assert cpu_ops.available()
+gen = torch.Generator().manual_seed(0)
+for rows, width in [(1, 1536), (3, 100), (512, 1536), (2, 17), (4, 1000)]:
+    x = torch.randn(rows, 2 * width, generator=gen).to(torch.bfloat16) * 4
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.equal(torch.ops.pagoda.silu_and_mul(x), F.silu(gate) * up), ("silu", rows, width)
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, reference = RMSNorm(2 * width, 1e-6).to(dtype), LlamaRMSNorm(2 * width, 1e-6).to(dtype)
+        with torch.no_grad():
+            ours.weight.copy_(reference.weight.uniform_(-0.5, 1.5, generator=gen))
+        assert torch.equal(ours(x.to(dtype)), reference(x.to(dtype))), ("norm", dtype, rows, width)
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_ops_follow_torchs_capability(capability: str) -> None:
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    done = subprocess.run([sys.executable, "-c", CAPABILITY_CHECK], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == capability.upper()

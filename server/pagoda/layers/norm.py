@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda import cpu_extension
+from pagoda.layers import cpu_ops
 
 # the dtypes the C++ operator computes as this module's torch path does, bit for bit
 _CPU_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,7 +51,7 @@ class RMSNorm(nn.Module):
             and x.dim() == 2
             and x.dtype == self.weight.dtype
             and x.dtype in _CPU_OP_DTYPES
-            and cpu_extension.available()
+            and cpu_ops.available()
         )
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pagoda import cpu_extension
+from pagoda.layers import cpu_ops
 
 SUPPORTED_SCALINGS = ("default", "linear", "llama3", "yarn")
 
@@ -98,7 +98,7 @@ class RotaryEmbedding(nn.Module):
         """forward, writing the rotation into `heads` where one C++ call can (on the CPU): for a caller whose
         heads are its own scratch (a view of the fresh QKV projection). Returns the rotated heads."""
         in_place = heads.device.type == "cpu" and heads.dim() == 3 and heads.stride(-1) == 1
-        if not (in_place and cpu_extension.available()):
+        if not (in_place and cpu_ops.available()):
             return self.forward(positions, heads)
         cos, signed_sin = self._cos_sin(positions, heads.dtype)
         torch.ops.pagoda.rotary_embedding_(heads, cos, signed_sin)
