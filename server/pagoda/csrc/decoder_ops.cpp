@@ -1,6 +1,6 @@
 // The decoder layer's element-wise ops on the CPU, each one call instead of several eager torch ops: the
 // residual add and RMSNorm, SiLU(gate) * up, and the rotation of q and k. At one sequence a decode step
-// runs ~800 eager ops of ~4 us each; these remove ~20 a layer.
+// ran 823 eager ops of ~4 us each (SmolLM2-135M, 30 layers); with these it runs 582.
 //
 // Each computes the floats that the torch path of pagoda/layers computes, bit for bit: the same operations
 // rounded in the same places, and where torch's own kernels choose an order or an approximation, the same
@@ -21,7 +21,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
