@@ -250,6 +250,8 @@ def ranges(runner: Any) -> Iterator[None]:
         if hasattr(module, "quant_method"):
             patches.append((module, "forward", "int4_matmul"))
         patches += [(module, "forward", name) for kind, name in kinds if isinstance(module, kind)]
+        if isinstance(module, RotaryEmbedding) and hasattr(module, "rotate_"):  # q/k rotated in place
+            patches.append((module, "rotate_", "rotary"))
     functions = [
         (torch_backend, "write_kv", "kv_write"), (torch_backend, "_plan", "attn_plan"),
         (torch_backend, "_gather", "gather"), (torch_backend, "_attend", "sdpa"),

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.layers import cpu_ops
+
 # Hugging Face activation names (config.hidden_act / hidden_activation) -> functions
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -35,5 +37,8 @@ class GatedActivation(nn.Module):
 
             if (out := triton_ops.silu_and_mul(x)) is not None:
                 return out
+        elif self.is_silu and x.dtype == torch.bfloat16 and x.dim() == 2 and cpu_ops.available():
+            # one C++ call instead of chunk, silu and mul, the same floats (torch's own exp included)
+            return torch.ops.pagoda.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

@@ -1,14 +1,26 @@
-"""RMSNorm, in the two numeric flavours of the Hugging Face models it must match bit for bit."""
+"""RMSNorm, in the two numeric flavours of the Hugging Face models it must match bit for bit, and with the
+residual add before it folded in (vLLM's fused_add_rms_norm): a layer carries the residual stream beside its
+output and normalises their sum, which it keeps as the next residual."""
 
 from __future__ import annotations
+
+from typing import overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.layers import cpu_ops
+
+# the dtypes the C++ operator computes as this module's torch path does, bit for bit
+_CPU_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 class RMSNorm(nn.Module):
-    """Normalise in float32; Llama scales by w after casting back, Gemma by (1 + w) before casting back."""
+    """Normalise in float32; Llama scales by w after casting back, Gemma by (1 + w) before casting back.
+
+    With a residual, returns (norm(x + residual), x + residual), the sum rounded to x's dtype first, as
+    `hidden = hidden + x` does in transformers' layers."""
 
     def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
@@ -16,7 +28,33 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @overload
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor: ...
+
+    @overload
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self._cpu_op(x):  # the add and the norm in one call instead of ~8 eager ops
+            out, total = torch.ops.pagoda.add_rms_norm(x, residual, self.weight, self.eps, self.unit_offset)
+            return out if residual is None else (out, total)
+        if residual is None:
+            return self._norm(x)
+        total = x + residual
+        return self._norm(total), total
+
+    def _cpu_op(self, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and x.dim() == 2
+            and x.dtype == self.weight.dtype
+            and x.dtype in _CPU_OP_DTYPES
+            and cpu_ops.available()
+        )
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:  # one Triton launch instead of four kernels: the same roundings, its own summing order
             from pagoda.layers import triton_ops
 

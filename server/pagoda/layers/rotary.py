@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pagoda.layers import cpu_ops
+
 SUPPORTED_SCALINGS = ("default", "linear", "llama3", "yarn")
 
 
@@ -91,6 +93,16 @@ class RotaryEmbedding(nn.Module):
             return self._rotate(heads, cos, signed_sin)
         rot, rest = heads[..., : self.rotary_dim], heads[..., self.rotary_dim :]
         return torch.cat((self._rotate(rot, cos, signed_sin), rest), dim=-1)
+
+    def rotate_(self, positions: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """forward, writing the rotation into `heads` where one C++ call can (on the CPU): for a caller whose
+        heads are its own scratch (a view of the fresh QKV projection). Returns the rotated heads."""
+        in_place = heads.device.type == "cpu" and heads.dim() == 3 and heads.stride(-1) == 1
+        if not (in_place and cpu_ops.available()):
+            return self.forward(positions, heads)
+        cos, signed_sin = self._cos_sin(positions, heads.dtype)
+        torch.ops.pagoda.rotary_embedding_(heads, cos, signed_sin)
+        return heads
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._last is not None and self._last[0] is positions and self._last[1] == dtype:

@@ -73,7 +73,8 @@ class DecoderAttention(nn.Module):
             qk = torch.cat((q, k), dim=1)
         else:  # q and k sit side by side in the fused output: one view holds both
             qk = qkv[:, :qk_width].view(-1, sum(heads), self.head_dim)
-        q, k = self.rotary_emb(positions, qk).split(heads, dim=1)  # both rotated in one go
+        # both rotated in one go, in place: qk is this layer's own (the projection's output or the cat)
+        q, k = self.rotary_emb.rotate_(positions, qk).split(heads, dim=1)
         # (plain attributes, not hasattr on the module: a missing one costs an exception each layer)
         return self.o_proj(self.attn(q, k, qkv[:, qk_width:], self.sinks if self.has_sinks else None))
 
@@ -151,13 +152,21 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, offset)
             self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, offset)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        attn_out = self.self_attn(positions, self.input_layernorm(hidden))
-        if self.sandwich_norms:
-            hidden = hidden + self.post_attention_layernorm(attn_out)
-            return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
-        hidden = hidden + attn_out
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream travels beside the layer's output (None entering the first layer): each norm
+        that follows a residual add takes both and returns (norm of the sum, the sum), one op on the CPU."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        if self.sandwich_norms:  # Gemma 2/3 normalise each block's output before adding it
+            hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(hidden), residual)
+            return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class DecoderModel(nn.Module):
@@ -179,9 +188,10 @@ class DecoderModel(nn.Module):
         if self.embedding_scale is not None:
             # rounded to the model's dtype first, exactly as transformers does
             hidden = hidden * torch.tensor(self.embedding_scale, dtype=torch.float32).to(hidden.dtype)
+        residual = None
         for layer in self.layers:
-            hidden = layer(positions, hidden)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual)
+        return self.norm(hidden, residual)[0]
 
 
 class DecoderForCausalLM(nn.Module):
