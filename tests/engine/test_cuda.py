@@ -348,6 +348,31 @@ def test_compiled_rms_norm_matches_the_torch_layer(monkeypatch, dtype, unit_offs
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+@pytest.mark.parametrize("rows", [1, 300])
+def test_compiled_add_rms_norm_matches_the_torch_add_and_layer(monkeypatch, dtype, unit_offset, rows):
+    from test_triton_layers import assert_nearly_equal
+
+    from pagoda.layers import triton_ops
+    from pagoda.layers.norm import RMSNorm
+
+    layer = RMSNorm(4096, 1e-5, unit_offset).to(CUDA)
+    layer.weight.data = torch.randn(4096, device=CUDA).to(dtype)
+    x = (torch.randn(rows, 4096, device=CUDA) * 300).to(dtype)
+    residual = torch.randn(rows, 4096, device=CUDA).to(dtype)
+    fused, calls = triton_ops.add_rms_norm, []
+    monkeypatch.setattr(triton_ops, "add_rms_norm", lambda *args: calls.append(1) or fused(*args))
+    got, got_sum = layer(x, residual)
+    assert calls, "the layer did not call triton_ops.add_rms_norm"
+    for op in ("add_rms_norm", "rms_norm"):  # the reference: torch's add and norm
+        monkeypatch.setattr(triton_ops, op, lambda *args: None)
+    want, want_sum = layer(x, residual)
+    assert torch.equal(got_sum, want_sum)
+    # the mean of squares sums in the kernel's own order; all else rounds as torch does
+    assert_nearly_equal(got, want, 4, 1.0 if dtype == torch.float32 else 0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 300])
 def test_compiled_rotary_equals_the_torch_rotation(monkeypatch, dtype, rows):
     from pagoda.layers.rotary import RopeConfig, RotaryEmbedding

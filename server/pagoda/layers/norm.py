@@ -42,6 +42,12 @@ class RMSNorm(nn.Module):
             return out if residual is None else (out, total)
         if residual is None:
             return self._norm(x)
+        if x.is_cuda:  # one Triton launch instead of the add and the norm's
+            from pagoda.layers import triton_ops
+
+            fused = triton_ops.add_rms_norm(x, residual, self.weight, self.eps, self.unit_offset)
+            if fused is not None:
+                return fused
         total = x + residual
         return self._norm(total), total
 
