@@ -38,6 +38,9 @@
 #include <type_traits>
 #include <vector>
 
+// 16-float vectors pass between inline functions of this file only: their ABI without AVX-512 does not matter.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------
@@ -542,16 +545,19 @@ void plan_tasks(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, int
   int32_t states = 0;
   for (int64_t seq = 0; seq < num_seqs; ++seq) {
     const int64_t first = step.first_key(seq), len = step.lens[seq], n = len - first;
-    const int64_t pieces = (n + chunk - 1) / chunk;
-    const int64_t size = (n + pieces - 1) / pieces;  // equal pieces rather than one short tail
+    // about equal pieces rather than one short tail, cut at multiples of 16 keys (where blocks of keys start)
+    const int64_t pieces = (n + chunk - 1) / chunk, base = first & ~(kLanes - 1);
+    const int64_t size = ((len - base + pieces - 1) / pieces + kLanes - 1) / kLanes * kLanes;
+    const int64_t count = (len - base + size - 1) / size;
     for (int64_t h = 0; h < num_kv_heads; ++h) {
-      if (pieces == 1) {
+      if (count == 1) {
         plan.tasks.push_back({int32_t(seq), int32_t(h), int32_t(first), int32_t(len), -1});
         continue;
       }
-      plan.merges.push_back({int32_t(seq), int32_t(h), states, int32_t(pieces)});
-      for (int64_t b = first; b < len; b += size) {
-        plan.tasks.push_back({int32_t(seq), int32_t(h), int32_t(b), int32_t(std::min(len, b + size)), states++});
+      plan.merges.push_back({int32_t(seq), int32_t(h), states, int32_t(count)});
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t b = std::max(first, base + k * size), e = std::min(len, base + (k + 1) * size);
+        plan.tasks.push_back({int32_t(seq), int32_t(h), int32_t(b), int32_t(e), states++});
       }
     }
   }
