@@ -653,6 +653,150 @@ void dispatch(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::T
   return attend<T, 16>(step, num_seqs, num_kv_heads, out);
 }
 
+#if !defined(__AVX512F__)
+// Without AVX-512, g++ lowers the 16-float vectors' shuffles above lane by lane: there the kernel is the
+// previous one, which it vectorizes well for AVX2 (one task per sequence and KV head, 8 keys per pass, a
+// horizontal sum per dot, glibc's vector expf).
+extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
+
+namespace portable {
+
+// n values in float32. c10::BFloat16's own conversion does not vectorize; its bits shifted up do.
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <>
+inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t widened = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(dst + i, &widened, sizeof(float));
+  }
+}
+
+// Keys scored per pass: their dot products with one query row accumulate in kTokens independent vectors of
+// 16 lanes, one horizontal sum each at the end; one dot at a time was bound by each sum's latency.
+constexpr int64_t kTokens = 8;
+constexpr int64_t kLanes = 16;
+
+// out[j] = q . keys[j] for j < m. keys holds kTokens rows of head_dim floats; rows past m hold whatever
+// the last pass left (their dots are computed, so the loops have fixed trip counts, and dropped).
+inline void dots(const float* q, const float* keys, int64_t head_dim, int64_t m, float* out) {
+  float acc[kTokens][kLanes] = {};
+  const int64_t whole = head_dim - head_dim % kLanes;
+  for (int64_t c = 0; c < whole; c += kLanes) {
+    for (int64_t j = 0; j < kTokens; ++j) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) acc[j][l] += q[c + l] * keys[j * head_dim + c + l];
+    }
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    float sum = 0.f;
+    for (int64_t d = whole; d < head_dim; ++d) sum += q[d] * keys[j * head_dim + d];
+#pragma omp simd reduction(+ : sum)
+    for (int64_t l = 0; l < kLanes; ++l) sum += acc[j][l];
+    out[j] = sum;
+  }
+}
+
+template <typename T>
+void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+            const at::Tensor& query_start_loc, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+            double scale, int64_t window, double softcap, at::Tensor& out) {
+  const int64_t num_seqs = seq_lens.size(0), num_heads = query.size(1), head_dim = query.size(2);
+  const int64_t num_kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  const T* q_base = query.data_ptr<T>();
+  const int64_t q_token_stride = query.stride(0), q_head_stride = query.stride(1);
+  const PagedCache<T> k_pages(k_cache), v_pages(v_cache);
+  T* out_base = out.data_ptr<T>();
+  const int64_t out_token_stride = out.stride(0), out_head_stride = out.stride(1);
+  const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int64_t table_stride = block_tables.stride(0);
+  const float cap = static_cast<float>(softcap);
+  constexpr float kMasked = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q, acc, scores, keys(kTokens * head_dim, 0.f);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t seq = task / num_kv_heads, kv_head = task % num_kv_heads;
+      const int64_t q_start = starts[seq], q_len = starts[seq + 1] - q_start;
+      const int64_t len = lens[seq], context = len - q_len;  // query i sits at position context + i
+      // rows are (query i, head g of the group); the earliest query's window bounds every row's keys
+      const int64_t rows = q_len * group;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, context - window + 1) : 0;
+      const int64_t n = len - first;
+      const int32_t* table = tables + seq * table_stride;
+      q.resize(rows * head_dim);
+      acc.assign(rows * head_dim, 0.f);
+      scores.resize(rows * n);
+      for (int64_t i = 0; i < q_len; ++i) {
+        for (int64_t g = 0; g < group; ++g) {
+          const T* row = q_base + (q_start + i) * q_token_stride + (kv_head * group + g) * q_head_stride;
+          float* dst = q.data() + (i * group + g) * head_dim;
+          to_float(row, dst, head_dim);
+        }
+      }
+      for (int64_t t0 = first; t0 < len; t0 += kTokens) {
+        const int64_t m = std::min<int64_t>(kTokens, len - t0);
+        for (int64_t j = 0; j < m; ++j) {  // the next keys in float32, each loaded once for every row
+          to_float(k_pages.at(table, t0 + j, kv_head), keys.data() + j * head_dim, head_dim);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          dots(q.data() + r * head_dim, keys.data(), head_dim, m, scores.data() + r * n + (t0 - first));
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {  // every row sees at least its own token: the max is finite
+        float* s = scores.data() + r * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) s[i] *= static_cast<float>(scale);
+        if (cap > 0.f) {
+          for (int64_t i = 0; i < n; ++i) s[i] = cap * std::tanh(s[i] / cap);
+        }
+        // the keys this row may not see: after its own position (causal), before its window
+        const int64_t pos = context + r / group;
+        const int64_t visible_from = window > 0 ? std::max<int64_t>(first, pos - window + 1) : first;
+        std::fill(s, s + (visible_from - first), kMasked);
+        std::fill(s + (pos + 1 - first), s + n, kMasked);
+        const float max = *std::max_element(s, s + n);
+        float sum = 0.f;
+        for (int64_t i = 0; i < n; ++i) {
+          s[i] = expf(s[i] - max);
+          sum += s[i];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+      }
+      for (int64_t t = first; t < len; ++t) {
+        to_float(v_pages.at(table, t, kv_head), keys.data(), head_dim);  // (the keys' buffer, free now)
+        const float* value = keys.data();
+        for (int64_t r = 0; r < rows; ++r) {
+          const float p = scores[r * n + (t - first)];
+          if (p == 0.f) continue;  // masked
+          float* a = acc.data() + r * head_dim;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * value[d];
+        }
+      }
+      for (int64_t i = 0; i < q_len; ++i) {
+        for (int64_t g = 0; g < group; ++g) {
+          T* dst = out_base + (q_start + i) * out_token_stride + (kv_head * group + g) * out_head_stride;
+          const float* a = acc.data() + (i * group + g) * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(a[d]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace portable
+#endif
+
 template <typename T>
 void write_slots(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, int64_t num_tokens) {
   const int64_t block_size = cache.size(1), heads = cache.size(2), head_dim = cache.size(3);
@@ -743,7 +887,12 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
         block_tables.stride(0), query.size(1) / k_cache.size(2), query.size(2),
         static_cast<float>(scale), static_cast<float>(softcap), window,
     };
+#if defined(__AVX512F__)
     dispatch(step, seq_lens.size(0), k_cache.size(2), out);
+#else
+    portable::attend<scalar_t>(query, k_cache, v_cache, query_start_loc, block_tables, seq_lens, scale, window,
+                               softcap, out);
+#endif
   });
   return out;
 }
