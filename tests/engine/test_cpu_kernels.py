@@ -100,6 +100,12 @@ def test_rejects_what_it_cannot_compute():
         cpu_kernels.paged_decode_attention(
             batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None
         )
+    batch.md.block_tables[2, 0] = 0
+    batch.md.slot_mapping[1] = batch.k_cache.shape[0] * batch.k_cache.shape[1]  # a slot past the pool
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_kernels.paged_decode_attention(
+            batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None
+        )
     with pytest.raises(RuntimeError, match="a key and a slot per query"):
         cpu_kernels.paged_decode_attention(
             batch.query[:3], key, value, batch.k_cache, batch.v_cache, batch.md, 0.25, None, None
@@ -150,3 +156,74 @@ def test_a_few_new_tokens_per_sequence_attend_causally(dtype, sliding_window, so
     )
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.fixture
+def four_threads():
+    """Four intra-op threads, whatever the machine: the kernel then cuts long contexts into pieces merged by
+    their log-sum-exp (it plans by the thread count, so this holds under `taskset -c 0` too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(threads)
+
+
+# few sequences, long contexts: pieces of whole 16-key blocks, cut where windows and block edges do not align
+LONG = ([1, 1, 4], [1000, 333, 517])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "block_size", "sliding_window", "softcap"),
+    [
+        (torch.float32, 16, None, None),
+        (torch.float32, 4, 300, None),  # the window starts inside a piece, the pieces inside cache blocks
+        (torch.float32, 32, 45, 3.0),  # a window shorter than a piece: some pieces hold nothing for a row
+        (torch.bfloat16, 16, 200, None),
+        (torch.float16, 8, None, 2.0),
+    ],
+)
+def test_long_contexts_split_across_threads(four_threads, dtype, block_size, sliding_window, softcap):
+    batch = make_batch(*LONG, block_size=block_size, num_heads=6, num_kv_heads=2, head_dim=64, dtype=dtype)
+    slots = batch.md.slot_mapping
+    key = batch.k_cache.view(-1, 2, 64)[slots].clone()
+    value = batch.v_cache.view(-1, 2, 64)[slots].clone()
+    expected = reference_attention(batch, 0.125, sliding_window, softcap)
+    out = cpu_kernels.paged_decode_attention(
+        batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, 0.125, sliding_window, softcap
+    )
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [8, 40, 112])  # padded to the widths the kernel is built for
+def test_head_dims_between_the_compiled_widths(dtype, head_dim):
+    # contexts around 16-key block edges: 1, 15, 16, 17, 32, 33 keys
+    batch = make_batch(
+        [1, 1, 1, 2, 1, 1], [1, 15, 16, 17, 32, 33], block_size=16, num_heads=4, num_kv_heads=2,
+        head_dim=head_dim, dtype=dtype,
+    )
+    slots = batch.md.slot_mapping
+    key = batch.k_cache.view(-1, 2, head_dim)[slots].clone()
+    value = batch.v_cache.view(-1, 2, head_dim)[slots].clone()
+    out = cpu_kernels.paged_decode_attention(
+        batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, head_dim**-0.5, None, None
+    )
+    expected = reference_attention(batch, head_dim**-0.5, None, None)
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_heads_wider_than_the_kernel_take_the_torch_path():
+    head_dim = cpu_kernels.MAX_HEAD_DIM + 16
+    batch = make_batch(
+        [1, 2], [5, 20], block_size=4, num_heads=2, num_kv_heads=1, head_dim=head_dim, dtype=torch.float32
+    )
+    slots = batch.md.slot_mapping
+    key = batch.k_cache.view(-1, 1, head_dim)[slots].clone()
+    value = batch.v_cache.view(-1, 1, head_dim)[slots].clone()
+    batch.k_cache.view(-1, 1, head_dim)[slots] = 0  # written by the call, as the kernel would
+    out = cpu_kernels.paged_decode_attention(
+        batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, 0.05, None, None
+    )
+    assert torch.equal(batch.k_cache.view(-1, 1, head_dim)[slots], key)
+    torch.testing.assert_close(out, reference_attention(batch, 0.05, None, None), atol=2e-5, rtol=2e-5)

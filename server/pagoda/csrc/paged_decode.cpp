@@ -1,67 +1,213 @@
 // Decode attention over the paged KV cache, on the CPU, reading each sequence's blocks where they lie:
 // for steps whose sequences bring a few new tokens each (decodes, speculative verification).
 //
-// The torch path gathers every sequence's blocks into a padded contiguous copy and runs SDPA over it;
-// at 32 sequences that copy and the padding are 40% of a decode step. Here each (sequence, KV head) task
-// walks its block table and computes, in float32, the scores of every query row it owns (the sequence's
-// new tokens times the query heads that share the KV head: each key is loaded once for all of them),
-// their softmax, and the weighted sum of the values. Tasks run on torch's intra-op threads. A long
-// prefill chunk is a matrix product that SDPA does far better: it stays on the torch path. The step's new keys and values are written to their slots first, as the
-// torch path does (`write_kv`), so the whole batch's K/V is in place before anyone attends.
+// The torch path gathers every sequence's blocks into a padded contiguous copy and runs SDPA over it; here
+// each task walks a range of one sequence's keys for one KV head, for every query row that shares that head
+// (the sequence's new tokens times the query heads of the group: each key is loaded once for all of them).
+// Keys come 16 at a time: widened to float32 once, scored for each row as 16 partial-sum vectors folded into
+// one vector of 16 scores (a transpose-and-add tree, no horizontal sum per dot), then an online softmax
+// (flash-decoding: a running max and sum per row, no buffer of scores) weights the 16 values. When a step
+// has too few (sequence, KV head) pairs to keep every thread busy, long contexts are cut into chunks whose
+// partial results (max, sum, weighted values) are merged by their log-sum-exp. Threads pull tasks, longest
+// first, from a shared counter, so unequal contexts do not leave a thread idle.
+//
+// The arithmetic is float32 throughout, on 16-float vectors written with GCC's vector extensions: g++ maps them
+// to one AVX-512 register, two AVX2 registers (-march=x86-64-v3, the image's build) or NEON quads. A long
+// prefill chunk is a matrix product that SDPA does far better: it stays on the torch path. The step's new keys
+// and values are written to their slots first, as the torch path does (`write_kv`), so the whole batch's K/V
+// is in place before anyone attends.
 //
 // Built by `python -m pagoda.cpu_extension` (make install); registered as torch.ops.pagoda.*.
 
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <math.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
-// glibc's vector expf (libmvec), so the softmax loop vectorizes: math.h declares it only under
-// -ffast-math, which would also change how the rest of this file rounds.
-extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
+// 16-float vectors pass between inline functions of this file only: their ABI without AVX-512 does not matter.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace {
 
-template <typename T>
-void write_slots(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, int64_t num_tokens) {
-  const int64_t block_size = cache.size(1), heads = cache.size(2), head_dim = cache.size(3);
-  const T* in = src.data_ptr<T>();
-  T* base = cache.data_ptr<T>();
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const int64_t slot = slots[t];
-    if (slot < 0) continue;  // padding
-    T* dst = base + (slot / block_size) * cache.stride(0) + (slot % block_size) * cache.stride(1);
-    const T* row = in + t * src.stride(0);
-    for (int64_t h = 0; h < heads; ++h) {
-      std::copy_n(row + h * src.stride(1), head_dim, dst + h * cache.stride(2));
-    }
-  }
+// ---------------------------------------------------------------------------------------------------------
+// 16 floats
+
+constexpr int64_t kLanes = 16;
+typedef float Vec __attribute__((vector_size(64)));
+typedef int32_t IVec __attribute__((vector_size(64)));
+typedef uint32_t UVec __attribute__((vector_size(64)));
+typedef uint16_t U16Vec __attribute__((vector_size(32)));
+typedef float Half8 __attribute__((vector_size(32)));
+typedef float Quarter4 __attribute__((vector_size(16)));
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline Vec splat(float s) { return Vec{} + s; }
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename V>
+inline V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+inline Vec vmin(Vec a, Vec b) { return a < b ? a : b; }
+
+// a * b + c in one rounding where the machine has FMA (g++ contracts nothing under -std=c++20).
+inline Vec fmadd(Vec a, Vec b, Vec c) {
+#if defined(__AVX512F__)
+  return (Vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  const Half8 lo = _mm256_fmadd_ps(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
+                                   __builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7),
+                                   __builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7));
+  const Half8 hi = _mm256_fmadd_ps(__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
+                                   __builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15),
+                                   __builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  return a * b + c;
+#endif
 }
 
-// n values in float32. c10::BFloat16's own conversion does not vectorize; its bits shifted up do.
+inline float hmax(Vec v) {
+  const Half8 h = vmax(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                       __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  const Quarter4 q = vmax(__builtin_shufflevector(h, h, 0, 1, 2, 3), __builtin_shufflevector(h, h, 4, 5, 6, 7));
+  return std::max(std::max(q[0], q[2]), std::max(q[1], q[3]));
+}
+
+inline float hsum(Vec v) {
+  const Half8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Quarter4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// e^x, Cephes' single-precision polynomial (about 1 ulp); 0 below -87.3 (e^-inf = 0: masked scores).
+inline Vec vexp(Vec x) {
+  const Vec xc = vmin(vmax(x, splat(-87.33654f)), splat(88.37626f));
+  const Vec magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec shifted = fmadd(xc, splat(1.44269504088896341f), magic);
+  const Vec n = shifted - magic;
+  Vec r = fmadd(n, splat(-0.693359375f), xc);
+  r = fmadd(n, splat(2.12194440e-4f), r);
+  Vec p = splat(1.9875691500e-4f);
+  p = fmadd(p, r, splat(1.3981999507e-3f));
+  p = fmadd(p, r, splat(8.3334519073e-3f));
+  p = fmadd(p, r, splat(4.1665795894e-2f));
+  p = fmadd(p, r, splat(1.6666665459e-1f));
+  p = fmadd(p, r, splat(5.0000001201e-1f));
+  p = fmadd(p, r * r, r + 1.f);
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  const Vec e = p * (Vec)bits;
+  return x < splat(-87.33654f) ? splat(0.f) : e;
+}
+
+// tanh through e^(-2|x|), with x's sign: no overflow, and accurate to a few float32 ulps of 1.
+inline Vec vtanh(Vec x) {
+  const Vec ax = vmax(x, -x);
+  const Vec t = vexp(splat(-2.f) * ax);
+  const Vec y = (1.f - t) / (1.f + t);
+  return x < splat(0.f) ? -y : y;
+}
+
+// The 16 dot products whose partial sums (over 16-lane slices of head_dim) are part[0..15]: lane j of the
+// result is the sum of part[j]'s lanes. Pairs are folded level by level, each level a shuffle of two vectors
+// into two and one add: within 128-bit lanes first (unpack-like), then across them, so AVX-512 and AVX2 both
+// get single-instruction shuffles.
+inline Vec fold(Vec a, Vec b) {  // lanes 4q + {0, 1, 2, 3}: a, b, a, b summed over pairs of quarter q
+  return __builtin_shufflevector(a, b, 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29) +
+         __builtin_shufflevector(a, b, 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+}
+inline Vec fold2(Vec c, Vec d) {  // quarter q of the result: 4 dots' sums over quarter q of the inputs
+  return __builtin_shufflevector(c, d, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         __builtin_shufflevector(c, d, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+inline Vec fold_quarters(Vec e, Vec f) {  // quarters: e's (0+1), e's (2+3), f's (0+1), f's (2+3)
+  return __builtin_shufflevector(e, f, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+         __builtin_shufflevector(e, f, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+inline Vec reduce16(const Vec* part) {
+  Vec four[4];
+  for (int i = 0; i < 4; ++i) {
+    four[i] = fold2(fold(part[4 * i], part[4 * i + 1]), fold(part[4 * i + 2], part[4 * i + 3]));
+  }
+  return fold_quarters(fold_quarters(four[0], four[1]), fold_quarters(four[2], four[3]));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Cache rows in float32
+
+inline Vec combine(Half8 lo, Half8 hi) {
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+// 16 values from src, in float32 registers.
 template <typename T>
-inline void to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+inline Vec widen16(const T* src) {
+  Vec v;
+  for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(src[i]);
+  return v;
 }
 
 template <>
-inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t widened = static_cast<uint32_t>(bits[i]) << 16;
-    std::memcpy(dst + i, &widened, sizeof(float));
-  }
+inline Vec widen16(const float* src) {
+  return load(src);
+}
+
+template <>
+inline Vec widen16(const c10::BFloat16* src) {  // bfloat16 is float32's top half
+#if defined(__AVX512F__)
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  return (Vec)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+#elif defined(__AVX2__)
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8));
+  return combine(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lo), 16)),
+                 _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(hi), 16)));
+#else
+  U16Vec half;
+  std::memcpy(&half, src, sizeof(half));
+  return (Vec)(__builtin_convertvector(half, UVec) << 16);
+#endif
+}
+
+#if defined(__AVX512F__) || defined(__F16C__)
+template <>
+inline Vec widen16(const c10::Half* src) {
+#if defined(__AVX512F__)
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+#else
+  return combine(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))),
+                 _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8))));
+#endif
+}
+#endif
+
+// n values of a row in float32, zero-padded to `padded` (a multiple of 16).
+template <typename T>
+inline void widen_row(const T* src, float* dst, int64_t n, int64_t padded) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(dst + i, widen16(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  for (; i < padded; ++i) dst[i] = 0.f;
 }
 
 // A layer's K or V cache [blocks, block_size, heads, head_dim]: where token t of a block table lies. Strides
@@ -84,6 +230,452 @@ struct PagedCache {
     return base + table[t >> shift] * block_stride + (t & mask) * slot_stride + head * head_stride;
   }
 };
+
+constexpr int64_t kMaxHeadDim = 256;
+// The rows of a block past the range's end: zeros (finite, and masked), never the cache past the context.
+alignas(64) constexpr float kZeros[kMaxHeadDim] = {};
+
+// ---------------------------------------------------------------------------------------------------------
+// One task: keys [begin, end) of one sequence, one KV head, every query row of its group
+
+// The step, as every task reads it.
+template <typename T>
+struct Step {
+  const T* query;
+  int64_t q_token_stride, q_head_stride;
+  PagedCache<T> keys, values;
+  const int32_t *starts, *tables, *lens;
+  int64_t table_stride;
+  int64_t group, head_dim;
+  float scale, cap;
+  int64_t window;
+
+  int64_t q_len(int64_t seq) const { return starts[seq + 1] - starts[seq]; }
+  int64_t context(int64_t seq) const { return lens[seq] - q_len(seq); }  // query i sits at context + i
+  // the keys any of the sequence's queries may see: its earliest query's window bounds them all
+  int64_t first_key(int64_t seq) const { return window > 0 ? std::max<int64_t>(0, context(seq) - window + 1) : 0; }
+};
+
+// bfloat16 keys scored where they lie, two dimensions per instruction (AVX512-BF16: products of bfloat16 are
+// exact in float32, summed in float32, as widening them first would). Elsewhere keys are widened to float32.
+#if defined(__AVX512BF16__)
+template <typename T>
+constexpr bool kDotBF16 = std::is_same_v<T, c10::BFloat16>;
+#else
+template <typename T>
+constexpr bool kDotBF16 = false;
+#endif
+
+// A task's buffers and running softmax, per query row: max, sum (as 16 lanes, summed at the end) and
+// weighted values.
+struct Partial {
+  std::vector<float> q, keys, probs, acc, maxes;
+  std::vector<uint16_t> q_bf16;
+  std::vector<uint8_t> values;  // a short head's values padded to whole vectors (head_dim % 16 != 0)
+  std::vector<Vec> sums;
+
+  void reset(int64_t rows, int64_t padded_dim, int64_t value_bytes) {
+    q.resize(rows * padded_dim);
+    q_bf16.resize(rows * (padded_dim + kLanes));  // (bfloat16 pairs: whole 32s)
+    keys.assign(kLanes * padded_dim, 0.f);
+    values.assign(kLanes * padded_dim * value_bytes, 0);
+    probs.resize(rows * kLanes);
+    acc.assign(rows * padded_dim, 0.f);
+    maxes.assign(rows, -kInf);
+    sums.assign(rows, Vec{});
+  }
+};
+
+template <int NC>  // q . keys[j] for 16 rows of widened keys, NC slices of 16 floats each (zero-padded)
+__attribute__((always_inline)) inline Vec score16(const float* q, const float* keys) {
+  constexpr int64_t dim = NC * kLanes;
+  Vec qv[NC];
+  for (int c = 0; c < NC; ++c) qv[c] = load(q + c * kLanes);
+  Vec part[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    Vec a = qv[0] * load(keys + j * dim);
+    for (int c = 1; c < NC; ++c) a = fmadd(qv[c], load(keys + j * dim + c * kLanes), a);
+    part[j] = a;
+  }
+  return reduce16(part);
+}
+
+#if defined(__AVX512BF16__)
+// q . key[j] for 16 bfloat16 rows in the cache; q: 32-wide slices, zero-padded; each slice of a key loaded
+// under its mask (the head's dimensions: never the next head's values, which may not be finite).
+template <int NC>
+__attribute__((always_inline)) inline Vec score16_bf16(const uint16_t* q, const c10::BFloat16* const* keys,
+                                                       const __mmask32* slices) {
+  constexpr int CB = (NC + 1) / 2;
+  __m512bh qv[CB];
+  for (int c = 0; c < CB; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
+  Vec part[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    __m512 a = _mm512_setzero_ps();
+    for (int c = 0; c < CB; ++c) {
+      a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_maskz_loadu_epi16(slices[c], keys[j] + 32 * c));
+    }
+    part[j] = a;
+  }
+  return reduce16(part);
+}
+#endif
+
+// bfloat16 values widened two vectors at a time: 16 pairs loaded as 32-bit lanes, the even dimensions shifted
+// up and the odd ones masked in place (no shuffles). The sums then hold each 32 dimensions as their 16 even
+// ones, then their 16 odd ones, put back in order when written out.
+template <typename T, int NC>
+constexpr bool kEvenOdd = std::is_same_v<T, c10::BFloat16> && NC % 2 == 0;
+
+template <typename T, int NC>
+__attribute__((always_inline)) inline void widen_values(const T* row, Vec* v) {
+  if constexpr (kEvenOdd<T, NC>) {
+    for (int c = 0; c < NC; c += 2) {
+      UVec pairs;
+      std::memcpy(&pairs, row + c * kLanes, sizeof(pairs));
+      v[c] = (Vec)(pairs << 16);
+      v[c + 1] = (Vec)(pairs & 0xFFFF0000u);
+    }
+  } else {
+    for (int c = 0; c < NC; ++c) v[c] = widen16(row + c * kLanes);
+  }
+}
+
+// acc[r] += sum_j probs[r][j] * values[j] for `rows` rows: the values widened once per tile of rows whose
+// sums stay in registers.
+template <typename T, int NC>
+__attribute__((always_inline)) inline void accumulate(float* acc, const float* probs, int64_t rows,
+                                                      const T* const* values) {
+  constexpr int64_t dim = NC * kLanes;
+  constexpr int TR = NC >= 16 ? 1 : 16 / NC;
+  for (int64_t r0 = 0; r0 < rows; r0 += TR) {
+    const int64_t n = std::min<int64_t>(TR, rows - r0);
+    Vec a[TR][NC];
+    for (int r = 0; r < TR; ++r) {
+      if (r >= n) break;
+      for (int c = 0; c < NC; ++c) a[r][c] = load(acc + (r0 + r) * dim + c * kLanes);
+    }
+    for (int j = 0; j < kLanes; ++j) {
+      Vec v[NC];
+      widen_values<T, NC>(values[j], v);
+      for (int r = 0; r < TR; ++r) {
+        if (r >= n) break;
+        const Vec p = splat(probs[(r0 + r) * kLanes + j]);
+        for (int c = 0; c < NC; ++c) a[r][c] = fmadd(p, v[c], a[r][c]);
+      }
+    }
+    for (int r = 0; r < TR; ++r) {
+      if (r >= n) break;
+      for (int c = 0; c < NC; ++c) store(acc + (r0 + r) * dim + c * kLanes, a[r][c]);
+    }
+  }
+}
+
+// A row of weighted values, divided by its sum, in the output's dtype and dimension order.
+template <typename T, int NC>
+inline void write_row(T* dst, const float* acc, float inv, int64_t head_dim) {
+  if constexpr (kEvenOdd<T, NC>) {
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const int64_t block = d & ~int64_t{31}, i = (d & 31) >> 1, odd = d & 1;
+      dst[d] = static_cast<T>(acc[block + odd * kLanes + i] * inv);
+    }
+  } else {
+    for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(acc[d] * inv);
+  }
+}
+
+template <typename T>
+inline void prefetch(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
+}
+
+template <typename T, int NC>
+void attend_range(const Step<T>& step, int64_t seq, int64_t kv_head, int64_t begin, int64_t end, Partial& part) {
+  constexpr int64_t dim = NC * kLanes;
+  const int64_t q_len = step.q_len(seq), context = step.context(seq), group = step.group;
+  const int64_t rows = q_len * group, head_dim = step.head_dim;
+  const bool short_head = head_dim != dim;  // (a head_dim this build has no kernel of its own for)
+  const int32_t* table = step.tables + seq * step.table_stride;
+  const T* zeros = reinterpret_cast<const T*>(kZeros);
+  part.reset(rows, dim, short_head ? sizeof(T) : 0);
+  T* padded_values = reinterpret_cast<T*>(part.values.data());
+  for (int64_t i = 0; i < q_len; ++i) {  // rows are (query i, head g of the group), zero-padded
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = i * group + g;
+      const T* src = step.query + (step.starts[seq] + i) * step.q_token_stride +
+                     (kv_head * group + g) * step.q_head_stride;
+      if constexpr (kDotBF16<T>) {
+        uint16_t* dst = part.q_bf16.data() + r * (dim + kLanes);
+        std::memcpy(dst, src, head_dim * sizeof(T));
+        std::fill(dst + head_dim, dst + dim + kLanes, uint16_t{0});
+      } else {
+        widen_row(src, part.q.data() + r * dim, head_dim, dim);
+      }
+    }
+  }
+#if defined(__AVX512BF16__)
+  __mmask32 slices[(NC + 1) / 2];  // which of each 32-wide slice's dimensions are the head's
+  for (int64_t c = 0; c < (NC + 1) / 2; ++c) {
+    const int64_t width = std::clamp<int64_t>(head_dim - 32 * c, 0, 32);
+    slices[c] = width == 32 ? ~__mmask32{0} : (__mmask32{1} << width) - 1;
+  }
+#endif
+  // Blocks of 16 keys start at multiples of 16, so that with cache blocks of 16 or more each lies in one
+  // cache block: its rows a stride apart. The keys before `begin` it brings are valid tokens, masked.
+  const bool one_block = step.keys.mask + 1 >= kLanes && step.values.mask + 1 >= kLanes;
+  const int64_t aligned = begin & ~(kLanes - 1);
+  auto rows_at = [&](const PagedCache<T>& cache, int64_t t0, const T** out) {
+    const int64_t m = std::min(kLanes, end - t0);  // past the range's end: zeros (and masked)
+    if (one_block) {
+      const T* row = cache.at(table, t0, kv_head);
+      for (int64_t j = 0; j < kLanes; ++j) out[j] = j < m ? row + j * cache.slot_stride : zeros;
+    } else {
+      for (int64_t j = 0; j < kLanes; ++j) out[j] = j < m ? cache.at(table, t0 + j, kv_head) : zeros;
+    }
+  };
+  // the next block's keys and values on their way while this one is computed: the rows of a block of keys
+  // lie in shuffled cache blocks, one head's slice of each, which the hardware's prefetchers do not follow
+  auto prefetch_block = [&](int64_t t0) {
+    if (t0 >= end) return;
+    const T* rows[kLanes];
+    for (const PagedCache<T>* cache : {&step.keys, &step.values}) {
+      rows_at(*cache, t0, rows);
+      for (int64_t j = 0; j < std::min(kLanes, end - t0); ++j) prefetch(rows[j], head_dim);
+    }
+  };
+  prefetch_block(aligned);
+  const IVec iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const T* keys[kLanes];
+  const T* values[kLanes];
+  for (int64_t t0 = aligned; t0 < end; t0 += kLanes) {
+    const int64_t m = std::min<int64_t>(kLanes, end - t0);
+    prefetch_block(t0 + kLanes);
+    rows_at(step.keys, t0, keys);
+    rows_at(step.values, t0, values);
+    if constexpr (!kDotBF16<T>) {
+      for (int64_t j = 0; j < kLanes; ++j) widen_row(keys[j], part.keys.data() + j * dim, head_dim, dim);
+    }
+    bool any = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      // the keys row r may see: up to its own position (causal), from its window's start
+      const int64_t pos = context + r / group;
+      const int64_t lo = std::max<int64_t>(begin, step.window > 0 ? pos - step.window + 1 : 0);
+      const int64_t hi = std::min<int64_t>(pos, t0 + m - 1);
+      float* probs = part.probs.data() + r * kLanes;
+      if (hi < t0 || lo > t0 + m - 1) {  // nothing here for this row
+        store(probs, Vec{});
+        continue;
+      }
+      Vec s;
+#if defined(__AVX512BF16__)
+      if constexpr (kDotBF16<T>) {
+        s = score16_bf16<NC>(part.q_bf16.data() + r * (dim + kLanes), keys, slices);
+      } else
+#endif
+      {
+        s = score16<NC>(part.q.data() + r * dim, part.keys.data());
+      }
+      s *= step.scale;
+      if (step.cap > 0.f) s = step.cap * vtanh(s / step.cap);
+      if (lo > t0 || hi < t0 + kLanes - 1) {
+        const IVec t = iota + static_cast<int32_t>(t0);
+        s = (t >= IVec{} + static_cast<int32_t>(lo)) & (t <= IVec{} + static_cast<int32_t>(hi)) ? s : splat(-kInf);
+      }
+      float& max = part.maxes[r];
+      const float block_max = hmax(s);
+      if (block_max > max) {  // rescale what the earlier blocks summed to the new max
+        const float correction = std::exp(max - block_max);  // e^-inf = 0 on the first visible block
+        part.sums[r] *= correction;
+        float* acc = part.acc.data() + r * dim;
+        for (int64_t d = 0; d < dim; d += kLanes) store(acc + d, load(acc + d) * correction);
+        max = block_max;
+      }
+      const Vec p = vexp(s - max);
+      part.sums[r] += p;
+      store(probs, p);
+      any = true;
+    }
+    if (!any) continue;
+    if (short_head) {  // whole vectors of values: copies padded with zeros
+      for (int64_t j = 0; j < m; ++j) {
+        std::copy_n(values[j], head_dim, padded_values + j * dim);
+        values[j] = padded_values + j * dim;
+      }
+      for (int64_t j = m; j < kLanes; ++j) values[j] = padded_values + j * dim;  // (zeros since reset)
+    }
+    accumulate<T, NC>(part.acc.data(), part.probs.data(), rows, values);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The step: tasks, threads, merge
+
+// Keys per task when a step's (sequence, KV head) pairs are too few to share out: below this, a task costs
+// more to start and merge than it saves.
+constexpr int64_t kMinChunk = 128;
+// Tasks per thread to aim for, so that pulling them longest first evens the threads out.
+constexpr int64_t kTasksPerThread = 8;
+
+struct Task {
+  int32_t seq, kv_head, begin, end;
+  int32_t state;  // -1: the whole range, written to the output; else its slot among the partial states
+};
+
+struct Merge {
+  int32_t seq, kv_head, first_state, count;
+};
+
+struct Plan {
+  std::vector<Task> tasks;
+  std::vector<Merge> merges;
+  std::vector<float> states;  // per partial state: maxes[rows], sums[rows], acc[rows * dim]
+};
+
+template <typename T>
+void plan_tasks(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, int64_t threads, Plan& plan) {
+  plan.tasks.clear();
+  plan.merges.clear();
+  int64_t total = 0;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) total += step.lens[seq] - step.first_key(seq);
+  total *= num_kv_heads;
+  const int64_t target = threads > 1 ? kTasksPerThread * threads : 1;
+  int64_t chunk = std::max(kMinChunk, (total / target + kLanes - 1) / kLanes * kLanes);
+  if (threads <= 1) chunk = std::numeric_limits<int32_t>::max();
+  int32_t states = 0;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t first = step.first_key(seq), len = step.lens[seq], n = len - first;
+    // about equal pieces rather than one short tail, cut at multiples of 16 keys (where blocks of keys start)
+    const int64_t pieces = (n + chunk - 1) / chunk, base = first & ~(kLanes - 1);
+    const int64_t size = ((len - base + pieces - 1) / pieces + kLanes - 1) / kLanes * kLanes;
+    const int64_t count = (len - base + size - 1) / size;
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      if (count == 1) {
+        plan.tasks.push_back({int32_t(seq), int32_t(h), int32_t(first), int32_t(len), -1});
+        continue;
+      }
+      plan.merges.push_back({int32_t(seq), int32_t(h), states, int32_t(count)});
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t b = std::max(first, base + k * size), e = std::min(len, base + (k + 1) * size);
+        plan.tasks.push_back({int32_t(seq), int32_t(h), int32_t(b), int32_t(e), states++});
+      }
+    }
+  }
+  std::sort(plan.tasks.begin(), plan.tasks.end(), [](const Task& a, const Task& b) {  // longest first
+    const int32_t na = a.end - a.begin, nb = b.end - b.begin;
+    return na != nb ? na > nb : (a.seq != b.seq ? a.seq < b.seq : (a.kv_head != b.kv_head ? a.kv_head < b.kv_head : a.begin < b.begin));
+  });
+}
+
+template <typename T, int NC>
+void attend(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Tensor& out) {
+  constexpr int64_t dim = NC * kLanes;
+  thread_local Plan this_threads_plan;  // reused from step to step: no allocation once warm
+  Plan& plan = this_threads_plan;       // (the workers see the caller's, not their own)
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  plan_tasks(step, num_seqs, num_kv_heads, threads, plan);
+  const int64_t max_rows = [&] {
+    int64_t q = 0;
+    for (int64_t seq = 0; seq < num_seqs; ++seq) q = std::max(q, step.q_len(seq));
+    return q * step.group;
+  }();
+  const int64_t state_size = max_rows * (dim + 2);
+  int64_t num_states = 0;
+  for (const Merge& m : plan.merges) num_states += m.count;
+  if (static_cast<int64_t>(plan.states.size()) < num_states * state_size) plan.states.resize(num_states * state_size);
+
+  T* out_base = out.data_ptr<T>();
+  const int64_t out_token_stride = out.stride(0), out_head_stride = out.stride(1);
+  auto out_row = [&](int64_t seq, int64_t kv_head, int64_t r) {
+    const int64_t i = r / step.group, g = r % step.group;
+    return out_base + (step.starts[seq] + i) * out_token_stride + (kv_head * step.group + g) * out_head_stride;
+  };
+  auto write = [&](T* dst, const float* acc, float inv) { write_row<T, NC>(dst, acc, inv, step.head_dim); };
+
+  const int64_t num_tasks = static_cast<int64_t>(plan.tasks.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, num_tasks), 1, [&](int64_t, int64_t) {
+    thread_local Partial part;
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < num_tasks;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      const Task& task = plan.tasks[i];
+      attend_range<T, NC>(step, task.seq, task.kv_head, task.begin, task.end, part);
+      const int64_t rows = step.q_len(task.seq) * step.group;
+      if (task.state < 0) {  // every row sees at least its own token: its sum is positive
+        for (int64_t r = 0; r < rows; ++r) {
+          write(out_row(task.seq, task.kv_head, r), part.acc.data() + r * dim, 1.f / hsum(part.sums[r]));
+        }
+        continue;
+      }
+      float* state = plan.states.data() + task.state * state_size;
+      for (int64_t r = 0; r < rows; ++r) {
+        state[r] = part.maxes[r];
+        state[max_rows + r] = hsum(part.sums[r]);
+      }
+      std::copy_n(part.acc.data(), rows * dim, state + 2 * max_rows);
+    }
+  });
+
+  // pieces of a split range, each over its own max: rescaled to their common max and summed
+  for (const Merge& m : plan.merges) {
+    const int64_t rows = step.q_len(m.seq) * step.group;
+    for (int64_t r = 0; r < rows; ++r) {
+      float max = -kInf;
+      for (int64_t k = 0; k < m.count; ++k) max = std::max(max, plan.states[(m.first_state + k) * state_size + r]);
+      float sum = 0.f;
+      alignas(64) float acc[dim] = {};
+      for (int64_t k = 0; k < m.count; ++k) {
+        const float* state = plan.states.data() + (m.first_state + k) * state_size;
+        if (state[r] == -kInf) continue;  // this piece held no key the row may see
+        const float w = std::exp(state[r] - max);
+        sum += w * state[max_rows + r];
+        const float* a = state + 2 * max_rows + r * dim;
+        for (int64_t d = 0; d < dim; ++d) acc[d] += w * a[d];
+      }
+      write(out_row(m.seq, m.kv_head, r), acc, 1.f / sum);
+    }
+  }
+}
+
+// head_dim padded to a multiple of 16 among these widths (the few sizes models use; more would only grow the
+// library): the kernel instantiated for it.
+template <typename T>
+void dispatch(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Tensor& out) {
+  const int64_t slices = (step.head_dim + kLanes - 1) / kLanes;
+  if (slices <= 1) return attend<T, 1>(step, num_seqs, num_kv_heads, out);
+  if (slices <= 2) return attend<T, 2>(step, num_seqs, num_kv_heads, out);
+  if (slices <= 3) return attend<T, 3>(step, num_seqs, num_kv_heads, out);
+  if (slices <= 4) return attend<T, 4>(step, num_seqs, num_kv_heads, out);
+  if (slices <= 5) return attend<T, 5>(step, num_seqs, num_kv_heads, out);
+  if (slices <= 6) return attend<T, 6>(step, num_seqs, num_kv_heads, out);
+  if (slices <= 8) return attend<T, 8>(step, num_seqs, num_kv_heads, out);
+  if (slices <= 12) return attend<T, 12>(step, num_seqs, num_kv_heads, out);
+  return attend<T, 16>(step, num_seqs, num_kv_heads, out);
+}
+
+#if !defined(__AVX512F__)
+// Without AVX-512, g++ lowers the 16-float vectors' shuffles above lane by lane: there the kernel is the
+// previous one, which it vectorizes well for AVX2 (one task per sequence and KV head, 8 keys per pass, a
+// horizontal sum per dot, glibc's vector expf).
+extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
+
+namespace portable {
+
+// n values in float32. c10::BFloat16's own conversion does not vectorize; its bits shifted up do.
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <>
+inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t widened = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(dst + i, &widened, sizeof(float));
+  }
+}
 
 // Keys scored per pass: their dot products with one query row accumulate in kTokens independent vectors of
 // 16 lanes, one horizontal sum each at the end; one dot at a time was bound by each sum's latency.
@@ -202,6 +794,25 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
   });
 }
 
+}  // namespace portable
+#endif
+
+template <typename T>
+void write_slots(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, int64_t num_tokens) {
+  const int64_t block_size = cache.size(1), heads = cache.size(2), head_dim = cache.size(3);
+  const T* in = src.data_ptr<T>();
+  T* base = cache.data_ptr<T>();
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t slot = slots[t];
+    if (slot < 0) continue;  // padding
+    T* dst = base + (slot / block_size) * cache.stride(0) + (slot % block_size) * cache.stride(1);
+    const T* row = in + t * src.stride(0);
+    for (int64_t h = 0; h < heads; ++h) {
+      std::copy_n(row + h * src.stride(1), head_dim, dst + h * cache.stride(2));
+    }
+  }
+}
+
 void check(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache,
            const at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
            const at::Tensor& block_tables, const at::Tensor& seq_lens) {
@@ -210,10 +821,19 @@ void check(const at::Tensor& query, const at::Tensor& key, const at::Tensor& val
     TORCH_CHECK(t->scalar_type() == k_cache.scalar_type(), "query, key, value and the caches share a dtype");
     TORCH_CHECK(t->stride(-1) == 1, "the head dimension must be contiguous");
   }
-  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && k_cache.dim() == 4, "query/key/value [N, H, D], caches [B, S, Hkv, D]");
-  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3 && k_cache.dim() == 4,
+              "query/key/value [N, H, D], caches [B, S, Hkv, D]");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "the K and V caches have one shape");
+  const int64_t head_dim = k_cache.size(3), num_kv_heads = k_cache.size(2);
+  TORCH_CHECK(query.size(2) == head_dim && key.size(2) == head_dim && value.size(2) == head_dim &&
+                  key.size(1) == num_kv_heads && value.size(1) == num_kv_heads,
+              "query, key and value have the caches' head dim, key and value their KV heads");
+  TORCH_CHECK(head_dim <= kMaxHeadDim, "head dims up to ", kMaxHeadDim);
+  TORCH_CHECK(query.size(1) % num_kv_heads == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK((k_cache.size(1) & (k_cache.size(1) - 1)) == 0, "the block size must be a power of two");
-  TORCH_CHECK(key.size(0) == query.size(0) && slot_mapping.size(0) == query.size(0), "a key and a slot per query");
+  TORCH_CHECK(key.size(0) == query.size(0) && value.size(0) == query.size(0) &&
+                  slot_mapping.size(0) == query.size(0),
+              "a key and a slot per query");
   TORCH_CHECK(query_start_loc.size(0) == seq_lens.size(0) + 1 && block_tables.size(0) == seq_lens.size(0),
               "query_start_loc, block_tables and seq_lens describe the same sequences");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, "slot_mapping is int64");
@@ -223,18 +843,26 @@ void check(const at::Tensor& query, const at::Tensor& key, const at::Tensor& val
   TORCH_CHECK(block_tables.stride(1) == 1 && seq_lens.is_contiguous() && slot_mapping.is_contiguous() &&
                   query_start_loc.is_contiguous(),
               "block_tables rows, seq_lens, query_start_loc and slot_mapping must be contiguous");
-  // Every cache read stays inside the pool: each sequence's queries, context and blocks are consistent.
+  // Every cache write and read stays inside the pool: slots, each sequence's queries, context and blocks.
+  const int64_t block_size = k_cache.size(1), num_blocks = k_cache.size(0), width = block_tables.size(1);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < slot_mapping.size(0); ++t) {
+    TORCH_CHECK(slots[t] < num_blocks * block_size, "slot ", slots[t], " outside the cache");
+  }
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int64_t block_size = k_cache.size(1), num_blocks = k_cache.size(0), width = block_tables.size(1);
   TORCH_CHECK(starts[0] == 0 && starts[seq_lens.size(0)] == query.size(0), "query_start_loc must span the queries");
   for (int64_t i = 0; i < seq_lens.size(0); ++i) {
     const int64_t q_len = starts[i + 1] - starts[i], used = (lens[i] + block_size - 1) / block_size;
     TORCH_CHECK(q_len >= 1 && lens[i] >= q_len && used <= width, "sequence ", i, ": inconsistent lengths");
-    for (int64_t b = 0; b < used; ++b) {
-      const int32_t block = tables[i * block_tables.stride(0) + b];
-      TORCH_CHECK(block >= 0 && block < num_blocks, "sequence ", i, ": block ", block, " outside the cache");
+    const int32_t* row = tables + i * block_tables.stride(0);
+    bool inside = true;
+    for (int64_t b = 0; b < used; ++b) inside &= row[b] >= 0 && row[b] < num_blocks;  // no branch per block
+    if (!inside) {
+      for (int64_t b = 0; b < used; ++b) {
+        TORCH_CHECK(row[b] >= 0 && row[b] < num_blocks, "sequence ", i, ": block ", row[b], " outside the cache");
+      }
     }
   }
 }
@@ -252,7 +880,19 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
     write_slots<scalar_t>(key, k_cache, slots, key.size(0));
     write_slots<scalar_t>(value, v_cache, slots, value.size(0));
-    attend<scalar_t>(query, k_cache, v_cache, query_start_loc, block_tables, seq_lens, scale, window, softcap, out);
+    const Step<scalar_t> step{
+        query.data_ptr<scalar_t>(), query.stride(0), query.stride(1),
+        PagedCache<scalar_t>(k_cache), PagedCache<scalar_t>(v_cache),
+        query_start_loc.data_ptr<int32_t>(), block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+        block_tables.stride(0), query.size(1) / k_cache.size(2), query.size(2),
+        static_cast<float>(scale), static_cast<float>(softcap), window,
+    };
+#if defined(__AVX512F__)
+    dispatch(step, seq_lens.size(0), k_cache.size(2), out);
+#else
+    portable::attend<scalar_t>(query, k_cache, v_cache, query_start_loc, block_tables, seq_lens, scale, window,
+                               softcap, out);
+#endif
   });
   return out;
 }
