@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.attention import torch_backend
 from pagoda.attention.metadata import AttentionMetadata
 from pagoda.cpu_extension import available
 
-__all__ = ["MAX_HEAD_DIM", "MAX_QUERY_LEN", "available", "paged_decode_attention"]
+__all__ = ["MAX_HEAD_DIM", "MAX_QUERY_LEN", "paged_decode_attention", "serves"]
 
 # The kernel scores 16 keys at a time for every query row of a KV head; a longer prefill chunk is a matrix
 # product that SDPA (on the torch path) runs far faster.
 MAX_QUERY_LEN = 8
 # The widest head the kernel is compiled for; wider ones take the torch path.
 MAX_HEAD_DIM = 256
+
+
+def serves(max_query_len: int, head_dim: int) -> bool:
+    """Whether the built kernel computes a step whose sequences bring at most `max_query_len` tokens."""
+    return max_query_len <= MAX_QUERY_LEN and head_dim <= MAX_HEAD_DIM and available()
 
 
 def paged_decode_attention(
@@ -33,10 +37,7 @@ def paged_decode_attention(
     softcap: float | None,
 ) -> torch.Tensor:
     """Write this step's key/value [N, Hkv, D] into the cache, then attend: query [N, H, D], each
-    sequence's new tokens causally over its context -> [N, H, D]. Needs `available()`."""
-    if query.shape[-1] > MAX_HEAD_DIM:
-        torch_backend.write_kv(key, value, k_cache, v_cache, md.slot_mapping)
-        return torch_backend.paged_attention(query, k_cache, v_cache, md, scale, sliding_window, softcap)
+    sequence's new tokens causally over its context -> [N, H, D]. Needs `serves(...)`."""
     return torch.ops.pagoda.paged_decode_attention(
         query, key, value, k_cache, v_cache, md.slot_mapping, md.query_start_loc, md.block_tables,
         md.seq_lens, scale, sliding_window or 0, softcap or 0.0,

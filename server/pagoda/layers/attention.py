@@ -76,7 +76,7 @@ class Attention(nn.Module):
                 query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap,
                 new_kv=(key, value),
             )
-        elif md.max_query_len <= cpu_kernels.MAX_QUERY_LEN and cpu_kernels.available():
+        elif cpu_kernels.serves(md.max_query_len, self.head_dim):
             # the C++ kernel writes the new K/V and reads every context in place, without gathering it
             out = cpu_kernels.paged_decode_attention(
                 query, key, value, self.k_cache, self.v_cache, md, self.scale, self.sliding_window,
