@@ -145,12 +145,43 @@ inline F16 dequantize(F16 q, float scale, float offset) {
   return HasOffset ? add(w, broadcast(offset)) : w;
 }
 
+// A run of 64 4-bit weights (32 bytes, see the layout): inputs 0..15, 16..31 (scale and offset lo), 32..47
+// and 48..63 (hi), dequantized.
+#if defined(__AVX512F__)
+// Each half's 16 possible values are computed once (a table, by the same product and sum) and looked up by
+// the nibbles: a byte widened to 32 bits indexes with its low nibble (vpermps reads 4 bits), shifted with
+// its high one.
+template <bool HasOffset>
+inline void dequantize_run(const uint8_t* bytes, float s_lo, float o_lo, float s_hi, float o_hi, F16& w0, F16& w1,
+                           F16& w2, F16& w3) {
+  const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 lo = dequantize<HasOffset>(F16{values}, s_lo, o_lo).v, hi = dequantize<HasOffset>(F16{values}, s_hi, o_hi).v;
+  const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16)));
+  w0.v = _mm512_permutexvar_ps(b0, lo);
+  w1.v = _mm512_permutexvar_ps(b1, lo);
+  w2.v = _mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), hi);
+  w3.v = _mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), hi);
+}
+#else
+template <bool HasOffset>
+inline void dequantize_run(const uint8_t* bytes, float s_lo, float o_lo, float s_hi, float o_hi, F16& w0, F16& w1,
+                           F16& w2, F16& w3) {
+  from_nibbles(bytes, w0, w2);
+  from_nibbles(bytes + 16, w1, w3);
+  w0 = dequantize<HasOffset>(w0, s_lo, o_lo);
+  w1 = dequantize<HasOffset>(w1, s_lo, o_lo);
+  w2 = dequantize<HasOffset>(w2, s_hi, o_hi);
+  w3 = dequantize<HasOffset>(w3, s_hi, o_hi);
+}
+#endif
+
 // Accumulators (of 16 floats) a task keeps in registers: AVX-512 has 32 registers of that width, AVX2 16
 // of half of it.
 #if defined(__AVX512F__)
-constexpr int kAccumulators = 8;
+constexpr int kAccumulators = 16, kBlockRows = 8;
 #else
-constexpr int kAccumulators = 4;
+constexpr int kAccumulators = 4, kBlockRows = 4;
 #endif
 
 struct Weight {
@@ -195,12 +226,7 @@ void tile(const Weight& w, const float* x, int64_t k_total, int64_t n0, T* out, 
       } else {
         const float s_hi = w.scale[row * w.groups + g_hi], o_hi = HasOffset ? w.offset[row * w.groups + g_hi] : 0.f;
         F16 w0, w1, w2, w3;
-        from_nibbles(bytes, w0, w2);
-        from_nibbles(bytes + 16, w1, w3);
-        w0 = dequantize<HasOffset>(w0, s_lo, o_lo);
-        w1 = dequantize<HasOffset>(w1, s_lo, o_lo);
-        w2 = dequantize<HasOffset>(w2, s_hi, o_hi);
-        w3 = dequantize<HasOffset>(w3, s_hi, o_hi);
+        dequantize_run<HasOffset>(bytes, s_lo, o_lo, s_hi, o_hi, w0, w1, w2, w3);
 #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m) {
           const float* xm = x + m * k_total + k;
@@ -230,7 +256,7 @@ void rows(const Weight& w, const float* x, int64_t k_total, int64_t begin, int64
 template <int Bits, bool HasOffset, typename T>
 void rows_for_block(int64_t mb, const Weight& w, const float* x, int64_t k_total, int64_t begin, int64_t end, T* out,
                     int64_t n) {
-  static_assert(kAccumulators <= 8);
+  static_assert(kBlockRows <= 8);
   switch (mb) {
     case 1: return rows<Bits, HasOffset, 1, T>(w, x, k_total, begin, end, out, n);
     case 2: return rows<Bits, HasOffset, 2, T>(w, x, k_total, begin, end, out, n);
@@ -255,8 +281,8 @@ void compute(const Weight& w, const float* x, int64_t m_total, int64_t k_total, 
     // activation rows in blocks the accumulators hold; a block's weight rows are still in L1 for the next
     for (int64_t chunk = begin; chunk < end; chunk += 32) {
       const int64_t chunk_end = std::min(end, chunk + 32);
-      for (int64_t m0 = 0; m0 < m_total; m0 += kAccumulators) {
-        const int64_t mb = std::min<int64_t>(kAccumulators, m_total - m0);
+      for (int64_t m0 = 0; m0 < m_total; m0 += kBlockRows) {
+        const int64_t mb = std::min<int64_t>(kBlockRows, m_total - m0);
         rows_for_block<Bits, HasOffset, T>(mb, w, x + m0 * k_total, k_total, chunk, chunk_end, out + m0 * n, n);
       }
     }
