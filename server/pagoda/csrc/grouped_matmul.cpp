@@ -218,6 +218,8 @@ void tile(const Weight& w, const float* x, int64_t k_total, int64_t n0, T* out, 
     for (int r = 0; r < NR; ++r) {
       const int64_t row = n0 + r;
       const uint8_t* bytes = w.q + row * w.row_bytes + k * Bits / 8;
+      // the next tile's same bytes, a tile's time ahead (past the weight's end: a hint, never a fault)
+      __builtin_prefetch(bytes + 2 * NR * w.row_bytes, 0, 3);
       const float s_lo = w.scale[row * w.groups + g_lo], o_lo = HasOffset ? w.offset[row * w.groups + g_lo] : 0.f;
       if constexpr (Bits == 8) {
         const F16 wv = dequantize<HasOffset>(from_int8(bytes), s_lo, o_lo);
@@ -243,13 +245,30 @@ void tile(const Weight& w, const float* x, int64_t k_total, int64_t n0, T* out, 
   }
 }
 
+// Asks for rows [first, last)'s scales and offsets ahead of their tile (`tile` asks for their weights as it
+// goes): a tile reads its rows side by side, more streams at once than the hardware prefetchers follow,
+// and a model's weights come from memory (2x slower without, measured), not from the cache.
+inline void prefetch(const Weight& w, int64_t first, int64_t last) {
+  const auto lines = [](const void* start, int64_t bytes) {
+    for (int64_t offset = 0; offset < bytes; offset += 64) {
+      __builtin_prefetch(static_cast<const char*>(start) + offset, 0, 3);
+    }
+  };
+  if (last <= first) return;
+  lines(w.scale + first * w.groups, (last - first) * w.groups * 4);
+  if (w.offset != nullptr) lines(w.offset + first * w.groups, (last - first) * w.groups * 4);
+}
+
 // Output rows [begin, end) for activation rows m0 .. m0 + MB: tiles of as many rows as the accumulators
 // allow, then single rows.
 template <int Bits, bool HasOffset, int MB, typename T>
 void rows(const Weight& w, const float* x, int64_t k_total, int64_t begin, int64_t end, T* out, int64_t n) {
   constexpr int NR = std::max(1, kAccumulators / MB);
   int64_t row = begin;
-  for (; row + NR <= end; row += NR) tile<Bits, HasOffset, MB, NR, T>(w, x, k_total, row, out, n);
+  for (; row + NR <= end; row += NR) {
+    prefetch(w, row + 2 * NR, std::min<int64_t>(end, row + 3 * NR));
+    tile<Bits, HasOffset, MB, NR, T>(w, x, k_total, row, out, n);
+  }
   for (; row < end; ++row) tile<Bits, HasOffset, MB, 1, T>(w, x, k_total, row, out, n);
 }
 
