@@ -124,9 +124,9 @@ def test_embedded_gguf_decodes_through_the_kernel_as_through_dequantized_weights
 
     monkeypatch.setattr(GroupedWeight, "matmul", counted)
     fits = cpu_kernels.grouped_kernel_fits
-    monkeypatch.setattr(cpu_kernels, "prefers_grouped_kernel", lambda weight, dense: fits(weight))
+    monkeypatch.setattr(cpu_kernels, "prefers_grouped_kernel", fits)
     got = embedded_greedy_tokens()
     assert set(calls) == {4, 8}  # the layers and the head
-    monkeypatch.setattr(cpu_kernels, "prefers_grouped_kernel", lambda weight, dense: False)
+    monkeypatch.setattr(cpu_kernels, "prefers_grouped_kernel", lambda weight: False)
     monkeypatch.setattr(cpu_kernels, "_int4_kernel_fits", lambda weight: False)  # F.linear, dequantized
     assert embedded_greedy_tokens() == got

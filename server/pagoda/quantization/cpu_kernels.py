@@ -16,9 +16,8 @@ more rows with a BLAS GEMM (AMX / AVX512-BF16 on bfloat16), whose time barely gr
 
 Where Pagoda's C++ operators are built (`pagoda.cpu_extension`), `torch.ops.pagoda.grouped_matmul`
 (csrc/grouped_matmul.cpp) takes the weights it computes faster (`prefers_grouped_kernel`): 8-bit grouped
-weights (one pass instead of two int4 ones), and 4-bit ones but where torch's AVX-512 int4 code would
-serve steps of hundreds of rows. It multiplies the activations in float32 as they come (no rounding to
-bfloat16).
+weights (one pass instead of two int4 ones), and 4-bit ones where torch's int4 kernel runs without its
+AVX-512 code. It multiplies the activations in float32 as they come (no rounding to bfloat16).
 """
 
 from __future__ import annotations
@@ -48,17 +47,15 @@ def grouped_kernel_fits(weight: GroupQuantized) -> bool:
     return size % 16 == 0 if weight.bits == 8 else size % 32 == 0 and k % 64 == 0
 
 
-def prefers_grouped_kernel(weight: GroupQuantized, dense: bool) -> bool:
-    """Whether the C++ kernel beats torch's packed one on the rows it would serve (below `DENSE_MIN_ROWS`
-    when a `dense` copy takes the rest, all of them otherwise). Speed-ups over torch's kernel measured on
-    SmolLM2-135M's shapes, one Sapphire Rapids core of a busy machine (+-20%): 8-bit weights 0.9-1.3x at 1
-    row, 1.5-1.9x at 8-256 (one pass against two int4 ones); 4-bit ones 1.15-1.25x at 1 row, 0.95-1.1x at
-    2-64, 0.8x at 256 against torch's AVX-512 code (so there they keep torch's kernel unless a dense copy
-    serves the many rows), and 1.3-1.5x at 1 row, 1.0-1.25x at 8 against its AVX2 code (float32
-    activations, ATEN_CPU_CAPABILITY=avx2, this library built for x86-64-v3)."""
+def prefers_grouped_kernel(weight: GroupQuantized) -> bool:
+    """Whether the C++ kernel beats torch's packed one. Speed-ups over it per matmul of SmolLM2-135M's
+    shapes, one core, weights streaming from memory as in a model: 8-bit weights 1.1x at 1 row, 2.0x at 8
+    (one pass against two int4 ones; 2.5x and 2.1x under torch's AVX2 code); 4-bit ones 1.2-1.4x at 1 row,
+    0.8-1.25x at 8 under torch's AVX2 code (float32 activations, ATEN_CPU_CAPABILITY=avx2, this library
+    built for x86-64-v3), but 0.55-1.0x against its AVX-512 code, which therefore keeps them."""
     if not (grouped_kernel_fits(weight) and cpu_extension.available()):
         return False
-    return weight.bits == 8 or dense or torch.backends.cpu.get_cpu_capability() != "AVX512"
+    return weight.bits == 8 or torch.backends.cpu.get_cpu_capability() != "AVX512"
 
 
 class GroupedWeight:
@@ -147,7 +144,7 @@ class CpuQuantizedWeight:
         self.dense = None if dense_dtype is None else dense_copy(weight, dense_dtype)
         if weight.group_size == weight.shape[1] and weight.bits == 8 and weight.offset is None:
             self.per_channel_int8 = (weight.q.contiguous(), weight.scale[:, 0].to(_KERNEL_DTYPE))
-        elif prefers_grouped_kernel(weight, self.dense is not None):
+        elif prefers_grouped_kernel(weight):
             self.grouped = GroupedWeight(weight)
         elif _int4_kernel_fits(weight):
             self.int4_terms = int4_terms(weight)
