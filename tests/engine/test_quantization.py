@@ -111,11 +111,11 @@ def test_cpu_dense_copy_is_the_reference_weight_rounded_once(
 
 
 def test_cpu_kernel_falls_back_on_shapes_without_a_packed_kernel() -> None:
-    # 24 rows: the int4 kernel wants multiples of 16
-    weight = gguf_weight(Q.Q4_0, 24, 256)
+    # 24 rows: the int4 kernel wants multiples of 16; 96 inputs: the C++ one packs 4 bits in runs of 64
+    weight = gguf_weight(Q.Q4_0, 24, 96)
     kernel = CpuQuantizedWeight(group_quantized_from_blocks(weight))
     assert kernel.fallback is not None
-    x = torch.randn(3, 256)
+    x = torch.randn(3, 96)
     torch.testing.assert_close(kernel.matmul(x), F.linear(x, reference_weight(weight)), rtol=1e-5, atol=1e-5)
 
 
