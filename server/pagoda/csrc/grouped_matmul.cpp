@@ -4,14 +4,17 @@
 //
 // At a few rows this product is bound by reading the weights: each output row's integers, scales and
 // offsets are streamed once, dequantized in registers to the float32 values `GroupQuantized.dequantize`
-// gives (the same product and sum, rounded the same way), and multiplied with every activation row at
-// once, in float32 (activations are widened, never quantized). 8-bit weights are stored as they come (int8
-// [N, K]); 4-bit ones two to a byte, each run of 64 inputs as 32 bytes whose low nibbles are inputs 0..31
-// and high nibbles 32..63, so a load and a mask or a shift give inputs in order.
+// gives (the same product and sum, rounded the same way; on AVX-512 a 4-bit group's 16 possible values are
+// computed once and looked up), and multiplied with every activation row at once, in float32 (activations
+// are widened, never quantized). 8-bit weights are stored as they come (int8 [N, K]); 4-bit ones two to a
+// byte, each run of 64 inputs as 32 bytes whose low nibbles are inputs 0..31 and high nibbles 32..63, so a
+// load and a mask or a shift give inputs in order.
 //
 // The arithmetic works on 16 floats at a time: one AVX-512 register where the build targets it, two AVX2
-// ones for x86-64-v3 (the image's target), plain loops elsewhere. A task owns a few output rows (more when there are fewer activation rows, so that enough independent
-// accumulators hide the FMA latency); tasks run on torch's intra-op threads.
+// ones for x86-64-v3 (the image's target), plain loops elsewhere. A task owns a few output rows (more when
+// there are fewer activation rows, so that enough independent accumulators hide the FMA latency) and asks
+// for the next tiles' bytes ahead; tasks run on torch's intra-op threads. Which weights take this kernel
+// rather than torch's: `pagoda.quantization.cpu_kernels.prefers_grouped_kernel`.
 //
 // Built by `python -m pagoda.cpu_extension` (make install); registered as torch.ops.pagoda.grouped_matmul.
 
