@@ -87,10 +87,11 @@ def test_cpu_kernel_matches_dequantized_reference(ggml_type: GGMLQuantizationTyp
 @pytest.mark.parametrize("ggml_type", [Q.Q4_1, Q.Q8_0], ids=lambda t: t.name)
 def test_cpu_dense_copy_serves_steps_of_many_rows(ggml_type: GGMLQuantizationType) -> None:
     weight = gguf_weight(ggml_type, 64, 512)
-    plain = CpuQuantizedWeight(group_quantized_from_blocks(weight))
     dense = CpuQuantizedWeight(group_quantized_from_blocks(weight), torch.bfloat16)
+    plain = CpuQuantizedWeight(group_quantized_from_blocks(weight), torch.bfloat16)
+    plain.dense = None  # the same quantized kernel (which may depend on a dense copy), without the copy
     few, many = torch.randn(DENSE_MIN_ROWS - 1, 512).bfloat16(), torch.randn(DENSE_MIN_ROWS, 512).bfloat16()
-    assert torch.equal(dense.matmul(few), plain.matmul(few))  # below the threshold: the int4 kernel
+    assert torch.equal(dense.matmul(few), plain.matmul(few))  # below the threshold: the quantized kernel
     expected = F.linear(many.float(), reference_weight(weight))
     assert relative_error(dense.matmul(many), expected) < CPU_KERNEL_TOLERANCE
     assert not torch.equal(dense.matmul(many), plain.matmul(many))  # ... and above it, the dense GEMM
@@ -110,11 +111,11 @@ def test_cpu_dense_copy_is_the_reference_weight_rounded_once(
 
 
 def test_cpu_kernel_falls_back_on_shapes_without_a_packed_kernel() -> None:
-    # 24 rows: the int4 kernel wants multiples of 16
-    weight = gguf_weight(Q.Q4_0, 24, 256)
+    # 24 rows: the int4 kernel wants multiples of 16; 96 inputs: the C++ one packs 4 bits in runs of 64
+    weight = gguf_weight(Q.Q4_0, 24, 96)
     kernel = CpuQuantizedWeight(group_quantized_from_blocks(weight))
     assert kernel.fallback is not None
-    x = torch.randn(3, 256)
+    x = torch.randn(3, 96)
     torch.testing.assert_close(kernel.matmul(x), F.linear(x, reference_weight(weight)), rtol=1e-5, atol=1e-5)
 
 
