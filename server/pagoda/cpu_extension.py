@@ -15,6 +15,7 @@ import hashlib
 import logging
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -46,16 +47,27 @@ def build(march: str = "native", target: Path | None = None) -> Path:
     if shutil.which("g++") is None:
         raise SystemExit("building Pagoda's C++ CPU operators needs g++ (Debian: apt-get install g++)")
     torch_dir = Path(torch.__file__).parent
-    command = [
-        "g++", "-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c++20",
+    compile_flags = [
+        "-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-fPIC", "-std=c++20",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-        *map(str, sources()),
-        f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}",
-        "-lmvec",  # glibc's vector math (expf in the attention kernel's softmax)
-        "-o", str(target.with_suffix(".tmp")),
     ]  # fmt: skip
-    subprocess.run(command, check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        objects = [str(Path(tmp) / f"{source.stem}.o") for source in sources()]
+        # one g++ per source, side by side (the attention kernel alone takes most of a minute)
+        compiles = [
+            subprocess.Popen(["g++", *compile_flags, "-c", str(source), "-o", obj])
+            for source, obj in zip(sources(), objects, strict=True)
+        ]
+        if any([process.wait() for process in compiles]):
+            raise SystemExit("compiling Pagoda's C++ CPU operators failed (g++'s errors above)")
+        link = [
+            "g++", "-shared", "-fopenmp", *objects,
+            f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}",
+            "-lmvec",  # glibc's vector math (expf in the attention kernel's softmax)
+            "-o", str(target.with_suffix(".tmp")),
+        ]  # fmt: skip
+        subprocess.run(link, check=True)
     target.with_suffix(".tmp").rename(target)  # whole or absent, never half-written
     for stale in target.parent.glob("_pagoda_cpu_*.so") if default else ():
         if stale != target:
