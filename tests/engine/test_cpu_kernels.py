@@ -136,6 +136,21 @@ def test_engine_decodes_through_the_kernel_as_transformers_does(arch, tmp_path, 
 FEW_TOKENS = ([3, 1, 5, 2, 8], [3, 17, 40, 9, 120])
 
 
+def assert_matches_sdpa(batch, scale: float, sliding_window: int | None, softcap: float | None) -> None:
+    """The kernel, handed this step's K/V as the layer hands them (the batch's cache already holds them),
+    against SDPA on the gathered contexts."""
+    num_kv_heads, head_dim = batch.k_cache.shape[-2:]
+    slots = batch.md.slot_mapping
+    key = batch.k_cache.view(-1, num_kv_heads, head_dim)[slots].clone()
+    value = batch.v_cache.view(-1, num_kv_heads, head_dim)[slots].clone()
+    out = cpu_kernels.paged_decode_attention(
+        batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, scale, sliding_window, softcap
+    )
+    expected = reference_attention(batch, scale, sliding_window, softcap)
+    tol = TOLERANCE[batch.query.dtype]
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize(
     ("dtype", "sliding_window", "softcap"),
     [
@@ -147,15 +162,7 @@ FEW_TOKENS = ([3, 1, 5, 2, 8], [3, 17, 40, 9, 120])
 )
 def test_a_few_new_tokens_per_sequence_attend_causally(dtype, sliding_window, softcap):
     batch = make_batch(*FEW_TOKENS, block_size=4, num_heads=6, num_kv_heads=2, head_dim=32, dtype=dtype)
-    slots = batch.md.slot_mapping
-    key = batch.k_cache.view(-1, 2, 32)[slots].clone()
-    value = batch.v_cache.view(-1, 2, 32)[slots].clone()
-    expected = reference_attention(batch, 0.5, sliding_window, softcap)
-    out = cpu_kernels.paged_decode_attention(
-        batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, 0.5, sliding_window, softcap
-    )
-    tol = TOLERANCE[dtype]
-    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+    assert_matches_sdpa(batch, 0.5, sliding_window, softcap)
 
 
 @pytest.fixture
@@ -184,15 +191,7 @@ LONG = ([1, 1, 4], [1000, 333, 517])
 )
 def test_long_contexts_split_across_threads(four_threads, dtype, block_size, sliding_window, softcap):
     batch = make_batch(*LONG, block_size=block_size, num_heads=6, num_kv_heads=2, head_dim=64, dtype=dtype)
-    slots = batch.md.slot_mapping
-    key = batch.k_cache.view(-1, 2, 64)[slots].clone()
-    value = batch.v_cache.view(-1, 2, 64)[slots].clone()
-    expected = reference_attention(batch, 0.125, sliding_window, softcap)
-    out = cpu_kernels.paged_decode_attention(
-        batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, 0.125, sliding_window, softcap
-    )
-    tol = TOLERANCE[dtype]
-    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+    assert_matches_sdpa(batch, 0.125, sliding_window, softcap)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -203,14 +202,7 @@ def test_head_dims_between_the_compiled_widths(dtype, head_dim):
         [1, 1, 1, 2, 1, 1], [1, 15, 16, 17, 32, 33], block_size=16, num_heads=4, num_kv_heads=2,
         head_dim=head_dim, dtype=dtype,
     )
-    slots = batch.md.slot_mapping
-    key = batch.k_cache.view(-1, 2, head_dim)[slots].clone()
-    value = batch.v_cache.view(-1, 2, head_dim)[slots].clone()
-    out = cpu_kernels.paged_decode_attention(
-        batch.query, key, value, batch.k_cache, batch.v_cache, batch.md, head_dim**-0.5, None, None
-    )
-    expected = reference_attention(batch, head_dim**-0.5, None, None)
-    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    assert_matches_sdpa(batch, head_dim**-0.5, None, None)
 
 
 def test_heads_wider_than_the_kernel_take_the_torch_path():

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+from test_layers import norms_with_one_weight
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from pagoda.layers import cpu_ops
@@ -44,13 +44,7 @@ def test_add_rms_norm_matches_transformers(
 ) -> None:
     # rows up to 4096 wide take torch's cascaded sum past its first level; 70 rows spread over threads
     gen = torch.Generator().manual_seed(shape[0] * shape[1] + unit_offset)
-    dim = shape[-1]
-    reference = (Gemma2RMSNorm if unit_offset else LlamaRMSNorm)(dim, eps=1e-6).to(dtype)
-    ours = RMSNorm(dim, 1e-6, unit_offset).to(dtype)
-    weight = torch.rand(dim, generator=gen) * 2 - 0.5
-    with torch.no_grad():
-        reference.weight.copy_(weight)
-        ours.weight.copy_(weight)
+    reference, ours = norms_with_one_weight(shape[-1], dtype, unit_offset, gen)
     for scale in (1e-2, 1.0, 30.0):
         x = (torch.randn(shape, generator=gen) * scale).to(dtype)
         residual = (torch.randn(shape, generator=gen) * scale).to(dtype)

@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from pagoda.layers.norm import RMSNorm
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def norms_with_one_weight(
+    dim: int, dtype: torch.dtype, unit_offset: bool, gen: torch.Generator
+) -> tuple[nn.Module, RMSNorm]:
+    """transformers' RMSNorm of the flavour (Llama's, Gemma's 1 + w) and ours, with the same random weight."""
+    reference = (Gemma2RMSNorm if unit_offset else LlamaRMSNorm)(dim, eps=1e-6).to(dtype)
+    ours = RMSNorm(dim, 1e-6, unit_offset).to(dtype)
+    weight = torch.rand(dim, generator=gen) * 2 - 0.5
+    with torch.no_grad():
+        reference.weight.copy_(weight)
+        ours.weight.copy_(weight)
+    return reference, ours
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -20,13 +34,7 @@ def test_rms_norm_matches_transformers_bit_for_bit(
     dtype: torch.dtype, unit_offset: bool, shape: tuple[int, ...]
 ) -> None:
     gen = torch.Generator().manual_seed(len(shape) + unit_offset)
-    dim = shape[-1]
-    reference = (Gemma2RMSNorm if unit_offset else LlamaRMSNorm)(dim, eps=1e-6).to(dtype)
-    ours = RMSNorm(dim, 1e-6, unit_offset).to(dtype)
-    weight = torch.rand(dim, generator=gen) * 2 - 0.5
-    with torch.no_grad():
-        reference.weight.copy_(weight)
-        ours.weight.copy_(weight)
+    reference, ours = norms_with_one_weight(shape[-1], dtype, unit_offset, gen)
     for scale in (1e-2, 1.0, 30.0):
         x = (torch.randn(shape, generator=gen) * scale).to(dtype)
         expected = reference(x)
