@@ -208,7 +208,7 @@ def profiled_breakdown(engine: Any, steps: int) -> tuple[dict[str, float], float
         else:
             totals[event.name] += event.cpu_time_total * 1e-6 / steps
     parts = {name: totals[name] for name, _ in PARTS}
-    attention = ("kv_write", "attn_plan", "gather", "sdpa")
+    attention = ("kv_write", "attn_plan", "gather", "sdpa", "cpp_attention")
     parts["attn_rest"] = totals["attention"] - sum(parts[k] for k in attention)
     in_forward = ("int4_matmul", "norm", "rotary", "activation", "attention")
     # the forward's own ops, and the logits' beyond the head's matmul (the float cast)
