@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
 import time
@@ -53,9 +54,17 @@ def start_streams(server: LiveServer, count: int, body: dict) -> list[StreamRead
     return readers
 
 
+# Streams that run long enough for the queue to be seen full (the tiny model decodes 240 tokens in well under
+# a second): the tiny model with a longer context.
+DRAINED = {**LONG, "max_tokens": 1200}
+
+
 @pytest.fixture
 def drain_server(tiny_model: Path, tmp_path: Path) -> LiveServer:
-    server = start_server(tmp_path, str(tiny_model), "--max-num-seqs", "2", "--max-queue-len", "1")
+    model = shutil.copytree(tiny_model, tmp_path / "tiny-llama-long")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1280}))
+    server = start_server(tmp_path, str(model), "--max-num-seqs", "2", "--max-queue-len", "1")
     yield server
     server.stop(signal.SIGKILL)
 
@@ -63,8 +72,8 @@ def drain_server(tiny_model: Path, tmp_path: Path) -> LiveServer:
 def test_queue_limit_then_sigterm_lets_streams_finish(drain_server: LiveServer) -> None:
     server = drain_server
     # two running (--max-num-seqs 2) and one waiting fill the queue (--max-queue-len 1)
-    readers = start_streams(server, 2, LONG)
-    readers.append(StreamReader(server, LONG))
+    readers = start_streams(server, 2, DRAINED)
+    readers.append(StreamReader(server, DRAINED))
     readers[-1].start()
     deadline = time.monotonic() + 60
     while server.metric("vllm:num_requests_waiting") < 1 and time.monotonic() < deadline:
