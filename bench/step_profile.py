@@ -37,7 +37,7 @@ ISA_ENV = {
 PARTS = [
     ("int4_matmul", "int4 matmuls (qkv, o, gate_up, down)"),
     ("lm_head", "LM head"),
-    ("cpp_attention", "attention: C++ kernel (KV write + attention in place)"),
+    ("cpp_attention", "attention: C++ kernel (KV write + attention in place; decodes: + rotary)"),
     ("kv_write", "attention: KV write"),
     ("attn_plan", "attention: plan (masks, gather indices)"),
     ("gather", "attention: gather blocks"),
@@ -252,6 +252,7 @@ def ranges(runner: Any) -> Iterator[None]:
         patches += [(module, "forward", name) for kind, name in kinds if isinstance(module, kind)]
         if isinstance(module, RotaryEmbedding) and hasattr(module, "rotate_"):  # q/k rotated in place
             patches.append((module, "rotate_", "rotary"))
+    fused = [m for m in model.modules() if isinstance(m, Attention) and hasattr(m, "rope_attention")]
     functions = [
         (torch_backend, "write_kv", "kv_write"), (torch_backend, "_plan", "attn_plan"),
         (torch_backend, "_gather", "gather"), (torch_backend, "_attend", "sdpa"),
@@ -262,6 +263,10 @@ def ranges(runner: Any) -> Iterator[None]:
         setattr(module, attr, _in_range(getattr(module, attr), name))
     for obj, attr, name in patches:
         setattr(obj, attr, _in_range(getattr(obj, attr), name))  # an instance attribute shadows the method
+    for module in fused:  # the rotation, KV write and kernel of a decode step in one C++ call
+        wrapped = _in_range(_in_range(module.rope_attention, "cpp_attention"), "attention")
+        module.rope_attention = wrapped  # type: ignore[method-assign]
+        patches.append((module, "rope_attention", "attention"))
     try:
         yield
     finally:

@@ -117,10 +117,20 @@ def test_engine_decodes_through_the_kernel_as_transformers_does(arch, tmp_path, 
     from tiny_models import load_reference_model, make_tiny_model, reference_greedy
 
     from pagoda import LLM, SamplingParams
+    from pagoda.layers.attention import Attention
 
     calls = []
     kernel = cpu_kernels.paged_decode_attention
     monkeypatch.setattr(cpu_kernels, "paged_decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    # the decoder's fused decode op calls the kernel from C++ (tests/engine/test_decode_glue.py)
+    fused = Attention.rope_attention
+
+    def counted(*args):
+        out = fused(*args)
+        calls.extend([] if out is None else [1])
+        return out
+
+    monkeypatch.setattr(Attention, "rope_attention", counted)
     path = make_tiny_model(arch, tmp_path / arch)
     prompts = [[5, 9, 17, 33, 2, 8, 100, 7, 12], [40, 41, 42]]
     reference = load_reference_model(path)

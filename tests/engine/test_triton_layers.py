@@ -114,7 +114,7 @@ def test_rotary_equals_the_torch_rotation(ops, dtype, tokens, num_heads, num_kv_
     qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype)
     heads = qkv[:, : (num_heads + num_kv_heads) * head_dim].view(tokens, -1, head_dim)
     want = rope(positions, heads)
-    cos, signed_sin = rope._cos_sin(positions, dtype)
+    cos, signed_sin = rope.cos_sin(positions, dtype)
     rot = heads[..., :rotary_dim]
     got = ops.rotate(rot, cos, signed_sin)
     assert got is not None

@@ -9,6 +9,8 @@ from torch import nn
 
 from pagoda.attention import cpu_kernels, get_backend, torch_backend
 from pagoda.attention.metadata import get_attention_metadata
+from pagoda.layers import cpu_ops
+from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.quantization.kv_cache import calibrate_scale, is_fp8
 
 
@@ -48,6 +50,34 @@ class Attention(nn.Module):
         self.v_cache = torch.tensor([])
         self.kv_scales: tuple[float, float] | None = None  # fp8 caches only
         self._backend: ModuleType | None = None
+        self._fused_cache: torch.Tensor | None = None  # the cache `rope_attention` last found it may serve
+
+    def rope_attention(
+        self, qkv: torch.Tensor, rotary_emb: RotaryEmbedding, positions: torch.Tensor
+    ) -> torch.Tensor | None:
+        """A CPU decode step's attention from the fused projection's output qkv [N, (H + 2 Hkv) * D]: q and
+        k rotated in place, k and v written into the cache, attention -> [N, H * D], in one C++ call that
+        chains the ops `rotary_emb.rotate_` and `forward` call, without the views between them. None where
+        that does not apply (prefill chunks, another device or cache dtype, no built library): the caller
+        takes the general path. No attention sinks here (the caller knows)."""
+        md = get_attention_metadata()
+        if not (cpu_kernels.serves(md.max_query_len, self.head_dim) and self._fused_serves(qkv)):
+            return None
+        cos, signed_sin = rotary_emb.cos_sin(positions, qkv.dtype)
+        return torch.ops.pagoda.rope_paged_decode_attention(
+            qkv, cos, signed_sin, self.k_cache, self.v_cache, md.slot_mapping, md.query_start_loc,
+            md.block_tables, md.seq_lens, self.num_heads, self.scale, self.sliding_window or 0,
+            self.softcap or 0.0,
+        )  # fmt: skip
+
+    def _fused_serves(self, qkv: torch.Tensor) -> bool:
+        # the cache's properties are checked once per cache (the runner assigns it once), qkv's each step
+        if self._fused_cache is not self.k_cache:
+            cache = self.k_cache
+            if not (cache.is_cpu and cache.numel() and not is_fp8(cache) and cpu_ops.available()):
+                return False
+            self._fused_cache = cache
+        return qkv.dtype == self.k_cache.dtype and qkv.dim() == 2 and qkv.stride(1) == 1
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None

@@ -88,7 +88,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """positions [N], heads [N, H, D] (query and key heads together: one rotation for both) -> rotated."""
-        cos, signed_sin = self._cos_sin(positions, heads.dtype)
+        cos, signed_sin = self.cos_sin(positions, heads.dtype)
         if self.rotary_dim == heads.shape[-1]:
             return self._rotate(heads, cos, signed_sin)
         rot, rest = heads[..., : self.rotary_dim], heads[..., self.rotary_dim :]
@@ -100,11 +100,13 @@ class RotaryEmbedding(nn.Module):
         in_place = heads.device.type == "cpu" and heads.dim() == 3 and heads.stride(-1) == 1
         if not (in_place and cpu_ops.available()):
             return self.forward(positions, heads)
-        cos, signed_sin = self._cos_sin(positions, heads.dtype)
+        cos, signed_sin = self.cos_sin(positions, heads.dtype)
         torch.ops.pagoda.rotary_embedding_(heads, cos, signed_sin)
         return heads
 
-    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables the rotation multiplies by: cos and signed_sin [N, 1, rotary_dim] in `dtype`, computed
+        once per forward (per `positions` tensor)."""
         if self._last is not None and self._last[0] is positions and self._last[1] == dtype:
             return self._last[2], self._last[3]
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
