@@ -250,6 +250,8 @@ def ranges(runner: Any) -> Iterator[None]:
         if hasattr(module, "quant_method"):
             patches.append((module, "forward", "int4_matmul"))
         patches += [(module, "forward", name) for kind, name in kinds if isinstance(module, kind)]
+        if isinstance(module, RMSNorm) and hasattr(module, "add_norm_"):  # the residual added in place
+            patches.append((module, "add_norm_", "norm"))
         if isinstance(module, RotaryEmbedding) and hasattr(module, "rotate_"):  # q/k rotated in place
             patches.append((module, "rotate_", "rotary"))
     fused = [m for m in model.modules() if isinstance(m, Attention) and hasattr(m, "rope_attention")]

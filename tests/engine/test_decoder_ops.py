@@ -54,6 +54,23 @@ def test_add_rms_norm_matches_transformers(
         assert_equal(ours(x), reference(x), f"norm, scale {scale}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+@pytest.mark.parametrize("shape", [(1, 576), (3, 5), (2, 4096), (70, 96)])
+def test_add_norm_in_place_matches_transformers(dtype: torch.dtype, unit_offset: bool, shape) -> None:
+    # the decoder's residual stream: x becomes the norm of the sum, the residual the sum, no new tensors
+    gen = torch.Generator().manual_seed(shape[0] + shape[1] + unit_offset)
+    reference, ours = norms_with_one_weight(shape[-1], dtype, unit_offset, gen)
+    for scale in (1e-2, 1.0, 30.0):
+        x = (torch.randn(shape, generator=gen) * scale).to(dtype)
+        residual = (torch.randn(shape, generator=gen) * scale).to(dtype)
+        total = residual + x
+        out, summed = ours.add_norm_(x, residual)
+        assert out is x and summed is residual
+        assert_equal(summed, total, f"sum, scale {scale}")
+        assert_equal(out, reference(total), f"norm of the sum, scale {scale}")
+
+
 def test_add_rms_norm_reads_strided_rows() -> None:
     gen = torch.Generator().manual_seed(0)
     norm = RMSNorm(64, 1e-5).to(torch.bfloat16)

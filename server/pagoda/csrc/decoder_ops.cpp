@@ -178,10 +178,10 @@ void check_rows(const at::Tensor& x, const at::Tensor& weight, const char* op) {
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": the weight in the activations' dtype");
 }
 
-// RMSNorm of x [N, D]; with a residual [N, D], of x + residual (rounded to the dtype), returned beside the
-// norm as the next residual. -> (norm, sum), sum undefined without a residual.
-std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
-                                                const at::Tensor& weight, double eps, bool unit_offset) {
+// RMSNorm of x [N, D] into out; with a residual [N, D], of x + residual (rounded to the dtype), written into
+// sum as well. Each row is read whole before its outputs are written: out may be x, and sum the residual.
+void add_rms_norm_into(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+                       double eps, bool unit_offset, at::Tensor& out, at::Tensor& sum) {
   check_rows(x, weight, "add_rms_norm");
   if (residual) {
     TORCH_CHECK(residual->sizes() == x.sizes() && residual->stride(1) == 1 &&
@@ -189,8 +189,6 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::
                 "add_rms_norm: the residual has x's shape, dtype and contiguous rows");
   }
   const int64_t rows = x.size(0), dim = x.size(1);
-  at::Tensor out = at::empty({rows, dim}, x.options());
-  at::Tensor sum = residual ? at::empty({rows, dim}, x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / dim), [&](int64_t begin, int64_t end) {
@@ -199,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::
         const scalar_t* in = x.data_ptr<scalar_t>() + r * x.stride(0);
         if (residual) {
           const scalar_t* res = residual->data_ptr<scalar_t>() + r * residual->stride(0);
-          scalar_t* total = sum.data_ptr<scalar_t>() + r * dim;
+          scalar_t* total = sum.data_ptr<scalar_t>() + r * sum.stride(0);
           for (int64_t i = 0; i < dim; ++i) {
             total[i] = to<scalar_t>(f32(in[i]) + f32(res[i]));
             row[i] = f32(total[i]);
@@ -208,11 +206,27 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::
           for (int64_t i = 0; i < dim; ++i) row[i] = f32(in[i]);
         }
         norm_row(row.data(), w, dim, static_cast<float>(eps), unit_offset, squares.data(),
-                 out.data_ptr<scalar_t>() + r * dim);
+                 out.data_ptr<scalar_t>() + r * out.stride(0));
       }
     });
   });
+}
+
+// -> (norm, sum), sum undefined without a residual.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                const at::Tensor& weight, double eps, bool unit_offset) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor sum = residual ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  add_rms_norm_into(x, residual, weight, eps, unit_offset, out, sum);
   return {out, sum};
+}
+
+// In place, for a caller whose x and residual are its own scratch (the decoder's residual stream): x becomes
+// the norm of x + residual, residual that sum. No allocation.
+void add_rms_norm_(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps, bool unit_offset) {
+  TORCH_CHECK(x.dim() == 2 && residual.dim() == 2 && x.stride(1) == 1 && residual.stride(1) == 1,
+              "add_rms_norm_: rows [N, D] with contiguous D");
+  add_rms_norm_into(x, residual, weight, eps, unit_offset, x, residual);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -344,12 +358,14 @@ void rotary_embedding_(at::Tensor heads, const at::Tensor& cos, const at::Tensor
 
 TORCH_LIBRARY_FRAGMENT(pagoda, m) {
   m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps, bool unit_offset) -> (Tensor, Tensor)");
+  m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, bool unit_offset) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rotary_embedding_(Tensor(a!) heads, Tensor cos, Tensor signed_sin) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pagoda, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("add_rms_norm_", &add_rms_norm_);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_embedding_", &rotary_embedding_);
 }

@@ -51,6 +51,15 @@ class RMSNorm(nn.Module):
         total = x + residual
         return self._norm(total), total
 
+    def add_norm_(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(x, residual), in place where one C++ call can (on the CPU: x becomes the norm, residual
+        the sum, no allocation): for a caller whose x and residual are its own scratch and that uses only
+        what this returns (the decoder's residual stream)."""
+        if self._cpu_op(x):
+            torch.ops.pagoda.add_rms_norm_(x, residual, self.weight, self.eps, self.unit_offset)
+            return x, residual
+        return self.forward(x, residual)
+
     def _cpu_op(self, x: torch.Tensor) -> bool:
         return (
             x.device.type == "cpu"

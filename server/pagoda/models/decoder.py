@@ -165,16 +165,17 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream travels beside the layer's output (None entering the first layer): each norm
         that follows a residual add takes both and returns (norm of the sum, the sum), one op on the CPU."""
+        # (the norms add in place: the residual stream and each block's output are this forward's own)
         if residual is None:
             residual, hidden = hidden, self.input_layernorm.forward(hidden)
         else:
-            hidden, residual = self.input_layernorm.forward(hidden, residual)
+            hidden, residual = self.input_layernorm.add_norm_(hidden, residual)
         hidden = self.self_attn.forward(positions, hidden)
         if self.sandwich_norms:  # Gemma 2/3 normalise each block's output before adding it
             attended = self.post_attention_layernorm.forward(hidden)
-            hidden, residual = self.pre_feedforward_layernorm.forward(attended, residual)
+            hidden, residual = self.pre_feedforward_layernorm.add_norm_(attended, residual)
             return self.post_feedforward_layernorm.forward(self.mlp.forward(hidden)), residual
-        hidden, residual = self.post_attention_layernorm.forward(hidden, residual)
+        hidden, residual = self.post_attention_layernorm.add_norm_(hidden, residual)
         return self.mlp.forward(hidden), residual
 
 
@@ -200,7 +201,7 @@ class DecoderModel(nn.Module):
         residual = None
         for layer in self.layers:  # forward, not __call__: no hooks on the hot path
             hidden, residual = layer.forward(positions, hidden, residual)
-        return self.norm(hidden, residual)[0]
+        return self.norm.add_norm_(hidden, residual)[0]
 
 
 class DecoderForCausalLM(nn.Module):
