@@ -20,8 +20,8 @@ from pagoda.attention import cpu_kernels  # noqa: E402
 def test_every_part_of_a_decode_step_is_timed() -> None:
     engine = LLM(max_model_len=1024, kv_cache_memory=64 << 20).engine
     result = step_profile.profile_batch(engine, num_seqs=2, repeats=1, profiled_steps=1)
-    # decode steps attend through the C++ kernel (make install builds it) instead of the torch backend's parts,
-    # the rotation included (one C++ call from the projection's output to the attention's)
+    # decode steps attend through the C++ kernel (make install builds it), not the torch backend's parts, the
+    # rotation included (one C++ call from the projection's output to the attention's)
     torch_attention = ("kv_write", "attn_plan", "gather", "sdpa")
     fused = ("rotary", "attn_rest", *torch_attention)
     untimed = ("forward_rest", "host", *(fused if cpu_kernels.available() else ("cpp_attention",)))
