@@ -60,8 +60,10 @@ class Attention(nn.Module):
         chains the ops `rotary_emb.rotate_` and `forward` call, without the views between them. None where
         that does not apply (prefill chunks, another device or cache dtype, no built library): the caller
         takes the general path. No attention sinks here (the caller knows)."""
+        if not self._fused_serves(qkv):  # (first: a GPU's layer returns here, before any lookup)
+            return None
         md = get_attention_metadata()
-        if not (cpu_kernels.serves(md.max_query_len, self.head_dim) and self._fused_serves(qkv)):
+        if not cpu_kernels.serves(md.max_query_len, self.head_dim):
             return None
         cos, signed_sin = rotary_emb.cos_sin(positions, qkv.dtype)
         return torch.ops.pagoda.rope_paged_decode_attention(
