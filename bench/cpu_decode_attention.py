@@ -41,7 +41,7 @@ def contexts(num_seqs: int) -> list[int]:
 
 
 def bench(args: argparse.Namespace, num_seqs: int) -> tuple[float, float, float]:
-    """Median milliseconds per step (wall clock; and the least CPU time of all threads), and GB/s of K/V read."""
+    """Median milliseconds per step (wall clock; and the least CPU time of all threads), K/V GB/s read."""
     h, hkv, d, bs, ql = args.num_heads, args.num_kv_heads, args.head_dim, args.block_size, args.query_len
     lens = contexts(num_seqs)
     per_seq = [math.ceil(n / bs) for n in lens]
@@ -61,8 +61,9 @@ def bench(args: argparse.Namespace, num_seqs: int) -> tuple[float, float, float]
     query_start_loc = torch.arange(0, num_seqs * ql + 1, ql, dtype=torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     dtype = torch.bfloat16
+    shape = (num_blocks, bs, hkv, d)
     caches = [
-        (torch.randn(num_blocks, bs, hkv, d, generator=gen).to(dtype), torch.randn(num_blocks, bs, hkv, d, generator=gen).to(dtype))
+        (torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype))
         for _ in range(args.layers)
     ]
     q = torch.randn(num_seqs * ql, h, d, generator=gen).to(dtype)
@@ -96,14 +97,14 @@ def main() -> None:
         if not available():
             raise SystemExit("build the operators first: python -m pagoda.cpu_extension")
     print(
-        f"# {torch.get_num_threads()} threads, {args.layers} layers, heads {args.num_heads}/{args.num_kv_heads}, "
-        f"head_dim {args.head_dim}, block {args.block_size}, query_len {args.query_len}, bfloat16"
+        f"# {torch.get_num_threads()} threads, {args.layers} layers, "
+        f"heads {args.num_heads}/{args.num_kv_heads}, head_dim {args.head_dim}, block {args.block_size}, query_len {args.query_len}, bfloat16"
     )
     for n in args.seqs:
         ms, cpu_ms, gbs = bench(args, n)
         print(
-            f"seqs {n:3d}  step {ms:8.3f} ms (min CPU {cpu_ms:8.3f} ms)  per layer {ms / args.layers * 1e3:7.1f} us  "
-            f"K/V {gbs:6.2f} GB/s"
+            f"seqs {n:3d}  step {ms:8.3f} ms (min CPU {cpu_ms:8.3f} ms)  "
+            f"per layer {ms / args.layers * 1e3:7.1f} us  K/V {gbs:6.2f} GB/s"
         )
 
 
