@@ -98,7 +98,8 @@ def main() -> None:
             raise SystemExit("build the operators first: python -m pagoda.cpu_extension")
     print(
         f"# {torch.get_num_threads()} threads, {args.layers} layers, "
-        f"heads {args.num_heads}/{args.num_kv_heads}, head_dim {args.head_dim}, block {args.block_size}, query_len {args.query_len}, bfloat16"
+        f"heads {args.num_heads}/{args.num_kv_heads}, head_dim {args.head_dim}, block {args.block_size}, "
+        f"query_len {args.query_len}, bfloat16"
     )
     for n in args.seqs:
         ms, cpu_ms, gbs = bench(args, n)
