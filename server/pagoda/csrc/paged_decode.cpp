@@ -2,12 +2,13 @@
 // for steps whose sequences bring a few new tokens each (decodes, speculative verification).
 //
 // The torch path gathers every sequence's blocks into a padded contiguous copy and runs SDPA over it; here
-// each task walks a range of one sequence's keys for one KV head, for every query row that shares that head
-// (the sequence's new tokens times the query heads of the group: each key is loaded once for all of them).
+// each task walks a range of one sequence's keys for a few KV heads (those side by side in a cache row, so
+// that a task streams whole stretches of the cache), for every query row that shares each head (the
+// sequence's new tokens times the query heads of the group: each key is loaded once for all of them).
 // Keys come 16 at a time: widened to float32 once, scored for each row as 16 partial-sum vectors folded into
 // one vector of 16 scores (a transpose-and-add tree, no horizontal sum per dot), then an online softmax
 // (flash-decoding: a running max and sum per row, no buffer of scores) weights the 16 values. When a step
-// has too few (sequence, KV head) pairs to keep every thread busy, long contexts are cut into chunks whose
+// has too few sequences to keep every thread busy, long contexts are cut into chunks whose
 // partial results (max, sum, weighted values) are merged by their log-sum-exp. Threads pull tasks, longest
 // first, from a shared counter, so unequal contexts do not leave a thread idle.
 //
