@@ -204,6 +204,37 @@ def test_long_contexts_split_across_threads(four_threads, dtype, block_size, sli
     assert_matches_sdpa(batch, 0.125, sliding_window, softcap)
 
 
+# many sequences of mixed lengths, as a busy decode step has: a task takes a sequence's KV heads side by side
+# (as many as fit in 1 KiB of a cache row), so these cover one head per task, all of them, and blocks of them
+# with a shorter last block; query lengths up to MAX_QUERY_LEN; with four threads, contexts cut into pieces
+MANY = ([1, 8, 1, 3, 1, 1, 5, 1, 2, 1, 1, 1], [143, 459, 17, 200, 1, 64, 305, 33, 250, 16, 380, 97])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "num_heads", "num_kv_heads", "head_dim", "sliding_window", "softcap"),
+    [
+        (torch.bfloat16, 9, 3, 64, None, None),  # SmolLM2-135M: the three heads in one task
+        (torch.bfloat16, 8, 8, 128, None, None),  # MHA: blocks of four heads
+        (torch.bfloat16, 24, 3, 128, 100, None),  # GQA 8, three heads of 256 bytes: one task
+        (torch.float32, 15, 5, 64, None, 2.0),  # five heads of 256 bytes: blocks of three and two
+        (torch.float16, 16, 2, 64, 37, None),
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 4])
+def test_many_sequences_of_mixed_lengths(
+    dtype, num_heads, num_kv_heads, head_dim, sliding_window, softcap, threads
+):
+    batch = make_batch(
+        *MANY, block_size=16, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_sdpa(batch, head_dim**-0.5, sliding_window, softcap)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [8, 40, 112])  # padded to the widths the kernel is built for
 def test_head_dims_between_the_compiled_widths(dtype, head_dim):

@@ -2,12 +2,13 @@
 // for steps whose sequences bring a few new tokens each (decodes, speculative verification).
 //
 // The torch path gathers every sequence's blocks into a padded contiguous copy and runs SDPA over it; here
-// each task walks a range of one sequence's keys for one KV head, for every query row that shares that head
-// (the sequence's new tokens times the query heads of the group: each key is loaded once for all of them).
+// each task walks a range of one sequence's keys for a few KV heads (those side by side in a cache row, so
+// that a task streams whole stretches of the cache), for every query row that shares each head (the
+// sequence's new tokens times the query heads of the group: each key is loaded once for all of them).
 // Keys come 16 at a time: widened to float32 once, scored for each row as 16 partial-sum vectors folded into
 // one vector of 16 scores (a transpose-and-add tree, no horizontal sum per dot), then an online softmax
 // (flash-decoding: a running max and sum per row, no buffer of scores) weights the 16 values. When a step
-// has too few (sequence, KV head) pairs to keep every thread busy, long contexts are cut into chunks whose
+// has too few sequences to keep every thread busy, long contexts are cut into chunks whose
 // partial results (max, sum, weighted values) are merged by their log-sum-exp. Threads pull tasks, longest
 // first, from a shared counter, so unequal contexts do not leave a thread idle.
 //
@@ -302,8 +303,9 @@ __attribute__((always_inline)) inline Vec score16(const float* q, const float* k
 
 #if defined(__AVX512BF16__)
 // q . key[j] for 16 bfloat16 rows in the cache; q: 32-wide slices, zero-padded; each slice of a key loaded
-// under its mask (the head's dimensions: never the next head's values, which may not be finite).
-template <int NC>
+// under its mask (the head's dimensions: never the next head's values, which may not be finite), unless
+// the head is whole slices (`whole`: a plain load, one instruction fewer per slice).
+template <int NC, bool whole>
 __attribute__((always_inline)) inline Vec score16_bf16(const uint16_t* q, const c10::BFloat16* const* keys,
                                                        const __mmask32* slices) {
   constexpr int CB = (NC + 1) / 2;
@@ -313,7 +315,8 @@ __attribute__((always_inline)) inline Vec score16_bf16(const uint16_t* q, const 
   for (int j = 0; j < kLanes; ++j) {
     __m512 a = _mm512_setzero_ps();
     for (int c = 0; c < CB; ++c) {
-      a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_maskz_loadu_epi16(slices[c], keys[j] + 32 * c));
+      const __m512i k = whole ? _mm512_loadu_si512(keys[j] + 32 * c) : _mm512_maskz_loadu_epi16(slices[c], keys[j] + 32 * c);
+      a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)k);
     }
     part[j] = a;
   }
@@ -391,26 +394,29 @@ inline void prefetch(const T* row, int64_t n) {
 }
 
 template <typename T, int NC>
-void attend_range(const Step<T>& step, int64_t seq, int64_t kv_head, int64_t begin, int64_t end, Partial& part) {
+void attend_range(const Step<T>& step, int64_t seq, int64_t h0, int64_t nh, int64_t begin, int64_t end,
+                  Partial& part) {
   constexpr int64_t dim = NC * kLanes;
   const int64_t q_len = step.q_len(seq), context = step.context(seq), group = step.group;
-  const int64_t rows = q_len * group, head_dim = step.head_dim;
+  const int64_t head_rows = q_len * group, head_dim = step.head_dim;  // rows per KV head
   const bool short_head = head_dim != dim;  // (a head_dim this build has no kernel of its own for)
   const int32_t* table = step.tables + seq * step.table_stride;
   const T* zeros = reinterpret_cast<const T*>(kZeros);
-  part.reset(rows, dim, short_head ? sizeof(T) : 0);
+  part.reset(nh * head_rows, dim, short_head ? sizeof(T) : 0);
   T* padded_values = reinterpret_cast<T*>(part.values.data());
-  for (int64_t i = 0; i < q_len; ++i) {  // rows are (query i, head g of the group), zero-padded
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t r = i * group + g;
-      const T* src = step.query + (step.starts[seq] + i) * step.q_token_stride +
-                     (kv_head * group + g) * step.q_head_stride;
-      if constexpr (kDotBF16<T>) {
-        uint16_t* dst = part.q_bf16.data() + r * (dim + kLanes);
-        std::memcpy(dst, src, head_dim * sizeof(T));
-        std::fill(dst + head_dim, dst + dim + kLanes, uint16_t{0});
-      } else {
-        widen_row(src, part.q.data() + r * dim, head_dim, dim);
+  for (int64_t hh = 0; hh < nh; ++hh) {  // rows are (KV head, query i, head g of its group), zero-padded
+    for (int64_t i = 0; i < q_len; ++i) {
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t r = hh * head_rows + i * group + g;
+        const T* src = step.query + (step.starts[seq] + i) * step.q_token_stride +
+                       ((h0 + hh) * group + g) * step.q_head_stride;
+        if constexpr (kDotBF16<T>) {
+          uint16_t* dst = part.q_bf16.data() + r * (dim + kLanes);
+          std::memcpy(dst, src, head_dim * sizeof(T));
+          std::fill(dst + head_dim, dst + dim + kLanes, uint16_t{0});
+        } else {
+          widen_row(src, part.q.data() + r * dim, head_dim, dim);
+        }
       }
     }
   }
@@ -425,23 +431,24 @@ void attend_range(const Step<T>& step, int64_t seq, int64_t kv_head, int64_t beg
   // cache block: its rows a stride apart. The keys before `begin` it brings are valid tokens, masked.
   const bool one_block = step.keys.mask + 1 >= kLanes && step.values.mask + 1 >= kLanes;
   const int64_t aligned = begin & ~(kLanes - 1);
-  auto rows_at = [&](const PagedCache<T>& cache, int64_t t0, const T** out) {
+  auto rows_at = [&](const PagedCache<T>& cache, int64_t t0, int64_t head, const T** out) {
     const int64_t m = std::min(kLanes, end - t0);  // past the range's end: zeros (and masked)
     if (one_block) {
-      const T* row = cache.at(table, t0, kv_head);
+      const T* row = cache.at(table, t0, head);
       for (int64_t j = 0; j < kLanes; ++j) out[j] = j < m ? row + j * cache.slot_stride : zeros;
     } else {
-      for (int64_t j = 0; j < kLanes; ++j) out[j] = j < m ? cache.at(table, t0 + j, kv_head) : zeros;
+      for (int64_t j = 0; j < kLanes; ++j) out[j] = j < m ? cache.at(table, t0 + j, head) : zeros;
     }
   };
-  // the next block's keys and values on their way while this one is computed: the rows of a block of keys
-  // lie in shuffled cache blocks, one head's slice of each, which the hardware's prefetchers do not follow
+  // The next blocks' keys and values on their way while this one is computed: a block of keys lies in a
+  // shuffled cache block, which the hardware's prefetchers cannot foresee; its heads' slices of each row
+  // are side by side.
   auto prefetch_block = [&](int64_t t0) {
     if (t0 >= end) return;
     const T* rows[kLanes];
     for (const PagedCache<T>* cache : {&step.keys, &step.values}) {
-      rows_at(*cache, t0, rows);
-      for (int64_t j = 0; j < std::min(kLanes, end - t0); ++j) prefetch(rows[j], head_dim);
+      rows_at(*cache, t0, h0, rows);
+      for (int64_t j = 0; j < std::min(kLanes, end - t0); ++j) prefetch(rows[j], (nh - 1) * cache->head_stride + head_dim);
     }
   };
   prefetch_block(aligned);
@@ -451,96 +458,112 @@ void attend_range(const Step<T>& step, int64_t seq, int64_t kv_head, int64_t beg
   for (int64_t t0 = aligned; t0 < end; t0 += kLanes) {
     const int64_t m = std::min<int64_t>(kLanes, end - t0);
     prefetch_block(t0 + kLanes);
-    rows_at(step.keys, t0, keys);
-    rows_at(step.values, t0, values);
-    if constexpr (!kDotBF16<T>) {
-      for (int64_t j = 0; j < kLanes; ++j) widen_row(keys[j], part.keys.data() + j * dim, head_dim, dim);
-    }
-    bool any = false;
-    for (int64_t r = 0; r < rows; ++r) {
-      // the keys row r may see: up to its own position (causal), from its window's start
-      const int64_t pos = context + r / group;
-      const int64_t lo = std::max<int64_t>(begin, step.window > 0 ? pos - step.window + 1 : 0);
-      const int64_t hi = std::min<int64_t>(pos, t0 + m - 1);
-      float* probs = part.probs.data() + r * kLanes;
-      if (hi < t0 || lo > t0 + m - 1) {  // nothing here for this row
-        store(probs, Vec{});
-        continue;
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      rows_at(step.keys, t0, h0 + hh, keys);
+      rows_at(step.values, t0, h0 + hh, values);
+      if constexpr (!kDotBF16<T>) {
+        for (int64_t j = 0; j < kLanes; ++j) widen_row(keys[j], part.keys.data() + j * dim, head_dim, dim);
       }
-      Vec s;
+      bool any = false;
+      for (int64_t hr = 0; hr < head_rows; ++hr) {
+        const int64_t r = hh * head_rows + hr;
+        // the keys row r may see: up to its own position (causal), from its window's start
+        const int64_t pos = context + hr / group;
+        const int64_t lo = std::max<int64_t>(begin, step.window > 0 ? pos - step.window + 1 : 0);
+        const int64_t hi = std::min<int64_t>(pos, t0 + m - 1);
+        float* probs = part.probs.data() + r * kLanes;
+        if (hi < t0 || lo > t0 + m - 1) {  // nothing here for this row
+          store(probs, Vec{});
+          continue;
+        }
+        Vec s;
 #if defined(__AVX512BF16__)
-      if constexpr (kDotBF16<T>) {
-        s = score16_bf16<NC>(part.q_bf16.data() + r * (dim + kLanes), keys, slices);
-      } else
+        if constexpr (kDotBF16<T>) {
+          const uint16_t* q = part.q_bf16.data() + r * (dim + kLanes);
+          s = NC % 2 == 0 && !short_head ? score16_bf16<NC, true>(q, keys, slices)
+                                          : score16_bf16<NC, false>(q, keys, slices);
+        } else
 #endif
-      {
-        s = score16<NC>(part.q.data() + r * dim, part.keys.data());
+        {
+          s = score16<NC>(part.q.data() + r * dim, part.keys.data());
+        }
+        s *= step.scale;
+        if (step.cap > 0.f) s = step.cap * vtanh(s / step.cap);
+        if (lo > t0 || hi < t0 + kLanes - 1) {
+          const IVec t = iota + static_cast<int32_t>(t0);
+          s = (t >= IVec{} + static_cast<int32_t>(lo)) & (t <= IVec{} + static_cast<int32_t>(hi)) ? s : splat(-kInf);
+        }
+        float& max = part.maxes[r];
+        const float block_max = hmax(s);
+        if (block_max > max) {  // rescale what the earlier blocks summed to the new max
+          const float correction = std::exp(max - block_max);  // e^-inf = 0 on the first visible block
+          part.sums[r] *= correction;
+          float* acc = part.acc.data() + r * dim;
+          for (int64_t d = 0; d < dim; d += kLanes) store(acc + d, load(acc + d) * correction);
+          max = block_max;
+        }
+        const Vec p = vexp(s - max);
+        part.sums[r] += p;
+        store(probs, p);
+        any = true;
       }
-      s *= step.scale;
-      if (step.cap > 0.f) s = step.cap * vtanh(s / step.cap);
-      if (lo > t0 || hi < t0 + kLanes - 1) {
-        const IVec t = iota + static_cast<int32_t>(t0);
-        s = (t >= IVec{} + static_cast<int32_t>(lo)) & (t <= IVec{} + static_cast<int32_t>(hi)) ? s : splat(-kInf);
+      if (!any) continue;
+      if (short_head) {  // whole vectors of values: copies padded with zeros
+        for (int64_t j = 0; j < m; ++j) {
+          std::copy_n(values[j], head_dim, padded_values + j * dim);
+          values[j] = padded_values + j * dim;
+        }
+        for (int64_t j = m; j < kLanes; ++j) values[j] = padded_values + j * dim;  // (zeros since reset)
       }
-      float& max = part.maxes[r];
-      const float block_max = hmax(s);
-      if (block_max > max) {  // rescale what the earlier blocks summed to the new max
-        const float correction = std::exp(max - block_max);  // e^-inf = 0 on the first visible block
-        part.sums[r] *= correction;
-        float* acc = part.acc.data() + r * dim;
-        for (int64_t d = 0; d < dim; d += kLanes) store(acc + d, load(acc + d) * correction);
-        max = block_max;
-      }
-      const Vec p = vexp(s - max);
-      part.sums[r] += p;
-      store(probs, p);
-      any = true;
+      const int64_t r0 = hh * head_rows;
+      accumulate<T, NC>(part.acc.data() + r0 * dim, part.probs.data() + r0 * kLanes, head_rows, values);
     }
-    if (!any) continue;
-    if (short_head) {  // whole vectors of values: copies padded with zeros
-      for (int64_t j = 0; j < m; ++j) {
-        std::copy_n(values[j], head_dim, padded_values + j * dim);
-        values[j] = padded_values + j * dim;
-      }
-      for (int64_t j = m; j < kLanes; ++j) values[j] = padded_values + j * dim;  // (zeros since reset)
-    }
-    accumulate<T, NC>(part.acc.data(), part.probs.data(), rows, values);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // The step: tasks, threads, merge
 
-// Keys per task when a step's (sequence, KV head) pairs are too few to share out: below this, a task costs
-// more to start and merge than it saves.
+// Key-heads (keys times KV heads) per task when a step's sequences are too few to share out: below this, a
+// task costs more to start and merge than it saves.
 constexpr int64_t kMinChunk = 128;
 // Tasks per thread to aim for, so that pulling them longest first evens the threads out.
 constexpr int64_t kTasksPerThread = 8;
+// A task's KV heads: side by side in each cache row, as many as fit in this many bytes of a row. One task
+// streams whole stretches of the cache (which the prefetchers follow, and no other task re-reads) and keeps
+// more independent rows in flight than one head's group gives it.
+constexpr int64_t kHeadBlockBytes = 1024;
 
 struct Task {
-  int32_t seq, kv_head, begin, end;
+  int32_t seq, kv_head, heads, begin, end;  // KV heads kv_head .. kv_head + heads
   int32_t state;  // -1: the whole range, written to the output; else its slot among the partial states
 };
 
 struct Merge {
-  int32_t seq, kv_head, first_state, count;
+  int32_t seq, kv_head, heads, first_state, count;
 };
 
 struct Plan {
   std::vector<Task> tasks;
   std::vector<Merge> merges;
   std::vector<float> states;  // per partial state: maxes[rows], sums[rows], acc[rows * dim]
+  int64_t head_block = 1;     // KV heads per task (the last block of a row may hold fewer)
 };
 
 template <typename T>
 void plan_tasks(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, int64_t threads, Plan& plan) {
   plan.tasks.clear();
   plan.merges.clear();
+  const int64_t row_bytes = num_kv_heads * step.head_dim * static_cast<int64_t>(sizeof(T));
+  const int64_t head_blocks = (row_bytes + kHeadBlockBytes - 1) / kHeadBlockBytes;
+  const int64_t hb = (num_kv_heads + head_blocks - 1) / head_blocks;
+  plan.head_block = hb;
   int64_t total = 0;
   for (int64_t seq = 0; seq < num_seqs; ++seq) total += step.lens[seq] - step.first_key(seq);
   total *= num_kv_heads;
   const int64_t target = threads > 1 ? kTasksPerThread * threads : 1;
-  int64_t chunk = std::max(kMinChunk, (total / target + kLanes - 1) / kLanes * kLanes);
+  const int64_t per_task = std::max(kMinChunk, total / target);  // key-heads
+  int64_t chunk = ((per_task + hb - 1) / hb + kLanes - 1) / kLanes * kLanes;  // keys
   if (threads <= 1) chunk = std::numeric_limits<int32_t>::max();
   int32_t states = 0;
   for (int64_t seq = 0; seq < num_seqs; ++seq) {
@@ -549,20 +572,21 @@ void plan_tasks(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, int
     const int64_t pieces = (n + chunk - 1) / chunk, base = first & ~(kLanes - 1);
     const int64_t size = ((len - base + pieces - 1) / pieces + kLanes - 1) / kLanes * kLanes;
     const int64_t count = (len - base + size - 1) / size;
-    for (int64_t h = 0; h < num_kv_heads; ++h) {
+    for (int64_t h = 0; h < num_kv_heads; h += hb) {
+      const int32_t heads = static_cast<int32_t>(std::min(hb, num_kv_heads - h));
       if (count == 1) {
-        plan.tasks.push_back({int32_t(seq), int32_t(h), int32_t(first), int32_t(len), -1});
+        plan.tasks.push_back({int32_t(seq), int32_t(h), heads, int32_t(first), int32_t(len), -1});
         continue;
       }
-      plan.merges.push_back({int32_t(seq), int32_t(h), states, int32_t(count)});
+      plan.merges.push_back({int32_t(seq), int32_t(h), heads, states, int32_t(count)});
       for (int64_t k = 0; k < count; ++k) {
         const int64_t b = std::max(first, base + k * size), e = std::min(len, base + (k + 1) * size);
-        plan.tasks.push_back({int32_t(seq), int32_t(h), int32_t(b), int32_t(e), states++});
+        plan.tasks.push_back({int32_t(seq), int32_t(h), heads, int32_t(b), int32_t(e), states++});
       }
     }
   }
   std::sort(plan.tasks.begin(), plan.tasks.end(), [](const Task& a, const Task& b) {  // longest first
-    const int32_t na = a.end - a.begin, nb = b.end - b.begin;
+    const int32_t na = (a.end - a.begin) * a.heads, nb = (b.end - b.begin) * b.heads;
     return na != nb ? na > nb : (a.seq != b.seq ? a.seq < b.seq : (a.kv_head != b.kv_head ? a.kv_head < b.kv_head : a.begin < b.begin));
   });
 }
@@ -577,7 +601,7 @@ void attend(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Ten
   const int64_t max_rows = [&] {
     int64_t q = 0;
     for (int64_t seq = 0; seq < num_seqs; ++seq) q = std::max(q, step.q_len(seq));
-    return q * step.group;
+    return q * step.group * plan.head_block;
   }();
   const int64_t state_size = max_rows * (dim + 2);
   int64_t num_states = 0;
@@ -586,9 +610,12 @@ void attend(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Ten
 
   T* out_base = out.data_ptr<T>();
   const int64_t out_token_stride = out.stride(0), out_head_stride = out.stride(1);
+  // row r of a task over KV heads from kv_head on: (head kv_head + r / head_rows, query i, head g of its group)
   auto out_row = [&](int64_t seq, int64_t kv_head, int64_t r) {
-    const int64_t i = r / step.group, g = r % step.group;
-    return out_base + (step.starts[seq] + i) * out_token_stride + (kv_head * step.group + g) * out_head_stride;
+    const int64_t head_rows = step.q_len(seq) * step.group, hr = r % head_rows;
+    const int64_t i = hr / step.group, g = hr % step.group;
+    return out_base + (step.starts[seq] + i) * out_token_stride +
+           ((kv_head + r / head_rows) * step.group + g) * out_head_stride;
   };
   auto write = [&](T* dst, const float* acc, float inv) { write_row<T, NC>(dst, acc, inv, step.head_dim); };
 
@@ -599,8 +626,8 @@ void attend(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Ten
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < num_tasks;
          i = next.fetch_add(1, std::memory_order_relaxed)) {
       const Task& task = plan.tasks[i];
-      attend_range<T, NC>(step, task.seq, task.kv_head, task.begin, task.end, part);
-      const int64_t rows = step.q_len(task.seq) * step.group;
+      attend_range<T, NC>(step, task.seq, task.kv_head, task.heads, task.begin, task.end, part);
+      const int64_t rows = step.q_len(task.seq) * step.group * task.heads;
       if (task.state < 0) {  // every row sees at least its own token: its sum is positive
         for (int64_t r = 0; r < rows; ++r) {
           write(out_row(task.seq, task.kv_head, r), part.acc.data() + r * dim, 1.f / hsum(part.sums[r]));
@@ -618,7 +645,7 @@ void attend(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Ten
 
   // pieces of a split range, each over its own max: rescaled to their common max and summed
   for (const Merge& m : plan.merges) {
-    const int64_t rows = step.q_len(m.seq) * step.group;
+    const int64_t rows = step.q_len(m.seq) * step.group * m.heads;
     for (int64_t r = 0; r < rows; ++r) {
       float max = -kInf;
       for (int64_t k = 0; k < m.count; ++k) max = std::max(max, plan.states[(m.first_state + k) * state_size + r]);
