@@ -1,25 +1,29 @@
-// 4-bit grouped-quantized weights times a few rows of activations (decode steps) with AVX-512 VNNI's int8
-// dot products, on the CPU:
+// 4- and 8-bit grouped-quantized weights times a few rows of activations (decode steps) with AVX-512 VNNI's
+// int8 dot products, on the CPU:
 //
 //     out[m, n] = sum_g scale[n, g] * (sum_{k in g} x[m, k] * q[n, k]) + offset[n, g] * (sum_{k in g} x[m, k])
 //
-// q is 0..15. Each activation row's group of 32 (or G) inputs becomes 14-bit fixed point, x = v * 2^-e with
-// |v| < 2^14 and e from the group's largest magnitude, split into two signed bytes v = 256 * hi + lo;
-// `vpdpbusd` multiplies the weight bytes with both and sums in int32, exactly. A bfloat16 activation is
-// exact in this form unless it is more than 2^6 times smaller than its group's largest; a smaller one is
-// rounded to 2^-14 of that largest value (32x finer than the largest value's own bfloat16 rounding). The
-// group's integer sum is then scaled in float32 (scale * 2^-e), and the offset (Q4_1's minimum, Q4_0's -8 *
-// scale) multiplies the group's float32 activation sum, which every output row shares.
+// q is 0..15 (4 bits) or an int8. Each activation row's group of 32 (or 64) inputs becomes 14-bit fixed
+// point, x = v * 2^-e with |v| < 2^14 and e from the group's largest magnitude, split into two bytes (signed
+// v = 256 * hi + lo against 4-bit weights; unsigned v + 2^14 against 8-bit ones, the group's weight sum
+// times 2^14 taken back off); `vpdpbusd` multiplies the weight bytes with both and sums in int32, exactly.
+// A bfloat16 activation is exact in this form unless it is more than 2^6 times smaller than its group's
+// largest; a smaller one is rounded to 2^-14 of that largest value (32x finer than the largest value's own
+// bfloat16 rounding). The group's integer sum is then scaled in float32 (scale * 2^-e), and the offset
+// (Q4_1's minimum, Q4_0's -8 * scale) multiplies the group's float32 activation sum, which every output row
+// shares.
 //
-// One int8 dot product does 64 multiply-adds where a float32 FMA does 16 and `vdpbf16ps` 32, which is what
-// makes this faster than torch's int4 kernel (`_weight_int4pack_mm_for_cpu`, float32 FMAs on looked-up
-// weights) at 1..8 rows; numbers in `pagoda.quantization.cpu_kernels.kernel_for`.
+// One int8 dot product does 64 multiply-adds where a float32 FMA does 16 and `vdpbf16ps` 32 (tried first:
+// no faster than torch's int4 kernel), which is what makes this faster than torch's int4 kernel
+// (`_weight_int4pack_mm_for_cpu`) and grouped_matmul at 1..8 rows; numbers in
+// `pagoda.quantization.cpu_kernels.kernel_for`.
 //
 // Layout (`pagoda.quantization.cpu_kernels.TiledWeight`, made once at load time): tiles of 16 output rows, so
 // that one 512-bit register holds 16 rows times 4 inputs and no sum runs across a register; a tile's groups
-// one after another, each as its runs of 32 inputs (4 x 64 bytes: in load L, byte 4 * i + b holds row i's
-// input 8 * L + b in its low nibble and 8 * L + 4 + b in its high one), then the group's 16 scales and (when
-// there are offsets) 16 offsets as float16. A task streams its tiles as one sequential run of bytes. Tasks
+// one after another, each as its runs of 32 inputs (64-byte loads whose byte 4 * i + b holds row i's inputs:
+// 4 bits, 4 loads: 8 * L + b in the low nibble and 8 * L + 4 + b in the high one; 8 bits, 8 loads: 4 * L +
+// b), then the group's 16 scales and (when there are offsets) 16 offsets as float16, and for 8 bits the 16
+// rows' sums of q over the group as int16. A task streams its tiles as one sequential run of bytes. Tasks
 // run on torch's intra-op threads.
 //
 // Built by `python -m pagoda.cpu_extension`; registered as torch.ops.pagoda.tiled_matmul, and
@@ -44,13 +48,16 @@
 
 namespace {
 
-constexpr int64_t kTileRows = 16, kRun = 32, kRunBytes = kTileRows * kRun / 2, kBlockRows = 8;
+constexpr int64_t kTileRows = 16, kRun = 32, kBlockRows = 8;
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool kBuilt = true;
 // how far ahead of its loads a task asks for its weights: the hardware prefetchers stop at 4 KiB pages
 // (measured: 1.0-1.2x faster than without, on weights streaming from L3)
 constexpr int64_t kPrefetchBytes = 4096;
+
+// activations' offset to unsigned bytes when the weights are the signed operand (8 bits)
+constexpr int kBias = 1 << 14;
 
 struct Layout {
   int64_t k, groups, group_size, group_bytes, tile_bytes;
@@ -63,7 +70,9 @@ struct Activations {
   std::vector<float> factor, sum;
 };
 
-template <typename T>
+// Unsigned (for 8-bit weights, which are the signed operand): u = v + 2^14 = 256 * hi + lo, bytes 0..255
+// and 0..127; the kernel takes 2^14 times the weights' group sum back off.
+template <bool Unsigned, typename T>
 Activations split(const T* x, int64_t m, int64_t k, int64_t x_stride, int64_t group_size) {
   const int64_t groups = k / group_size;
   Activations a{std::vector<int8_t>(m * k), std::vector<int8_t>(m * k), std::vector<float>(m * groups),
@@ -84,9 +93,14 @@ Activations split(const T* x, int64_t m, int64_t k, int64_t x_stride, int64_t gr
       int8_t* hi = a.hi.data() + i * k + g * group_size;
       for (int64_t j = 0; j < group_size; ++j) {
         const int v = static_cast<int>(std::nearbyint(xf[j] * up));  // a power of two: exact product
-        const int low = ((v + 128) & 255) - 128;
-        lo[j] = static_cast<int8_t>(low);
-        hi[j] = static_cast<int8_t>((v - low) / 256);
+        if constexpr (Unsigned) {
+          lo[j] = static_cast<int8_t>((v + kBias) & 255);
+          hi[j] = static_cast<int8_t>((v + kBias) >> 8);
+        } else {
+          const int low = ((v + 128) & 255) - 128;
+          lo[j] = static_cast<int8_t>(low);
+          hi[j] = static_cast<int8_t>((v - low) / 256);
+        }
       }
       a.factor[i * groups + g] = 1.f / up;
       a.sum[i * groups + g] = sum;
@@ -107,9 +121,10 @@ inline void store(at::BFloat16* out, __m512 v) {
 // One tile (output rows n0 .. n0 + 16, `out` pointing at row m0's n0) for activation rows m0 .. m0 + MB. J:
 // independent accumulators per activation row and byte half, so that one row keeps enough dot products in
 // flight to hide their latency.
-template <int MB, bool HasOffset, typename T>
+template <int Bits, int MB, bool HasOffset, typename T>
 void tile(const uint8_t* w, const Layout& l, const Activations& a, int64_t m0, T* out, int64_t n_total) {
   constexpr int J = MB == 1 ? 2 : 1;
+  constexpr int64_t run_bytes = kTileRows * kRun * Bits / 8;
   const __m512i mask = _mm512_set1_epi8(15);
   const int64_t runs = l.group_size / kRun, k_total = l.k;
   const int8_t* lo = a.lo.data() + m0 * k_total;
@@ -126,31 +141,49 @@ void tile(const uint8_t* w, const Layout& l, const Activations& a, int64_t m0, T
       std::fill(acc_hi[m], acc_hi[m] + J, _mm512_setzero_si512());
     }
     for (int64_t r = 0; r < runs; ++r) {
-      const uint8_t* run = group + r * kRunBytes;
+      const uint8_t* run = group + r * run_bytes;
       const int64_t k0 = g * l.group_size + r * kRun;
-#pragma GCC unroll 4
-      for (int load = 0; load < 4; ++load) {
+#pragma GCC unroll 8
+      for (int load = 0; load < Bits; ++load) {
         const __m512i raw = _mm512_loadu_si512(run + 64 * load);
         __builtin_prefetch(run + 64 * load + kPrefetchBytes, 0, 3);  // past the end: a hint, never a fault
-        const __m512i q[2] = {_mm512_and_si512(raw, mask), _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask)};
+        constexpr int halves = Bits == 4 ? 2 : 1;
+        __m512i q[2] = {raw, raw};
+        if constexpr (Bits == 4) {
+          q[0] = _mm512_and_si512(raw, mask);
+          q[1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+        }
 #pragma GCC unroll 2
-        for (int h = 0; h < 2; ++h) {
-          const int64_t k = k0 + 8 * load + 4 * h;  // inputs k .. k + 3 of every row in the register
+        for (int h = 0; h < halves; ++h) {
+          // inputs k .. k + 3 of every row in the register
+          const int64_t k = k0 + (Bits == 4 ? 8 * load + 4 * h : 4 * load);
+          const int j = (load * halves + h) % J;
 #pragma GCC unroll 8
           for (int m = 0; m < MB; ++m) {
             int32_t x_lo, x_hi;
             std::memcpy(&x_lo, lo + m * k_total + k, 4);
             std::memcpy(&x_hi, hi + m * k_total + k, 4);
-            acc_lo[m][h % J] = _mm512_dpbusd_epi32(acc_lo[m][h % J], q[h], _mm512_set1_epi32(x_lo));
-            acc_hi[m][h % J] = _mm512_dpbusd_epi32(acc_hi[m][h % J], q[h], _mm512_set1_epi32(x_hi));
+            const __m512i b_lo = _mm512_set1_epi32(x_lo), b_hi = _mm512_set1_epi32(x_hi);
+            if constexpr (Bits == 4) {  // unsigned weights, signed activations
+              acc_lo[m][j] = _mm512_dpbusd_epi32(acc_lo[m][j], q[h], b_lo);
+              acc_hi[m][j] = _mm512_dpbusd_epi32(acc_hi[m][j], q[h], b_hi);
+            } else {  // unsigned activations, signed weights
+              acc_lo[m][j] = _mm512_dpbusd_epi32(acc_lo[m][j], b_lo, q[h]);
+              acc_hi[m][j] = _mm512_dpbusd_epi32(acc_hi[m][j], b_hi, q[h]);
+            }
           }
         }
       }
     }
-    const uint8_t* tail = group + runs * kRunBytes;
+    const uint8_t* tail = group + runs * run_bytes;
     const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tail)));
     __m512 offset = _mm512_setzero_ps();
     if constexpr (HasOffset) offset = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tail + 32)));
+    __m512i weight_sum = _mm512_setzero_si512();  // 8 bits: 2^14 * the rows' sums of q over the group
+    if constexpr (Bits == 8) {
+      const auto* sums = reinterpret_cast<const __m256i*>(tail + (HasOffset ? 64 : 32));
+      weight_sum = _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256(sums)), 14);
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       __m512i dot_lo = acc_lo[m][0], dot_hi = acc_hi[m][0];
@@ -158,8 +191,10 @@ void tile(const uint8_t* w, const Layout& l, const Activations& a, int64_t m0, T
         dot_lo = _mm512_add_epi32(dot_lo, acc_lo[m][j]);
         dot_hi = _mm512_add_epi32(dot_hi, acc_hi[m][j]);
       }
-      // |sum v * q| < 2^14 * 15 * G: exact in float32 for groups up to 64, within its rounding beyond
-      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(dot_hi, 8), dot_lo));
+      __m512i dot_v = _mm512_add_epi32(_mm512_slli_epi32(dot_hi, 8), dot_lo);
+      if constexpr (Bits == 8) dot_v = _mm512_sub_epi32(dot_v, weight_sum);
+      // |sum v * q| < 2^14 * 15 * 64 (4 bits, exact in float32) or 2^14 * 128 * 64 (8 bits, within its rounding)
+      const __m512 dot = _mm512_cvtepi32_ps(dot_v);
       total[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(factor[m * l.groups + g])), total[m]);
       if constexpr (HasOffset) total[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sum[m * l.groups + g]), total[m]);
     }
@@ -167,29 +202,29 @@ void tile(const uint8_t* w, const Layout& l, const Activations& a, int64_t m0, T
   for (int m = 0; m < MB; ++m) store(out + m * n_total, total[m]);
 }
 
-template <bool HasOffset, typename T>
+template <int Bits, bool HasOffset, typename T>
 void tile_rows(int64_t mb, const uint8_t* w, const Layout& l, const Activations& a, int64_t m0, T* out, int64_t n) {
   switch (mb) {
-    case 1: return tile<1, HasOffset, T>(w, l, a, m0, out, n);
-    case 2: return tile<2, HasOffset, T>(w, l, a, m0, out, n);
-    case 3: return tile<3, HasOffset, T>(w, l, a, m0, out, n);
-    case 4: return tile<4, HasOffset, T>(w, l, a, m0, out, n);
-    case 5: return tile<5, HasOffset, T>(w, l, a, m0, out, n);
-    case 6: return tile<6, HasOffset, T>(w, l, a, m0, out, n);
-    case 7: return tile<7, HasOffset, T>(w, l, a, m0, out, n);
-    case 8: return tile<8, HasOffset, T>(w, l, a, m0, out, n);
+    case 1: return tile<Bits, 1, HasOffset, T>(w, l, a, m0, out, n);
+    case 2: return tile<Bits, 2, HasOffset, T>(w, l, a, m0, out, n);
+    case 3: return tile<Bits, 3, HasOffset, T>(w, l, a, m0, out, n);
+    case 4: return tile<Bits, 4, HasOffset, T>(w, l, a, m0, out, n);
+    case 5: return tile<Bits, 5, HasOffset, T>(w, l, a, m0, out, n);
+    case 6: return tile<Bits, 6, HasOffset, T>(w, l, a, m0, out, n);
+    case 7: return tile<Bits, 7, HasOffset, T>(w, l, a, m0, out, n);
+    case 8: return tile<Bits, 8, HasOffset, T>(w, l, a, m0, out, n);
     default: TORCH_CHECK(false, "tiled_matmul: bad activation block ", mb);
   }
 }
 
-template <bool HasOffset, typename T>
+template <int Bits, bool HasOffset, typename T>
 void compute(const uint8_t* w, const Layout& l, const Activations& a, int64_t m_total, T* out, int64_t n_total) {
   at::parallel_for(0, n_total / kTileRows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       // every block of activation rows while the tile's weights are in L1
       for (int64_t m0 = 0; m0 < m_total; m0 += kBlockRows) {
         const int64_t mb = std::min(kBlockRows, m_total - m0);
-        tile_rows<HasOffset, T>(mb, w + t * l.tile_bytes, l, a, m0, out + m0 * n_total + t * kTileRows, n_total);
+        tile_rows<Bits, HasOffset, T>(mb, w + t * l.tile_bytes, l, a, m0, out + m0 * n_total + t * kTileRows, n_total);
       }
     }
   });
@@ -199,8 +234,9 @@ constexpr bool kBuilt = false;
 #endif
 
 // x [M, K] (float32 or bfloat16, rows contiguous) @ the tiled weight's transpose -> [M, N] in x's dtype.
-// w: uint8 [N / 16, tile bytes] in the layout above; group_size: a multiple of 32, at most 64.
-at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, int64_t group_size, bool has_offset) {
+// w: uint8 [N / 16, tile bytes] in the layout above for `bits` (4 or 8); group_size: 32 or 64.
+at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_t group_size,
+                        bool has_offset) {
   TORCH_CHECK(kBuilt, "tiled_matmul: this build has no AVX-512 VNNI (see tiled_matmul_isa)");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "tiled_matmul runs on the CPU");
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
@@ -209,10 +245,13 @@ at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, int64_t group_
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
               "tiled_matmul: w must be contiguous uint8 [N / 16, tile bytes]");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0) * kTileRows;
+  TORCH_CHECK(bits == 4 || bits == 8, "tiled_matmul: bits must be 4 or 8, got ", bits);
   TORCH_CHECK(group_size == 32 || group_size == 64, "tiled_matmul: groups must be of 32 or 64 inputs, got ",
               group_size);
   TORCH_CHECK(k % group_size == 0, "tiled_matmul: groups of ", group_size, " inputs do not tile rows of ", k);
-  const int64_t groups = k / group_size, group_bytes = group_size * kTileRows / 2 + (has_offset ? 64 : 32);
+  // the runs, then float16 scales, offsets, and (8 bits) int16 weight sums of 16 rows
+  const int64_t groups = k / group_size,
+                group_bytes = group_size * kTileRows * bits / 8 + 32 * (1 + has_offset + (bits == 8));
   TORCH_CHECK(w.size(1) == groups * group_bytes, "tiled_matmul: tiles of ", w.size(1), " bytes do not hold ",
               groups, " groups of ", group_size, " inputs (", group_bytes, " bytes each)");
   at::Tensor out = at::empty({m, n}, x.options());
@@ -220,8 +259,13 @@ at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& w, int64_t group_
   const Layout l{k, groups, group_size, group_bytes, w.size(1)};
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const auto run = [&](const auto* typed_x, auto* typed_out) {
-    const Activations a = split(typed_x, m, k, x.stride(0), group_size);
-    has_offset ? compute<true>(wp, l, a, m, typed_out, n) : compute<false>(wp, l, a, m, typed_out, n);
+    if (bits == 4) {
+      const Activations a = split<false>(typed_x, m, k, x.stride(0), group_size);
+      has_offset ? compute<4, true>(wp, l, a, m, typed_out, n) : compute<4, false>(wp, l, a, m, typed_out, n);
+    } else {
+      const Activations a = split<true>(typed_x, m, k, x.stride(0), group_size);
+      has_offset ? compute<8, true>(wp, l, a, m, typed_out, n) : compute<8, false>(wp, l, a, m, typed_out, n);
+    }
   };
   if (x.scalar_type() == at::kFloat) {
     run(x.data_ptr<float>(), out.data_ptr<float>());
@@ -237,7 +281,7 @@ std::string tiled_matmul_isa() { return kBuilt ? "avx512vnni" : ""; }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pagoda, m) {
-  m.def("tiled_matmul(Tensor x, Tensor w, int group_size, bool has_offset) -> Tensor");
+  m.def("tiled_matmul(Tensor x, Tensor w, int bits, int group_size, bool has_offset) -> Tensor");
   m.def("tiled_matmul_isa() -> str", &tiled_matmul_isa);
 }
 
