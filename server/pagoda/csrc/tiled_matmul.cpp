@@ -72,38 +72,50 @@ struct Activations {
 
 // Unsigned (for 8-bit weights, which are the signed operand): u = v + 2^14 = 256 * hi + lo, bytes 0..255
 // and 0..127; the kernel takes 2^14 times the weights' group sum back off.
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const at::BFloat16* x) {  // bfloat16 is float32's upper half
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
 template <bool Unsigned, typename T>
 Activations split(const T* x, int64_t m, int64_t k, int64_t x_stride, int64_t group_size) {
-  const int64_t groups = k / group_size;
+  const int64_t groups = k / group_size, chunks = group_size / 16;
   Activations a{std::vector<int8_t>(m * k), std::vector<int8_t>(m * k), std::vector<float>(m * groups),
                 std::vector<float>(m * groups)};
-  std::vector<float> xf(group_size);
+  __m512 values[4];  // a group: at most 64 inputs
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t g = 0; g < groups; ++g) {
-      float amax = 0.f, sum = 0.f;
-      for (int64_t j = 0; j < group_size; ++j) {
-        xf[j] = static_cast<float>(x[i * x_stride + g * group_size + j]);
-        amax = std::max(amax, std::abs(xf[j]));
-        sum += xf[j];
+      __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {
+        values[c] = load16(x + i * x_stride + g * group_size + 16 * c);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(values[c]));
+        sum = _mm512_add_ps(sum, values[c]);
       }
+      const float largest = _mm512_reduce_max_ps(amax);
       // |x| * 2^e < 2^14, so hi = round(v / 256) stays within a signed byte
-      const int e = amax > 0.f && std::isfinite(amax) ? 13 - std::ilogb(amax) : 0;
+      const int e = largest > 0.f && std::isfinite(largest) ? 13 - std::ilogb(largest) : 0;
       const float up = std::ldexp(1.f, e);
-      int8_t* lo = a.lo.data() + i * k + g * group_size;
-      int8_t* hi = a.hi.data() + i * k + g * group_size;
-      for (int64_t j = 0; j < group_size; ++j) {
-        const int v = static_cast<int>(std::nearbyint(xf[j] * up));  // a power of two: exact product
-        if constexpr (Unsigned) {
-          lo[j] = static_cast<int8_t>((v + kBias) & 255);
-          hi[j] = static_cast<int8_t>((v + kBias) >> 8);
-        } else {
-          const int low = ((v + 128) & 255) - 128;
-          lo[j] = static_cast<int8_t>(low);
-          hi[j] = static_cast<int8_t>((v - low) / 256);
+      for (int64_t c = 0; c < chunks; ++c) {
+        // a power of two: an exact product, rounded to the nearest integer (even on ties)
+        __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(values[c], _mm512_set1_ps(up)),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512i lo, hi;
+        if constexpr (Unsigned) {  // bytes of v + 2^14
+          v = _mm512_add_epi32(v, _mm512_set1_epi32(kBias));
+          lo = v;  // its low byte, as the narrowing below keeps it
+          hi = _mm512_srli_epi32(v, 8);
+        } else {  // v = 256 * hi + lo, both signed bytes
+          const __m512i c128 = _mm512_set1_epi32(128);
+          lo = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, c128), _mm512_set1_epi32(255)), c128);
+          hi = _mm512_srai_epi32(_mm512_sub_epi32(v, lo), 8);
         }
+        const int64_t at = i * k + g * group_size + 16 * c;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(a.lo.data() + at), _mm512_cvtepi32_epi8(lo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(a.hi.data() + at), _mm512_cvtepi32_epi8(hi));
       }
       a.factor[i * groups + g] = 1.f / up;
-      a.sum[i * groups + g] = sum;
+      a.sum[i * groups + g] = _mm512_reduce_add_ps(sum);
     }
   }
   return a;
