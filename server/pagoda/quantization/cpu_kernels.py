@@ -198,8 +198,8 @@ def kernel_for(weight: GroupQuantized) -> Kernel:
       thread, bfloat16 activations, medians of 8-20 runs on a shared, noisy 2-core Sapphire Rapids VM
       (`python -m bench.tiled_matmul`): against torch's AVX-512 int4 kernel on SmolLM2-135M's
       4-bit shapes (576x960, 576x576, 576x3072, 1536x576; groups of 32; weights streaming from 30 copies as
-      in a model) 1.3-1.9x at 1 row, 1.6-1.8x at 4, 1.9-2.4x at 8; against `grouped_matmul` on the Q8_0 LM
-      head (576x49152) 1.3-1.6x at 1 row, 1.4x at 4, 1.9-2.5x at 8 (1.7-4x against two int4 terms);
+      in a model) 1.3-2.1x at 1 row, 1.6-2.2x at 4, 1.9-2.7x at 8; against `grouped_matmul` on the Q8_0 LM
+      head (576x49152) 1.3-1.6x at 1 row, 1.4-1.5x at 4, 1.9-2.5x at 8 (1.7-4x against two int4 terms);
     - other weights `grouped_matmul` takes, where it beats torch's kernels (`prefers_grouped_kernel`);
     - torch's int4 kernel where it fits (8-bit weights as two 4-bit terms), else dequantize on the fly."""
     if weight.group_size == weight.shape[1] and weight.bits == 8 and weight.offset is None:
