@@ -123,6 +123,7 @@ def test_embedded_gguf_decodes_through_the_kernel_as_through_dequantized_weights
         return matmul(self, x)
 
     monkeypatch.setattr(GroupedWeight, "matmul", counted)
+    monkeypatch.setattr(cpu_kernels, "tiled_kernel_fits", lambda weight: False)  # 4-bit ones would take it
     fits = cpu_kernels.grouped_kernel_fits
     monkeypatch.setattr(cpu_kernels, "prefers_grouped_kernel", fits)
     got = embedded_greedy_tokens()

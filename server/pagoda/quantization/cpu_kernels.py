@@ -14,13 +14,18 @@ The int4 kernel dequantizes its weight tiles again for every 4 rows of activatio
 with the rows; a dense copy of the weight (`dense_dtype`), when kept, serves steps of `DENSE_MIN_ROWS` or
 more rows with a BLAS GEMM (AMX / AVX512-BF16 on bfloat16), whose time barely grows.
 
-Where Pagoda's C++ operators are built (`pagoda.cpu_extension`), `torch.ops.pagoda.grouped_matmul`
+Where Pagoda's C++ operators are built with AVX-512 VNNI, `torch.ops.pagoda.tiled_matmul`
+(csrc/tiled_matmul.cpp) takes GGUF's 4- and 8-bit weights, in its own layout instead of torch's (`kernel_for`
+decides). Elsewhere `torch.ops.pagoda.grouped_matmul`
 (csrc/grouped_matmul.cpp) takes the weights it computes faster (`prefers_grouped_kernel`): 8-bit grouped
 weights (one pass instead of two int4 ones), and 4-bit ones where torch's int4 kernel runs without its
 AVX-512 code. It multiplies the activations in float32 as they come (no rounding to bfloat16).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +88,55 @@ class GroupedWeight:
         return [t for t in (self.q, self.scale, self.offset) if t is not None]
 
 
+@functools.cache
+def tiled_kernel_built() -> bool:
+    """Whether this machine's build of Pagoda's operators has `tiled_matmul` (AVX-512 VNNI)."""
+    return cpu_extension.available() and bool(torch.ops.pagoda.tiled_matmul_isa())
+
+
+def tiled_kernel_fits(weight: GroupQuantized) -> bool:
+    """Weights `tiled_matmul` takes: a multiple of 16 rows, groups of 32 or 64 inputs (GGUF's Q4_0, Q4_1,
+    Q8_0), scales and offsets that float16 holds exactly (GGUF's are float16)."""
+    exact = all(t is None or torch.equal(t.half().float(), t) for t in (weight.scale, weight.offset))
+    return weight.shape[0] % 16 == 0 and weight.group_size in (32, 64) and exact
+
+
+class TiledWeight:
+    """A weight in `tiled_matmul`'s layout (csrc/tiled_matmul.cpp): uint8 [N / 16, tile bytes], each tile 16
+    output rows, group by group: runs of 32 inputs as 64-byte loads whose byte 4 * i + b holds row i's
+    inputs (4 bits: 8 * load + b in the low nibble, 8 * load + 4 + b in the high one; 8 bits: 4 * load + b),
+    then the group's float16 scales and offsets, and for 8 bits the rows' int16 sums of q over the group."""
+
+    def __init__(self, weight: GroupQuantized) -> None:
+        n, k = weight.shape
+        tiles, groups, size = n // 16, k // weight.group_size, weight.group_size
+        if weight.bits == 4:
+            # q[16 * tile + i, 32 * run + 8 * load + 4 * half + b] -> [tile, run, load, i, b, half]
+            q = weight.q.to(torch.uint8).view(tiles, 16, k // 32, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+            runs = q[..., 0] | (q[..., 1] << 4)
+        else:  # q[16 * tile + i, 32 * run + 4 * load + b] -> [tile, run, load, i, b]
+            runs = weight.q.view(torch.uint8).view(tiles, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4)
+        parts = [runs.reshape(tiles, groups, size * 16 * weight.bits // 8)]
+        sums = weight.q.view(n, groups, size).sum(dim=2, dtype=torch.int16) if weight.bits == 8 else None
+        for t in (weight.scale.half(), None if weight.offset is None else weight.offset.half(), sums):
+            if t is not None:  # [tile, group, 16], as bytes
+                parts.append(t.view(tiles, 16, groups).transpose(1, 2).contiguous().view(torch.uint8))
+        self.w = torch.cat(parts, dim=-1).reshape(tiles, -1).contiguous()
+        self.bits = weight.bits
+        self.group_size = size
+        self.has_offset = weight.offset is not None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> x @ w.T in x's dtype (float32 and bfloat16 as they are, others through float32)."""
+        xk = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+        xk = xk if xk.stride(1) == 1 else xk.contiguous()
+        out = torch.ops.pagoda.tiled_matmul(xk, self.w, self.bits, self.group_size, self.has_offset)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.w]
+
+
 class Int4Term:
     """One `_weight_int4pack_mm_for_cpu` operand: w = (q - 8) * scale + zero, q in 0..15."""
 
@@ -133,20 +187,48 @@ def dense_copy(weight: GroupQuantized, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+Kernel = Literal["int8_per_channel", "tiled", "grouped", "int4", "fallback"]
+
+
+def kernel_for(weight: GroupQuantized) -> Kernel:
+    """Which kernel serves a weight's steps below `DENSE_MIN_ROWS` rows (the one place that decides):
+
+    - int8 with one scale per row: torch's `_weight_int8pack_mm`;
+    - weights `tiled_matmul` fits (GGUF's Q4_0, Q4_1, Q8_0), where the build has AVX-512 VNNI: it. One
+      thread, bfloat16 activations, medians of 8-20 runs on a shared, noisy 2-core Sapphire Rapids VM
+      (`python -m bench.tiled_matmul`): against torch's AVX-512 int4 kernel on SmolLM2-135M's
+      4-bit shapes (576x960, 576x576, 576x3072, 1536x576; groups of 32; weights streaming from 30 copies as
+      in a model) 1.3-2.1x at 1 row, 1.6-2.2x at 4, 1.9-2.7x at 8; against `grouped_matmul` on the Q8_0 LM
+      head (576x49152) 1.3-1.6x at 1 row, 1.4-1.5x at 4, 1.9-2.5x at 8 (1.7-4x against two int4 terms);
+    - other weights `grouped_matmul` takes, where it beats torch's kernels (`prefers_grouped_kernel`);
+    - torch's int4 kernel where it fits (8-bit weights as two 4-bit terms), else dequantize on the fly."""
+    if weight.group_size == weight.shape[1] and weight.bits == 8 and weight.offset is None:
+        return "int8_per_channel"
+    if tiled_kernel_fits(weight) and tiled_kernel_built():
+        return "tiled"
+    if prefers_grouped_kernel(weight):
+        return "grouped"
+    return "int4" if _int4_kernel_fits(weight) else "fallback"
+
+
 class CpuQuantizedWeight:
     """A GroupQuantized weight repacked once for the fastest CPU kernel that computes it exactly."""
 
     def __init__(self, weight: GroupQuantized, dense_dtype: torch.dtype | None = None) -> None:
         self.per_channel_int8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.int4_terms: list[Int4Term] = []
+        self.tiled: TiledWeight | None = None
         self.grouped: GroupedWeight | None = None
         self.fallback: GroupQuantized | None = None
         self.dense = None if dense_dtype is None else dense_copy(weight, dense_dtype)
-        if weight.group_size == weight.shape[1] and weight.bits == 8 and weight.offset is None:
+        kernel = kernel_for(weight)
+        if kernel == "int8_per_channel":
             self.per_channel_int8 = (weight.q.contiguous(), weight.scale[:, 0].to(_KERNEL_DTYPE))
-        elif prefers_grouped_kernel(weight):
+        elif kernel == "tiled":
+            self.tiled = TiledWeight(weight)
+        elif kernel == "grouped":
             self.grouped = GroupedWeight(weight)
-        elif _int4_kernel_fits(weight):
+        elif kernel == "int4":
             self.int4_terms = int4_terms(weight)
         else:
             self.fallback = weight
@@ -155,6 +237,8 @@ class CpuQuantizedWeight:
         """x [M, K] -> x @ w.T [M, N], in x's dtype."""
         if self.dense is not None and x.shape[0] >= DENSE_MIN_ROWS:  # kept in the activations' dtype
             return F.linear(x, self.dense)
+        if self.tiled is not None:
+            return self.tiled.matmul(x)
         if self.grouped is not None:
             return self.grouped.matmul(x)
         if self.fallback is not None:
@@ -177,6 +261,9 @@ class CpuQuantizedWeight:
             return [t for t in (self.fallback.q, self.fallback.scale, self.fallback.offset) if t is not None]
         if self.per_channel_int8 is not None:
             return list(self.per_channel_int8)
+        if self.tiled is not None:
+            return self.tiled.tensors()
         if self.grouped is not None:
             return self.grouped.tensors()
         return [t for term in self.int4_terms for t in term.tensors()]
+
