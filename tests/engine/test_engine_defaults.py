@@ -12,6 +12,7 @@ from tiny_models import make_tiny_model
 from pagoda import LLM
 from pagoda.engine import precision
 from pagoda.engine.precision import resolve_dense_copy, resolve_dtype, resolve_quantization
+from pagoda.quantization import cpu_kernels
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
@@ -83,6 +84,8 @@ def test_a_large_cpu_kv_pool_costs_memory_only_as_it_fills(tmp_path: Path) -> No
 def test_a_quantized_model_scores_few_rows_with_an_8bit_head(tmp_path: Path) -> None:
     head = LLM(max_model_len=128, kv_cache_memory=16 << 20).engine.runner.model.lm_head  # embedded GGUF
     assert head.small_batch_weight is not None
+    # Q8_0's float16 scales: the tiled int8 kernel serves it where the library has it
+    assert (head.small_batch_weight.tiled is not None) == cpu_kernels.tiled_kernel_built()
     hidden = torch.randn(3, head.weight.shape[1]).to(head.weight.dtype)
     exact = torch.nn.functional.linear(hidden.float(), head.weight.float())
     approx = head(hidden).float()

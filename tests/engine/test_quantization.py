@@ -29,7 +29,7 @@ from pagoda.loader.checkpoint import QuantizedBlocks
 from pagoda.quantization import cpu_kernels, process_weights_after_loading, quantized_layers
 from pagoda.quantization.cpu_kernels import DENSE_MIN_ROWS, CpuQuantizedWeight
 from pagoda.quantization.gguf_blocks import group_quantized_from_blocks
-from pagoda.quantization.grouped import GroupQuantized
+from pagoda.quantization.grouped import GroupQuantized, quantize_int8
 
 Q = GGMLQuantizationType
 QUANTIZABLE = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # gguf-py can quantize these
@@ -72,6 +72,18 @@ def test_gguf_blocks_decode_exactly_like_gguf_py(ggml_type: GGMLQuantizationType
     decoded = group_quantized_from_blocks(weight)
     assert decoded.bits == (4 if ggml_type in (Q.Q4_0, Q.Q4_1, Q.Q4_K) else 8)
     torch.testing.assert_close(decoded.dequantize(), reference_weight(weight), rtol=0, atol=0)
+
+
+def test_float16_scaled_int8_is_gguf_q8_0() -> None:
+    """The LM head's small-batch copy (`quantize_int8(..., float16_scales=True)`) quantizes as llama.cpp's
+    Q8_0 does: gguf-py's quantizer, value for value (ties, zero groups and tiny groups included)."""
+    w = torch.randn(64, 256) * torch.logspace(-6, 2, 64)[:, None]
+    w[3] = 0.0  # an all-zero group
+    w[5, :32] = torch.arange(32) - 15.5  # scale 1 (the 127 below): exact halves, rounded away from zero
+    w[5, 0] = 127.0
+    ours = quantize_int8(w, 32, float16_scales=True).dequantize(torch.float32)
+    expected = reference_dequantize(reference_quantize(w.numpy(), Q.Q8_0), Q.Q8_0)
+    torch.testing.assert_close(ours, torch.from_numpy(expected), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("ggml_type", QUANTIZABLE + BLOCK_ONLY, ids=lambda t: t.name)

@@ -62,9 +62,11 @@ class ParallelLMHead(VocabEmbedding):
     small_batch_weight: QuantizedWeight | None = None
 
     def quantize_for_small_batches(self) -> None:
-        """Also keep the head in 8-bit groups of 32 (Q8_0's recipe) for steps of a few sequences. For a
-        model that already runs quantized weights: its float head stays for larger batches."""
-        self.small_batch_weight = pack_for_device(quantize_int8(self.weight.data, 32), self.weight.device)
+        """Also keep the head in 8-bit groups of 32 (Q8_0's recipe, float16 scales: what the CPU's tiled
+        kernel takes) for steps of a few sequences. For a model that already runs quantized weights: its
+        float head stays for larger batches."""
+        head = quantize_int8(self.weight.data, 32, float16_scales=True)
+        self.small_batch_weight = pack_for_device(head, self.weight.device)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         """[M, hidden_size] -> [M, vocab_size] logits on rank 0; None on the other ranks."""

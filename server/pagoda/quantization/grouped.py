@@ -63,11 +63,18 @@ def quantize_per_channel_int8(weight: torch.Tensor) -> GroupQuantized:
     return quantize_int8(weight, group_size=weight.shape[1])
 
 
-def quantize_int8(weight: torch.Tensor, group_size: int) -> GroupQuantized:
-    """Symmetric int8 with one scale per `group_size` inputs of a row (Q8_0's recipe for 32)."""
+def quantize_int8(weight: torch.Tensor, group_size: int, float16_scales: bool = False) -> GroupQuantized:
+    """Symmetric int8 with one scale per `group_size` inputs of a row. `float16_scales`: GGUF's Q8_0 for
+    groups of 32, exactly as llama.cpp quantizes (values times the float32 scale's reciprocal, rounded
+    half away from zero; the scale stored as float16), where the scales fit float16."""
     n, k = weight.shape
     w = weight.float().view(n, k // group_size, group_size)
-    scale = (w.abs().amax(dim=2, keepdim=True) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = w.abs().amax(dim=2, keepdim=True) / 127.0
+    if float16_scales and scale.max() <= torch.finfo(torch.float16).max:
+        x = w * torch.where(scale > 0, 1.0 / scale, 0.0)
+        q = (x.sign() * (x.abs() + 0.5).floor()).to(torch.int8)
+        return GroupQuantized(q.view(n, k), scale[..., 0].half().float(), None, bits=8)
+    scale = scale.clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
     return GroupQuantized(q.view(n, k), scale[..., 0], None, bits=8)
 
