@@ -107,6 +107,16 @@ def test_threads_split_tiles_without_changing_a_bit(bits: int) -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_non_finite_activation_gives_nan_in_its_row_only(bits: int) -> None:
+    packed = TiledWeight(random_weight(32, 128, 32, False, bits=bits))  # (an offset would carry the NaN)
+    x = torch.randn(3, 128).bfloat16()
+    x[0, 5], x[2, 100] = float("nan"), float("inf")
+    out = packed.matmul(x)
+    assert out[0].isnan().all() and out[2].isnan().all()
+    assert torch.equal(out[1], packed.matmul(x[1:2])[0])  # the finite row as it is alone
+
+
 def test_fits_only_what_it_computes() -> None:
     assert tiled_kernel_fits(random_weight(32, 64, 32, True))
     assert not tiled_kernel_fits(random_weight(40, 64, 32, True))  # not whole tiles of 16 rows

@@ -42,6 +42,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -114,8 +115,12 @@ Activations split(const T* x, int64_t m, int64_t k, int64_t x_stride, int64_t gr
         _mm_storeu_si128(reinterpret_cast<__m128i*>(a.lo.data() + at), _mm512_cvtepi32_epi8(lo));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(a.hi.data() + at), _mm512_cvtepi32_epi8(hi));
       }
-      a.factor[i * groups + g] = 1.f / up;
-      a.sum[i * groups + g] = _mm512_reduce_add_ps(sum);
+      // a non-finite activation (the sum catches NaN, which max may drop) makes its row's outputs NaN,
+      // as float arithmetic would, not garbage
+      const float total = _mm512_reduce_add_ps(sum);
+      const bool finite = std::isfinite(largest) && std::isfinite(total);
+      a.factor[i * groups + g] = finite ? 1.f / up : std::numeric_limits<float>::quiet_NaN();
+      a.sum[i * groups + g] = total;
     }
   }
   return a;
