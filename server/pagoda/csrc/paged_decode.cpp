@@ -287,6 +287,12 @@ struct Partial {
   }
 };
 
+// The first `lines` 64-byte lines from row on, into L1.
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_lines(const T* row, int lines) {
+  for (int l = 0; l < lines; ++l) __builtin_prefetch(reinterpret_cast<const char*>(row) + 64 * l, 0, 3);
+}
+
 template <int NC>  // q . keys[j] for 16 rows of widened keys, NC slices of 16 floats each (zero-padded)
 __attribute__((always_inline)) inline Vec score16(const float* q, const float* keys) {
   constexpr int64_t dim = NC * kLanes;
@@ -307,7 +313,8 @@ __attribute__((always_inline)) inline Vec score16(const float* q, const float* k
 // the head is whole slices (`whole`: a plain load, one instruction fewer per slice).
 template <int NC, bool whole>
 __attribute__((always_inline)) inline Vec score16_bf16(const uint16_t* q, const c10::BFloat16* const* keys,
-                                                       const __mmask32* slices) {
+                                                       const __mmask32* slices,
+                                                       const c10::BFloat16* const* next, int lines) {
   constexpr int CB = (NC + 1) / 2;
   __m512bh qv[CB];
   for (int c = 0; c < CB; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
@@ -318,6 +325,7 @@ __attribute__((always_inline)) inline Vec score16_bf16(const uint16_t* q, const 
       const __m512i k = whole ? _mm512_loadu_si512(keys[j] + 32 * c) : _mm512_maskz_loadu_epi16(slices[c], keys[j] + 32 * c);
       a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)k);
     }
+    if (next) prefetch_lines(next[j], lines);  // the next block's key j, on its way
     part[j] = a;
   }
   return reduce16(part);
@@ -348,7 +356,7 @@ __attribute__((always_inline)) inline void widen_values(const T* row, Vec* v) {
 // sums stay in registers.
 template <typename T, int NC>
 __attribute__((always_inline)) inline void accumulate(float* acc, const float* probs, int64_t rows,
-                                                      const T* const* values) {
+                                                      const T* const* values, const T* const* next, int lines) {
   constexpr int64_t dim = NC * kLanes;
   constexpr int TR = NC >= 16 ? 1 : 16 / NC;
   for (int64_t r0 = 0; r0 < rows; r0 += TR) {
@@ -361,6 +369,7 @@ __attribute__((always_inline)) inline void accumulate(float* acc, const float* p
     for (int j = 0; j < kLanes; ++j) {
       Vec v[NC];
       widen_values<T, NC>(values[j], v);
+      if (next && r0 == 0) prefetch_lines(next[j], lines);  // the next block's value j, on its way
       for (int r = 0; r < TR; ++r) {
         if (r >= n) break;
         const Vec p = splat(probs[(r0 + r) * kLanes + j]);
@@ -451,18 +460,33 @@ void attend_range(const Step<T>& step, int64_t seq, int64_t h0, int64_t nh, int6
       for (int64_t j = 0; j < std::min(kLanes, end - t0); ++j) prefetch(rows[j], (nh - 1) * cache->head_stride + head_dim);
     }
   };
+  // Each later block's rows are prefetched one at a time while the block before it is computed (its keys'
+  // lines as the first row scores, its values' as they are weighed): spread out, the prefetches never wait
+  // for a free line-fill buffer with the work behind them; a burst of a whole block's lines stalled it.
+  const int lines = static_cast<int>((head_dim * static_cast<int64_t>(sizeof(T)) + 63) / 64);
   prefetch_block(aligned);
+  const T* next_keys[kLanes];
+  const T* next_values[kLanes];
   const IVec iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const T* keys[kLanes];
   const T* values[kLanes];
   for (int64_t t0 = aligned; t0 < end; t0 += kLanes) {
     const int64_t m = std::min<int64_t>(kLanes, end - t0);
-    prefetch_block(t0 + kLanes);
+    const bool has_next = t0 + kLanes < end;
     for (int64_t hh = 0; hh < nh; ++hh) {
       rows_at(step.keys, t0, h0 + hh, keys);
       rows_at(step.values, t0, h0 + hh, values);
+      if (has_next) {
+        rows_at(step.keys, t0 + kLanes, h0 + hh, next_keys);
+        rows_at(step.values, t0 + kLanes, h0 + hh, next_values);
+      }
+      const T* const* next_k = has_next ? next_keys : nullptr;  // until the first row has scored
       if constexpr (!kDotBF16<T>) {
-        for (int64_t j = 0; j < kLanes; ++j) widen_row(keys[j], part.keys.data() + j * dim, head_dim, dim);
+        for (int64_t j = 0; j < kLanes; ++j) {
+          widen_row(keys[j], part.keys.data() + j * dim, head_dim, dim);
+          if (next_k) prefetch_lines(next_k[j], lines);
+        }
+        next_k = nullptr;
       }
       bool any = false;
       for (int64_t hr = 0; hr < head_rows; ++hr) {
@@ -480,8 +504,9 @@ void attend_range(const Step<T>& step, int64_t seq, int64_t h0, int64_t nh, int6
 #if defined(__AVX512BF16__)
         if constexpr (kDotBF16<T>) {
           const uint16_t* q = part.q_bf16.data() + r * (dim + kLanes);
-          s = NC % 2 == 0 && !short_head ? score16_bf16<NC, true>(q, keys, slices)
-                                          : score16_bf16<NC, false>(q, keys, slices);
+          s = NC % 2 == 0 && !short_head ? score16_bf16<NC, true>(q, keys, slices, next_k, lines)
+                                          : score16_bf16<NC, false>(q, keys, slices, next_k, lines);
+          next_k = nullptr;
         } else
 #endif
         {
@@ -516,7 +541,8 @@ void attend_range(const Step<T>& step, int64_t seq, int64_t h0, int64_t nh, int6
         for (int64_t j = m; j < kLanes; ++j) values[j] = padded_values + j * dim;  // (zeros since reset)
       }
       const int64_t r0 = hh * head_rows;
-      accumulate<T, NC>(part.acc.data() + r0 * dim, part.probs.data() + r0 * kLanes, head_rows, values);
+      accumulate<T, NC>(part.acc.data() + r0 * dim, part.probs.data() + r0 * kLanes, head_rows, values,
+                        has_next ? next_values : nullptr, lines);
     }
   }
 }
