@@ -6,7 +6,9 @@ which start in well under a second.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,11 +51,21 @@ def start_router(tmp_path: Path) -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
-def engines(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LiveServer]]:
+def long_tiny_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a 4,096-token context: streams that outlast a few polls of the metrics (it
+    decodes 200 tokens in well under a second)."""
+    model = shutil.copytree(tiny_model, tmp_path_factory.mktemp("long") / "tiny-llama-long")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    return model
+
+
+@pytest.fixture(scope="session")
+def engines(long_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LiveServer]]:
     """Four engines started together: a lives all session, b is drained and c killed by the last tests, d
     leaves the engines Service and drains in the scale-down test."""
     log_dir = tmp_path_factory.mktemp("engines")
-    live = {name: launch_engine(log_dir, tiny_model) for name in "abcd"}
+    live = {name: launch_engine(log_dir, long_tiny_model) for name in "abcd"}
     try:
         for server in live.values():
             wait_ready(server)

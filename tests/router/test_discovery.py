@@ -225,7 +225,7 @@ async def test_a_pod_leaving_the_engines_service_gets_nothing_new_and_finishes_i
 
         async def stream(i: int) -> str | None:
             chunks = await client.completions.create(
-                model=MODEL_NAME, prompt=f"stream {i}", max_tokens=200, temperature=0, stream=True,
+                model=MODEL_NAME, prompt=f"stream {i}", max_tokens=1500, temperature=0, stream=True,
                 extra_body={"ignore_eos": True},
             )
             finish = None

@@ -56,13 +56,13 @@ def test_a_client_disconnect_aborts_the_engine_request(engines: dict[str, LiveSe
     a = engines["a"]
     router = start_router(a.base_url)
     aborted = a.metric("vllm:request_success_total", finished_reason="abort")
-    body = {"model": MODEL_NAME, "prompt": "long", "max_tokens": 250, "stream": True, "ignore_eos": True}
+    body = {"model": MODEL_NAME, "prompt": "long", "max_tokens": 3000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{router.base_url}/v1/completions", json=body) as response:
         assert next(line for line in response.iter_lines() if line.startswith("data:"))  # running: hang up
     a.wait_idle(timeout=10)
     assert a.metric("vllm:request_success_total", finished_reason="abort") == aborted + 1
     # the same for a request that has not answered a byte yet
-    body = {**body, "stream": False, "n": 8, "max_tokens": 220}
+    body = {**body, "stream": False, "n": 8, "max_tokens": 2000}
     with contextlib.suppress(httpx.ReadTimeout):
         httpx.post(f"{router.base_url}/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.2))
     a.wait_idle(timeout=10)
