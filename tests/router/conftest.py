@@ -61,7 +61,9 @@ def long_tiny_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
-def engines(long_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LiveServer]]:
+def engines(
+    long_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, LiveServer]]:
     """Four engines started together: a lives all session, b is drained and c killed by the last tests, d
     leaves the engines Service and drains in the scale-down test."""
     log_dir = tmp_path_factory.mktemp("engines")
