@@ -114,9 +114,8 @@ def test_rejects_what_it_cannot_compute():
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])  # GQA; sliding window; soft-capping
 def test_engine_decodes_through_the_kernel_as_transformers_does(arch, tmp_path, monkeypatch):
-    from tiny_models import load_reference_model, make_tiny_model, reference_greedy
+    from tiny_models import assert_decodes_as_transformers, make_tiny_model
 
-    from pagoda import LLM, SamplingParams
     from pagoda.layers.attention import Attention
 
     calls = []
@@ -131,14 +130,8 @@ def test_engine_decodes_through_the_kernel_as_transformers_does(arch, tmp_path, 
         return out
 
     monkeypatch.setattr(Attention, "rope_attention", counted)
-    path = make_tiny_model(arch, tmp_path / arch)
     prompts = [[5, 9, 17, 33, 2, 8, 100, 7, 12], [40, 41, 42]]
-    reference = load_reference_model(path)
-    want = [reference_greedy(reference, p, 6)[0] for p in prompts]
-    llm = LLM(model=str(path), device="cpu", dtype="float32", block_size=4)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
-    assert got == want
+    assert_decodes_as_transformers(make_tiny_model(arch, tmp_path / arch), prompts)
     assert calls  # the decode steps went through the C++ kernel
 
 

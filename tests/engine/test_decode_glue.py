@@ -120,9 +120,7 @@ def test_leaves_what_it_does_not_serve_to_the_general_path():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])  # fused; q/k norms (general); soft-capping
 def test_engine_decodes_as_transformers_does(arch, tmp_path, monkeypatch):
-    from tiny_models import load_reference_model, make_tiny_model, reference_greedy
-
-    from pagoda import LLM, SamplingParams
+    from tiny_models import assert_decodes_as_transformers, make_tiny_model
 
     served = []
     rope_attention = Attention.rope_attention
@@ -133,14 +131,8 @@ def test_engine_decodes_as_transformers_does(arch, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(Attention, "rope_attention", counted)
-    path = make_tiny_model(arch, tmp_path / arch)
     prompts = [[5, 9, 17, 33, 2, 8, 100, 7, 12, 60, 61], [40, 41, 42]]
-    reference = load_reference_model(path)
-    want = [reference_greedy(reference, p, 6)[0] for p in prompts]
-    llm = LLM(model=str(path), device="cpu", dtype="float32", block_size=4)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
-    assert got == want
+    assert_decodes_as_transformers(make_tiny_model(arch, tmp_path / arch), prompts)
     if arch == "qwen3":
         assert not served  # per-head q/k norms: the general path
     else:  # decodes fused, the 11-token prefill not

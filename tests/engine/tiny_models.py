@@ -276,6 +276,18 @@ def reference_greedy(
     return tokens[len(prompt) :], torch.stack(all_logits)
 
 
+def assert_decodes_as_transformers(path: Path, prompts: list[list[int]], max_tokens: int = 6) -> None:
+    """The engine's greedy tokens (CPU, float32, blocks of 4) equal transformers' full recomputation."""
+    from pagoda import LLM, SamplingParams
+
+    reference = load_reference_model(path)
+    want = [reference_greedy(reference, p, max_tokens)[0] for p in prompts]
+    llm = LLM(model=str(path), device="cpu", dtype="float32", block_size=4)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    assert got == want
+
+
 def one_torch_thread() -> Iterator[None]:
     """Run a test module's tiny models on one torch thread (a module-scoped autouse fixture where used): on a
     few shared cores, idle OpenMP threads spinning make these tiny models tens of times slower."""
