@@ -230,7 +230,8 @@ void tile(const uint8_t* w, const Layout& l, const Activations& a, int64_t m0, T
 // each, and its int16 pair sums saturate for 8-bit weights against unsigned activation bytes), while one
 // `vpmaddwd` on the widened weights does the same integer sum in fewer instructions. A 16-byte quarter of
 // a 64-byte load (4 rows times 4 inputs) widens into one 256-bit register; the rows' two int32 halves are
-// summed once per group.
+// summed once per group. v being signed, the 8-bit tiles' weight sums (the AVX-512 code's correction for
+// its unsigned activations) go unread.
 constexpr bool kBuilt = true;
 constexpr int64_t kBlockRows = 3;  // activation rows per pass: 4 accumulators each, within 16 registers
 

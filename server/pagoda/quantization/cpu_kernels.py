@@ -204,7 +204,9 @@ def kernel_for(weight: GroupQuantized) -> Kernel:
       capped at AVX2, float32 activations as an AVX2 host's models run; load ~9 on the 2 cores): against
       torch's int4 kernel (bfloat16 products, as `CpuQuantizedWeight` calls it) 2.0-2.45x at 1 row,
       1.8-2.0x at 4, 1.7-2.2x at 8; against `grouped_matmul` (which AVX2 hosts used) 1.5-2.0x, 1.3-1.5x,
-      1.4-2.0x; on the head 1.25x, 1.16x, 1.65x against `grouped_matmul` (2.5-4.4x against two int4 terms);
+      1.4-2.0x; on the head 1.25x, 1.16x, 1.65x against `grouped_matmul` (2.5-4.4x against two int4 terms).
+      A whole decode step there (`python -m bench.step_profile --isa avx2`, one thread, the embedded SmolLM2
+      GGUF) took 22-26 ms instead of 26-49 at 1 sequence, 129-134 ms instead of 140-159 at 8;
     - other weights `grouped_matmul` takes, where it beats torch's kernels (`prefers_grouped_kernel`);
     - torch's int4 kernel where it fits (8-bit weights as two 4-bit terms), else dequantize on the fly."""
     if weight.group_size == weight.shape[1] and weight.bits == 8 and weight.offset is None:
