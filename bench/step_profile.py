@@ -68,12 +68,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def reexec_under_isa(isa: str) -> None:
-    """Start over with the ISA caps in the environment: torch reads them when it loads."""
+def reexec_under_isa(isa: str, module: str = "bench.step_profile") -> None:
+    """Start `module` over with the ISA caps in the environment: torch reads them when it loads."""
     env = ISA_ENV[isa]
     if all(os.environ.get(k) == v for k, v in env.items()):
         return
-    argv = [sys.executable, "-m", "bench.step_profile", *sys.argv[1:]]
+    argv = [sys.executable, "-m", module, *sys.argv[1:]]
     os.execve(sys.executable, argv, {**os.environ, **env})
 
 

@@ -2,19 +2,23 @@
 shapes: the 4-bit layers (Q4_1-like, groups of 32) against torch's int4 kernel, with 30 copies of each
 weight so they stream from memory as in a model; the Q8_0 LM head against `grouped_matmul` and torch's int4
 kernel (two terms). One thread (CPU time of the thread, so other processes on a shared machine count less),
-medians, bfloat16 activations.
+medians, bfloat16 activations; with `--isa avx2`, an AVX2 host's: this library built for x86-64-v3, torch's
+kernels capped at AVX2 (`bench.step_profile`'s caps) and float32 activations (an AVX2 host's dtype).
 
-    python -m bench.tiled_matmul
+    python -m bench.tiled_matmul [--isa avx2]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from bench import step_profile
 from pagoda import cpu_extension
 from pagoda.quantization.cpu_kernels import GroupedWeight, TiledWeight, int4_terms, tiled_kernel_built
 from pagoda.quantization.grouped import GroupQuantized
@@ -48,26 +52,43 @@ def compare(kernels: dict[str, list[Matmul]], x: torch.Tensor, repeats: int) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def as_engine_calls(matmul: Matmul) -> Matmul:
+    """torch's int4 kernel as `CpuQuantizedWeight` calls it: bfloat16 activations, the result cast back."""
+    return lambda x: matmul(x.bfloat16()).to(x.dtype)
+
+
 def two_terms(weight: GroupQuantized) -> Matmul:
     terms = int4_terms(weight)
-    return lambda x: terms[0].matmul(x) + terms[1].matmul(x)
+    return as_engine_calls(lambda x: terms[0].matmul(x) + terms[1].matmul(x))
 
 
 def main() -> None:
-    assert cpu_extension.available() and tiled_kernel_built(), "needs the built operators and AVX-512 VNNI"
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--isa", choices=sorted(step_profile.ISA_ENV), help="run as on a host with only this")
+    args = parser.parse_args()
+    if args.isa:
+        step_profile.reexec_under_isa(args.isa, "bench.tiled_matmul")
+        step_profile.use_avx2_extension()
+    assert cpu_extension.available() and tiled_kernel_built(), "needs the tiled kernel built"
+    dtype = torch.float32 if args.isa else torch.bfloat16
+    print(f"torch kernels {torch.backends.cpu.get_cpu_capability()}, tiled kernel "
+          f"{torch.ops.pagoda.tiled_matmul_isa()}, {dtype} activations", file=sys.stderr)  # fmt: skip
     torch.set_num_threads(1)
     torch.manual_seed(0)
     for k, n in LAYER_SHAPES:
         weights = [random_weight(n, k, 4) for _ in range(30)]
-        kernels = {
-            "torch int4": [int4_terms(w)[0].matmul for w in weights],
+        kernels: dict[str, list[Matmul]] = {
+            "torch int4": [as_engine_calls(int4_terms(w)[0].matmul) for w in weights],
+            "grouped": [GroupedWeight(w).matmul for w in weights],
             "tiled": [TiledWeight(w).matmul for w in weights],
         }
         for rows in (1, 4, 8):
-            t = compare(kernels, torch.randn(rows, k).bfloat16(), 20)
-            speedup = t["torch int4"] / t["tiled"]
-            print(f"{k}x{n} Q4 {rows} rows: torch int4 {t['torch int4']:6.1f} us, tiled {t['tiled']:6.1f} us"
-                  f" ({speedup:.2f}x)", flush=True)  # fmt: skip
+            t = compare(kernels, torch.randn(rows, k).to(dtype), 20)
+            tiled = t["tiled"]
+            ratios = f"{t['torch int4'] / tiled:.2f}x torch int4, {t['grouped'] / tiled:.2f}x grouped"
+            print(f"{k}x{n} Q4 {rows} rows: " + ", ".join(f"{name} {v:6.1f} us" for name, v in t.items())
+                  + f" ({ratios})", flush=True)  # fmt: skip
     k, n = HEAD
     head = random_weight(n, k, 8)
     kernels = {
@@ -76,7 +97,7 @@ def main() -> None:
         "tiled": [TiledWeight(head).matmul],
     }
     for rows in (1, 4, 8):
-        t = compare(kernels, torch.randn(rows, k).bfloat16(), 8)
+        t = compare(kernels, torch.randn(rows, k).to(dtype), 8)
         print(f"{k}x{n} Q8 {rows} rows: " + ", ".join(f"{name} {v / 1e3:.2f} ms" for name, v in t.items())
               + f" ({t['grouped'] / t['tiled']:.2f}x grouped)", flush=True)  # fmt: skip
 

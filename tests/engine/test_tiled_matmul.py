@@ -1,11 +1,19 @@
-"""The tiled 4- and 8-bit VNNI matmul (pagoda/csrc/tiled_matmul.cpp) against F.linear in float64 with the
+"""The tiled 4- and 8-bit matmul (pagoda/csrc/tiled_matmul.cpp) against F.linear in float64 with the
 weight gguf-py dequantizes (or `GroupQuantized.dequantize` gives), and the engine's choice of it.
 
-`make install` builds the kernel; a build without AVX-512 VNNI (an x86-64-v3 image, another CPU) has no
-kernel to test, and the engine does not use it there.
+`make install` builds the kernel for this machine: its AVX-512 VNNI code, or its AVX2 one (an x86-64-v3
+image's); a build with neither (another CPU) has no kernel to test, and the engine does not use it there.
+On an AVX-512 VNNI machine the last test runs these tests again against an x86-64-v3 build, in a process
+that loads it instead (`PAGODA_TEST_CPU_LIBRARY`).
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,12 +30,19 @@ from pagoda.quantization.cpu_kernels import CpuQuantizedWeight, TiledWeight, ker
 from pagoda.quantization.gguf_blocks import group_quantized_from_blocks
 from pagoda.quantization.grouped import GroupQuantized
 
+# a library of Pagoda's operators this process loads instead of this machine's own build
+LIBRARY_ENV = "PAGODA_TEST_CPU_LIBRARY"
+if os.environ.get(LIBRARY_ENV):
+    cpu_extension.library_path = lambda: Path(os.environ[LIBRARY_ENV])  # type: ignore[assignment]
+
 
 @pytest.fixture(scope="module", autouse=True)
 def built() -> None:
     assert cpu_extension.available(), "the C++ CPU kernels are not built: python -m pagoda.cpu_extension"
+    if os.environ.get(LIBRARY_ENV):
+        assert torch.ops.pagoda.tiled_matmul_isa() == "avx2", "the x86-64-v3 build has its AVX2 kernel"
     if not cpu_kernels.tiled_kernel_built():
-        pytest.skip("this build has no AVX-512 VNNI: the engine keeps its other kernels")
+        pytest.skip("this build has neither AVX-512 VNNI nor AVX2: the engine keeps its other kernels")
 
 
 def gguf_weight(ggml_type: Q, n: int, k: int, seed: int = 0) -> tuple[GroupQuantized, torch.Tensor]:
@@ -154,3 +169,16 @@ def test_cpu_quantized_weight_keeps_one_layout() -> None:
     assert packed.tensors() == [packed.tiled.w, packed.dense]
     x = torch.randn(3, 128)
     assert_within_bound(packed.matmul(x), x, expected, 32)
+
+
+def test_the_x86_64_v3_build_passes_these_tests_too() -> None:
+    """The AVX2 code, as an x86-64-v3 image builds it, on a machine whose own build runs the AVX-512 one."""
+    if os.environ.get(LIBRARY_ENV) or torch.ops.pagoda.tiled_matmul_isa() != "avx512vnni":
+        pytest.skip("the tests above ran this build's AVX2 code")
+    native = cpu_extension.library_path()  # (bench.step_profile --isa avx2 builds the same file)
+    library = cpu_extension.build("x86-64-v3", Path(tempfile.gettempdir()) / f"x86-64-v3{native.name}")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not v3_build"]
+    env = {**os.environ, LIBRARY_ENV: str(library)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    output = result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.returncode == 0 and " passed" in result.stdout and "skipped" not in result.stdout, output

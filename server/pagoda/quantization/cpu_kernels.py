@@ -14,9 +14,9 @@ The int4 kernel dequantizes its weight tiles again for every 4 rows of activatio
 with the rows; a dense copy of the weight (`dense_dtype`), when kept, serves steps of `DENSE_MIN_ROWS` or
 more rows with a BLAS GEMM (AMX / AVX512-BF16 on bfloat16), whose time barely grows.
 
-Where Pagoda's C++ operators are built with AVX-512 VNNI, `torch.ops.pagoda.tiled_matmul`
-(csrc/tiled_matmul.cpp) takes GGUF's 4- and 8-bit weights, in its own layout instead of torch's (`kernel_for`
-decides). Elsewhere `torch.ops.pagoda.grouped_matmul`
+Where Pagoda's C++ operators are built with AVX-512 VNNI or AVX2 (an x86-64-v3 image),
+`torch.ops.pagoda.tiled_matmul` (csrc/tiled_matmul.cpp) takes GGUF's 4- and 8-bit weights, in its own layout
+instead of torch's (`kernel_for` decides). Elsewhere `torch.ops.pagoda.grouped_matmul`
 (csrc/grouped_matmul.cpp) takes the weights it computes faster (`prefers_grouped_kernel`): 8-bit grouped
 weights (one pass instead of two int4 ones), and 4-bit ones where torch's int4 kernel runs without its
 AVX-512 code. It multiplies the activations in float32 as they come (no rounding to bfloat16).
@@ -90,7 +90,7 @@ class GroupedWeight:
 
 @functools.cache
 def tiled_kernel_built() -> bool:
-    """Whether this machine's build of Pagoda's operators has `tiled_matmul` (AVX-512 VNNI)."""
+    """Whether this machine's build of Pagoda's operators has `tiled_matmul` (AVX-512 VNNI or AVX2)."""
     return cpu_extension.available() and bool(torch.ops.pagoda.tiled_matmul_isa())
 
 
@@ -194,12 +194,19 @@ def kernel_for(weight: GroupQuantized) -> Kernel:
     """Which kernel serves a weight's steps below `DENSE_MIN_ROWS` rows (the one place that decides):
 
     - int8 with one scale per row: torch's `_weight_int8pack_mm`;
-    - weights `tiled_matmul` fits (GGUF's Q4_0, Q4_1, Q8_0), where the build has AVX-512 VNNI: it. One
-      thread, bfloat16 activations, medians of 8-20 runs on a shared, noisy 2-core Sapphire Rapids VM
-      (`python -m bench.tiled_matmul`): against torch's AVX-512 int4 kernel on SmolLM2-135M's
-      4-bit shapes (576x960, 576x576, 576x3072, 1536x576; groups of 32; weights streaming from 30 copies as
-      in a model) 1.3-2.1x at 1 row, 1.6-2.2x at 4, 1.9-2.7x at 8; against `grouped_matmul` on the Q8_0 LM
-      head (576x49152) 1.3-1.6x at 1 row, 1.4-1.5x at 4, 1.9-2.5x at 8 (1.7-4x against two int4 terms);
+    - weights `tiled_matmul` fits (GGUF's Q4_0, Q4_1, Q8_0), where the build has its AVX-512 VNNI or its
+      AVX2 code: it, at every row count it serves. One thread, medians of 8-20 runs on a shared, noisy 2-core
+      Sapphire Rapids VM (`python -m bench.tiled_matmul`), SmolLM2-135M's 4-bit shapes (576x960, 576x576,
+      576x3072, 1536x576; groups of 32; weights streaming from 30 copies as in a model) and its Q8_0 LM
+      head (576x49152). AVX-512 VNNI, bfloat16 activations: against torch's AVX-512 int4 kernel 1.3-2.1x at
+      1 row, 1.6-2.2x at 4, 1.9-2.7x at 8; against `grouped_matmul` on the head 1.3-1.6x at 1 row, 1.4-1.5x
+      at 4, 1.9-2.5x at 8 (1.7-4x against two int4 terms). AVX2 (`--isa avx2`: the x86-64-v3 build, torch
+      capped at AVX2, float32 activations as an AVX2 host's models run; load ~9 on the 2 cores): against
+      torch's int4 kernel (bfloat16 products, as `CpuQuantizedWeight` calls it) 2.0-2.45x at 1 row,
+      1.8-2.0x at 4, 1.7-2.2x at 8; against `grouped_matmul` (which AVX2 hosts used) 1.5-2.0x, 1.3-1.5x,
+      1.4-2.0x; on the head 1.25x, 1.16x, 1.65x against `grouped_matmul` (2.5-4.4x against two int4 terms).
+      A whole decode step there (`python -m bench.step_profile --isa avx2`, one thread, the embedded SmolLM2
+      GGUF) took 22-26 ms instead of 26-49 at 1 sequence, 129-134 ms instead of 140-159 at 8;
     - other weights `grouped_matmul` takes, where it beats torch's kernels (`prefers_grouped_kernel`);
     - torch's int4 kernel where it fits (8-bit weights as two 4-bit terms), else dequantize on the fly."""
     if weight.group_size == weight.shape[1] and weight.bits == 8 and weight.offset is None:
