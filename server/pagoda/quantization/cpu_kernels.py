@@ -219,7 +219,8 @@ def kernel_for(weight: GroupQuantized) -> Kernel:
 
 
 class CpuQuantizedWeight:
-    """A GroupQuantized weight repacked once for the fastest CPU kernel that computes it exactly."""
+    """A GroupQuantized weight repacked once for the fastest CPU kernel that serves it (`kernel_for`): exact
+    products, but for the tiled kernel's activations in 14-bit fixed point (bound: csrc/tiled_matmul.cpp)."""
 
     def __init__(self, weight: GroupQuantized, dense_dtype: torch.dtype | None = None) -> None:
         self.per_channel_int8: tuple[torch.Tensor, torch.Tensor] | None = None
