@@ -257,6 +257,10 @@ struct Step {
   int64_t first_key(int64_t seq) const { return window > 0 ? std::max<int64_t>(0, context(seq) - window + 1) : 0; }
 };
 
+// Query rows scored together, each key loaded once for all: a KV head's group (3 for SmolLM2) in one pass,
+// larger groups 4 at a time.
+constexpr int64_t kRowTile = 4;
+
 // bfloat16 keys scored where they lie, two dimensions per instruction (AVX512-BF16: products of bfloat16 are
 // exact in float32, summed in float32, as widening them first would). Elsewhere keys are widened to float32.
 #if defined(__AVX512BF16__)
@@ -308,27 +312,54 @@ __attribute__((always_inline)) inline Vec score16(const float* q, const float* k
 }
 
 #if defined(__AVX512BF16__)
-// q . key[j] for 16 bfloat16 rows in the cache; q: 32-wide slices, zero-padded; each slice of a key loaded
-// under its mask (the head's dimensions: never the next head's values, which may not be finite), unless
-// the head is whole slices (`whole`: a plain load, one instruction fewer per slice).
-template <int NC, bool whole>
-__attribute__((always_inline)) inline Vec score16_bf16(const uint16_t* q, const c10::BFloat16* const* keys,
-                                                       const __mmask32* slices,
-                                                       const c10::BFloat16* const* next, int lines) {
+// q_r . key[j] for 16 bfloat16 rows in the cache and R query rows (q_stride apart) at once: each slice of a
+// key loaded once for all R. q: 32-wide slices, zero-padded; each slice of a key loaded under its mask (the
+// head's dimensions: never the next head's values, which may not be finite), unless the head is whole slices
+// (`whole`: a plain load, one instruction fewer per slice). Four keys' partial sums per row are folded as
+// soon as they are done, so that R rows' sums stay in registers.
+template <int NC, bool whole, int R>
+__attribute__((always_inline)) inline void score16_bf16(const uint16_t* q, int64_t q_stride,
+                                                        const c10::BFloat16* const* keys,
+                                                        const __mmask32* slices,
+                                                        const c10::BFloat16* const* next, int lines, Vec* s) {
   constexpr int CB = (NC + 1) / 2;
-  __m512bh qv[CB];
-  for (int c = 0; c < CB; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
-  Vec part[kLanes];
-  for (int j = 0; j < kLanes; ++j) {
-    __m512 a = _mm512_setzero_ps();
-    for (int c = 0; c < CB; ++c) {
-      const __m512i k = whole ? _mm512_loadu_si512(keys[j] + 32 * c) : _mm512_maskz_loadu_epi16(slices[c], keys[j] + 32 * c);
-      a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)k);
-    }
-    if (next) prefetch_lines(next[j], lines);  // the next block's key j, on its way
-    part[j] = a;
+  __m512bh qv[R][CB];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < CB; ++c) qv[r][c] = (__m512bh)_mm512_loadu_si512(q + r * q_stride + 32 * c);
   }
-  return reduce16(part);
+  Vec four[R][4];
+  for (int i = 0; i < 4; ++i) {
+    Vec part[R][4];
+    for (int jj = 0; jj < 4; ++jj) {
+      const int j = 4 * i + jj;
+      __m512 a[R];
+      for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+      for (int c = 0; c < CB; ++c) {
+        const __m512i k = whole ? _mm512_loadu_si512(keys[j] + 32 * c) : _mm512_maskz_loadu_epi16(slices[c], keys[j] + 32 * c);
+        for (int r = 0; r < R; ++r) a[r] = _mm512_dpbf16_ps(a[r], qv[r][c], (__m512bh)k);
+      }
+      if (next) prefetch_lines(next[j], lines);  // the next block's key j, on its way
+      for (int r = 0; r < R; ++r) part[r][jj] = a[r];
+    }
+    for (int r = 0; r < R; ++r) four[r][i] = fold2(fold(part[r][0], part[r][1]), fold(part[r][2], part[r][3]));
+  }
+  for (int r = 0; r < R; ++r) {
+    s[r] = fold_quarters(fold_quarters(four[r][0], four[r][1]), fold_quarters(four[r][2], four[r][3]));
+  }
+}
+
+
+template <int NC, bool whole>
+__attribute__((always_inline)) inline void score_rows_bf16(int64_t n, const uint16_t* q, int64_t q_stride,
+                                                           const c10::BFloat16* const* keys,
+                                                           const __mmask32* slices,
+                                                           const c10::BFloat16* const* next, int lines, Vec* s) {
+  switch (n) {
+    case 1: return score16_bf16<NC, whole, 1>(q, q_stride, keys, slices, next, lines, s);
+    case 2: return score16_bf16<NC, whole, 2>(q, q_stride, keys, slices, next, lines, s);
+    case 3: return score16_bf16<NC, whole, 3>(q, q_stride, keys, slices, next, lines, s);
+    default: return score16_bf16<NC, whole, 4>(q, q_stride, keys, slices, next, lines, s);
+  }
 }
 #endif
 
@@ -489,48 +520,63 @@ void attend_range(const Step<T>& step, int64_t seq, int64_t h0, int64_t nh, int6
         next_k = nullptr;
       }
       bool any = false;
-      for (int64_t hr = 0; hr < head_rows; ++hr) {
-        const int64_t r = hh * head_rows + hr;
-        // the keys row r may see: up to its own position (causal), from its window's start
-        const int64_t pos = context + hr / group;
-        const int64_t lo = std::max<int64_t>(begin, step.window > 0 ? pos - step.window + 1 : 0);
-        const int64_t hi = std::min<int64_t>(pos, t0 + m - 1);
-        float* probs = part.probs.data() + r * kLanes;
-        if (hi < t0 || lo > t0 + m - 1) {  // nothing here for this row
-          store(probs, Vec{});
+      for (int64_t hr0 = 0; hr0 < head_rows; hr0 += kRowTile) {  // a tile of rows scored together
+        const int64_t n = std::min(kRowTile, head_rows - hr0), r0 = hh * head_rows + hr0;
+        int64_t lo[kRowTile], hi[kRowTile];
+        bool seen = false;
+        for (int64_t k = 0; k < n; ++k) {
+          // the keys row r0 + k may see: up to its own position (causal), from its window's start
+          const int64_t pos = context + (hr0 + k) / group;
+          lo[k] = std::max<int64_t>(begin, step.window > 0 ? pos - step.window + 1 : 0);
+          hi[k] = std::min<int64_t>(pos, t0 + m - 1);
+          seen |= hi[k] >= t0 && lo[k] <= t0 + m - 1;
+        }
+        if (!seen) {  // nothing here for these rows
+          for (int64_t k = 0; k < n; ++k) store(part.probs.data() + (r0 + k) * kLanes, Vec{});
           continue;
         }
-        Vec s;
+        Vec scores[kRowTile];
 #if defined(__AVX512BF16__)
         if constexpr (kDotBF16<T>) {
-          const uint16_t* q = part.q_bf16.data() + r * (dim + kLanes);
-          s = NC % 2 == 0 && !short_head ? score16_bf16<NC, true>(q, keys, slices, next_k, lines)
-                                          : score16_bf16<NC, false>(q, keys, slices, next_k, lines);
+          const uint16_t* q = part.q_bf16.data() + r0 * (dim + kLanes);
+          if (NC % 2 == 0 && !short_head) {
+            score_rows_bf16<NC, true>(n, q, dim + kLanes, keys, slices, next_k, lines, scores);
+          } else {
+            score_rows_bf16<NC, false>(n, q, dim + kLanes, keys, slices, next_k, lines, scores);
+          }
           next_k = nullptr;
         } else
 #endif
         {
-          s = score16<NC>(part.q.data() + r * dim, part.keys.data());
+          for (int64_t k = 0; k < n; ++k) scores[k] = score16<NC>(part.q.data() + (r0 + k) * dim, part.keys.data());
         }
-        s *= step.scale;
-        if (step.cap > 0.f) s = step.cap * vtanh(s / step.cap);
-        if (lo > t0 || hi < t0 + kLanes - 1) {
-          const IVec t = iota + static_cast<int32_t>(t0);
-          s = (t >= IVec{} + static_cast<int32_t>(lo)) & (t <= IVec{} + static_cast<int32_t>(hi)) ? s : splat(-kInf);
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t r = r0 + k;
+          float* probs = part.probs.data() + r * kLanes;
+          if (hi[k] < t0 || lo[k] > t0 + m - 1) {  // nothing here for this row
+            store(probs, Vec{});
+            continue;
+          }
+          Vec s = scores[k] * step.scale;
+          if (step.cap > 0.f) s = step.cap * vtanh(s / step.cap);
+          if (lo[k] > t0 || hi[k] < t0 + kLanes - 1) {
+            const IVec t = iota + static_cast<int32_t>(t0);
+            s = (t >= IVec{} + static_cast<int32_t>(lo[k])) & (t <= IVec{} + static_cast<int32_t>(hi[k])) ? s : splat(-kInf);
+          }
+          float& max = part.maxes[r];
+          const float block_max = hmax(s);
+          if (block_max > max) {  // rescale what the earlier blocks summed to the new max
+            const float correction = std::exp(max - block_max);  // e^-inf = 0 on the first visible block
+            part.sums[r] *= correction;
+            float* acc = part.acc.data() + r * dim;
+            for (int64_t d = 0; d < dim; d += kLanes) store(acc + d, load(acc + d) * correction);
+            max = block_max;
+          }
+          const Vec p = vexp(s - max);
+          part.sums[r] += p;
+          store(probs, p);
+          any = true;
         }
-        float& max = part.maxes[r];
-        const float block_max = hmax(s);
-        if (block_max > max) {  // rescale what the earlier blocks summed to the new max
-          const float correction = std::exp(max - block_max);  // e^-inf = 0 on the first visible block
-          part.sums[r] *= correction;
-          float* acc = part.acc.data() + r * dim;
-          for (int64_t d = 0; d < dim; d += kLanes) store(acc + d, load(acc + d) * correction);
-          max = block_max;
-        }
-        const Vec p = vexp(s - max);
-        part.sums[r] += p;
-        store(probs, p);
-        any = true;
       }
       if (!any) continue;
       if (short_head) {  // whole vectors of values: copies padded with zeros
