@@ -30,6 +30,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--query-len", type=int, default=1, help="new tokens per sequence")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="KV cache dtype")
     p.add_argument("--library", type=Path, help="the operators' library to load (default: this checkout's)")
     return p.parse_args()
 
@@ -60,7 +61,7 @@ def bench(args: argparse.Namespace, num_seqs: int) -> tuple[float, float, float]
     slot_mapping = torch.tensor(slots, dtype=torch.int64)
     query_start_loc = torch.arange(0, num_seqs * ql + 1, ql, dtype=torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    dtype = torch.bfloat16
+    dtype = getattr(torch, args.dtype)
     shape = (num_blocks, bs, hkv, d)
     caches = [
         (torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype))
@@ -83,7 +84,7 @@ def bench(args: argparse.Namespace, num_seqs: int) -> tuple[float, float, float]
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     ms = statistics.median(times) * 1e3
-    kv_bytes = 2 * sum(lens) * hkv * d * 2 * args.layers
+    kv_bytes = 2 * sum(lens) * hkv * d * dtype.itemsize * args.layers
     return ms, min(cpu) * 1e3, kv_bytes / ms / 1e6
 
 
@@ -99,7 +100,7 @@ def main() -> None:
     print(
         f"# {torch.get_num_threads()} threads, {args.layers} layers, "
         f"heads {args.num_heads}/{args.num_kv_heads}, head_dim {args.head_dim}, block {args.block_size}, "
-        f"query_len {args.query_len}, bfloat16"
+        f"query_len {args.query_len}, {args.dtype}"
     )
     for n in args.seqs:
         ms, cpu_ms, gbs = bench(args, n)

@@ -753,9 +753,10 @@ void dispatch(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::T
 }
 
 #if !defined(__AVX512F__)
-// Without AVX-512, g++ lowers the 16-float vectors' shuffles above lane by lane: there the kernel is the
-// previous one, which it vectorizes well for AVX2 (one task per sequence and KV head, 8 keys per pass, a
-// horizontal sum per dot, glibc's vector expf).
+// Without AVX-512, g++ lowers the 16-float vectors' shuffles above lane by lane: there the kernel is this one,
+// in 8-float vectors (AVX2 and FMA in an x86-64-v3 build). One task per sequence and KV head; 8 keys per
+// pass, each row's 8 dots summed horizontally at once; an online softmax (no scores buffer); float32 K and V
+// rows read where they lie, others widened once per pass for every row of the group.
 extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
 
 namespace portable {
@@ -776,29 +777,56 @@ inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
   }
 }
 
-// Keys scored per pass: their dot products with one query row accumulate in kTokens independent vectors of
-// 16 lanes, one horizontal sum each at the end; one dot at a time was bound by each sum's latency.
-constexpr int64_t kTokens = 8;
-constexpr int64_t kLanes = 16;
+constexpr int64_t kTokens = 8;  // keys per pass
 
-// out[j] = q . keys[j] for j < m. keys holds kTokens rows of head_dim floats; rows past m hold whatever
-// the last pass left (their dots are computed, so the loops have fixed trip counts, and dropped).
-inline void dots(const float* q, const float* keys, int64_t head_dim, int64_t m, float* out) {
-  float acc[kTokens][kLanes] = {};
-  const int64_t whole = head_dim - head_dim % kLanes;
-  for (int64_t c = 0; c < whole; c += kLanes) {
-    for (int64_t j = 0; j < kTokens; ++j) {
-#pragma omp simd
-      for (int64_t l = 0; l < kLanes; ++l) acc[j][l] += q[c + l] * keys[j * head_dim + c + l];
-    }
+// s[j] = q . keys[j] for the pass's kTokens keys (a pass's missing keys point at kZeros).
+inline void dots(const float* q, const float* const* keys, int64_t head_dim, float* s) {
+  int64_t d = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[kTokens];
+  for (__m256& a : acc) a = _mm256_setzero_ps();
+  for (; d + 8 <= head_dim; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int64_t j = 0; j < kTokens; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys[j] + d), acc[j]);
   }
-  for (int64_t j = 0; j < m; ++j) {
-    float sum = 0.f;
-    for (int64_t d = whole; d < head_dim; ++d) sum += q[d] * keys[j * head_dim + d];
-#pragma omp simd reduction(+ : sum)
-    for (int64_t l = 0; l < kLanes; ++l) sum += acc[j][l];
-    out[j] = sum;
+  // the 8 horizontal sums together: lanes (0-3 | 4-7) of a0123 hold keys 0-3's halves, of a4567 keys 4-7's
+  const __m256 a0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 a4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  _mm256_storeu_ps(s, _mm256_add_ps(_mm256_permute2f128_ps(a0123, a4567, 0x20),
+                                    _mm256_permute2f128_ps(a0123, a4567, 0x31)));
+#else
+  for (int64_t j = 0; j < kTokens; ++j) s[j] = 0.f;
+#endif
+  for (; d < head_dim; ++d) {
+    for (int64_t j = 0; j < kTokens; ++j) s[j] += q[d] * keys[j][d];
   }
+}
+
+// a = a * corr + sum_j p[j] * values[j], one pass over a per kTokens values.
+inline void accumulate(float* a, float corr, const float* p, const float* const* values, int64_t head_dim) {
+  int64_t d = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 pv[kTokens];
+  for (int64_t j = 0; j < kTokens; ++j) pv[j] = _mm256_set1_ps(p[j]);
+  const __m256 cv = _mm256_set1_ps(corr);
+  for (; d + 8 <= head_dim; d += 8) {
+    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(a + d), cv);
+    for (int64_t j = 0; j < kTokens; ++j) x = _mm256_fmadd_ps(pv[j], _mm256_loadu_ps(values[j] + d), x);
+    _mm256_storeu_ps(a + d, x);
+  }
+#endif
+  for (; d < head_dim; ++d) {
+    float x = a[d] * corr;
+    for (int64_t j = 0; j < kTokens; ++j) x += p[j] * values[j][d];
+    a[d] = x;
+  }
+}
+
+// One row at a time, a few lines ahead: a whole pass's rows at once stall on the line-fill buffers.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t head_dim) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < head_dim * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
 template <typename T>
@@ -817,11 +845,12 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t table_stride = block_tables.stride(0);
-  const float cap = static_cast<float>(softcap);
-  constexpr float kMasked = -std::numeric_limits<float>::infinity();
+  const float cap = static_cast<float>(softcap), scale_f = static_cast<float>(scale);
+  constexpr bool kInPlace = std::is_same_v<T, float>;
 
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q, acc, scores, keys(kTokens * head_dim, 0.f);
+    std::vector<float> q, acc, maxes, sums, keys(kInPlace ? 0 : kTokens * head_dim),
+        values(kInPlace ? 0 : kTokens * head_dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / num_kv_heads, kv_head = task % num_kv_heads;
       const int64_t q_start = starts[seq], q_len = starts[seq + 1] - q_start;
@@ -829,64 +858,77 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
       // rows are (query i, head g of the group); the earliest query's window bounds every row's keys
       const int64_t rows = q_len * group;
       const int64_t first = window > 0 ? std::max<int64_t>(0, context - window + 1) : 0;
-      const int64_t n = len - first;
       const int32_t* table = tables + seq * table_stride;
       q.resize(rows * head_dim);
       acc.assign(rows * head_dim, 0.f);
-      scores.resize(rows * n);
+      maxes.assign(rows, -kInf);
+      sums.assign(rows, 0.f);
       for (int64_t i = 0; i < q_len; ++i) {
         for (int64_t g = 0; g < group; ++g) {
           const T* row = q_base + (q_start + i) * q_token_stride + (kv_head * group + g) * q_head_stride;
-          float* dst = q.data() + (i * group + g) * head_dim;
-          to_float(row, dst, head_dim);
+          to_float(row, q.data() + (i * group + g) * head_dim, head_dim);
         }
       }
       for (int64_t t0 = first; t0 < len; t0 += kTokens) {
         const int64_t m = std::min<int64_t>(kTokens, len - t0);
-        for (int64_t j = 0; j < m; ++j) {  // the next keys in float32, each loaded once for every row
-          to_float(k_pages.at(table, t0 + j, kv_head), keys.data() + j * head_dim, head_dim);
+        const float* kp[kTokens];
+        const float* vp[kTokens];
+        for (int64_t j = 0; j < kTokens; ++j) {
+          if (j >= m) {  // past the context: zeros, masked below
+            kp[j] = vp[j] = kZeros;
+            continue;
+          }
+          const T* k_row = k_pages.at(table, t0 + j, kv_head);
+          const T* v_row = v_pages.at(table, t0 + j, kv_head);
+          if constexpr (kInPlace) {
+            kp[j] = k_row;
+            vp[j] = v_row;
+          } else {
+            to_float(k_row, keys.data() + j * head_dim, head_dim);
+            to_float(v_row, values.data() + j * head_dim, head_dim);
+            kp[j] = keys.data() + j * head_dim;
+            vp[j] = values.data() + j * head_dim;
+          }
+          if (t0 + kTokens + j < len) {  // the next pass's row j
+            prefetch_row(k_pages.at(table, t0 + kTokens + j, kv_head), head_dim);
+            prefetch_row(v_pages.at(table, t0 + kTokens + j, kv_head), head_dim);
+          }
         }
         for (int64_t r = 0; r < rows; ++r) {
-          dots(q.data() + r * head_dim, keys.data(), head_dim, m, scores.data() + r * n + (t0 - first));
+          float s[kTokens];
+          dots(q.data() + r * head_dim, kp, head_dim, s);
+          // the keys this row may see: up to its own position (causal), within its window
+          const int64_t pos = context + r / group;
+          const int64_t visible_from = window > 0 ? std::max<int64_t>(first, pos - window + 1) : first;
+          float chunk_max = -kInf;
+          for (int64_t j = 0; j < kTokens; ++j) {
+            const int64_t t = t0 + j;
+            float x = s[j] * scale_f;
+            if (cap > 0.f) x = cap * std::tanh(x / cap);
+            s[j] = (j < m && t <= pos && t >= visible_from) ? x : -kInf;
+            chunk_max = std::max(chunk_max, s[j]);
+          }
+          if (chunk_max == -kInf) continue;  // nothing this row sees in this pass
+          const float new_max = std::max(maxes[r], chunk_max);
+          const float corr = expf(maxes[r] - new_max);  // 0 on the row's first visible pass
+          float chunk_sum = 0.f;
+#pragma omp simd reduction(+ : chunk_sum)
+          for (int64_t j = 0; j < kTokens; ++j) {
+            s[j] = expf(s[j] - new_max);  // masked: 0
+            chunk_sum += s[j];
+          }
+          sums[r] = sums[r] * corr + chunk_sum;
+          maxes[r] = new_max;
+          accumulate(acc.data() + r * head_dim, corr, s, vp, head_dim);
         }
       }
-      for (int64_t r = 0; r < rows; ++r) {  // every row sees at least its own token: the max is finite
-        float* s = scores.data() + r * n;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) s[i] *= static_cast<float>(scale);
-        if (cap > 0.f) {
-          for (int64_t i = 0; i < n; ++i) s[i] = cap * std::tanh(s[i] / cap);
-        }
-        // the keys this row may not see: after its own position (causal), before its window
-        const int64_t pos = context + r / group;
-        const int64_t visible_from = window > 0 ? std::max<int64_t>(first, pos - window + 1) : first;
-        std::fill(s, s + (visible_from - first), kMasked);
-        std::fill(s + (pos + 1 - first), s + n, kMasked);
-        const float max = *std::max_element(s, s + n);
-        float sum = 0.f;
-        for (int64_t i = 0; i < n; ++i) {
-          s[i] = expf(s[i] - max);
-          sum += s[i];
-        }
-        const float inv = 1.f / sum;
-        for (int64_t i = 0; i < n; ++i) s[i] *= inv;
-      }
-      for (int64_t t = first; t < len; ++t) {
-        to_float(v_pages.at(table, t, kv_head), keys.data(), head_dim);  // (the keys' buffer, free now)
-        const float* value = keys.data();
-        for (int64_t r = 0; r < rows; ++r) {
-          const float p = scores[r * n + (t - first)];
-          if (p == 0.f) continue;  // masked
-          float* a = acc.data() + r * head_dim;
-#pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * value[d];
-        }
-      }
-      for (int64_t i = 0; i < q_len; ++i) {
+      for (int64_t i = 0; i < q_len; ++i) {  // every row sees at least its own token: its sum is positive
         for (int64_t g = 0; g < group; ++g) {
+          const int64_t r = i * group + g;
           T* dst = out_base + (q_start + i) * out_token_stride + (kv_head * group + g) * out_head_stride;
-          const float* a = acc.data() + (i * group + g) * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(a[d]);
+          const float* a = acc.data() + r * head_dim;
+          const float inv = 1.f / sums[r];
+          for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(a[d] * inv);
         }
       }
     }
