@@ -156,7 +156,8 @@ def test_a_backend_killed_mid_run_costs_no_request(engines: dict[str, LiveServer
 
     def ask(i: int) -> str:
         started.set()
-        reply = client.completions.create(prompt=f"request {i}", **{**GREEDY, "max_tokens": 60})
+        # long enough that the victim is still decoding when it is killed (60 tokens could all end first)
+        reply = client.completions.create(prompt=f"request {i}", **{**GREEDY, "max_tokens": 1000})
         return reply.choices[0].text
 
     with ThreadPoolExecutor(12) as pool:
