@@ -8,23 +8,16 @@ AVX2 kernel), in a process that loads it instead (`PAGODA_TEST_CPU_LIBRARY`).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from other_build import rerun_under_x86_64_v3, use_requested_build
 from test_triton_attention import TOLERANCE, make_batch, reference_attention
 
-from pagoda import cpu_extension
 from pagoda.attention import cpu_kernels
 
-# a library of Pagoda's operators this process loads instead of this machine's own build
-LIBRARY_ENV = "PAGODA_TEST_CPU_LIBRARY"
-if os.environ.get(LIBRARY_ENV):
-    cpu_extension.library_path = lambda: Path(os.environ[LIBRARY_ENV])  # type: ignore[assignment]
+OTHER_BUILD = use_requested_build()  # this process runs the x86-64-v3 build's code (other_build.py)
 
 DECODES = ([1, 1, 1, 1, 1], [1, 17, 40, 33, 120])
 
@@ -273,12 +266,6 @@ def test_heads_wider_than_the_kernel_take_the_torch_path():
 def test_the_x86_64_v3_build_passes_these_tests_too() -> None:
     """The portable (AVX2) kernel, as an x86-64-v3 image builds it, on a machine whose own build runs the
     AVX-512 one; the same cached build as test_tiled_matmul's (one per checkout and machine)."""
-    if os.environ.get(LIBRARY_ENV) or "avx512f" not in Path("/proc/cpuinfo").read_text():
+    if OTHER_BUILD or "avx512f" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("the tests above ran the portable kernel")
-    native = cpu_extension.library_path()
-    library = cpu_extension.build("x86-64-v3", Path(tempfile.gettempdir()) / f"x86-64-v3{native.name}")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not v3_build"]
-    env = {**os.environ, LIBRARY_ENV: str(library)}
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    output = result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.returncode == 0 and " passed" in result.stdout and "failed" not in result.stdout, output
+    rerun_under_x86_64_v3(__file__)

@@ -9,12 +9,6 @@ that loads it instead (`PAGODA_TEST_CPU_LIBRARY`).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -22,6 +16,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as reference_dequantize
 from gguf.quants import quantize as reference_quantize
+from other_build import rerun_under_x86_64_v3, use_requested_build
 
 from pagoda import cpu_extension
 from pagoda.loader.checkpoint import QuantizedBlocks
@@ -30,16 +25,13 @@ from pagoda.quantization.cpu_kernels import CpuQuantizedWeight, TiledWeight, ker
 from pagoda.quantization.gguf_blocks import group_quantized_from_blocks
 from pagoda.quantization.grouped import GroupQuantized
 
-# a library of Pagoda's operators this process loads instead of this machine's own build
-LIBRARY_ENV = "PAGODA_TEST_CPU_LIBRARY"
-if os.environ.get(LIBRARY_ENV):
-    cpu_extension.library_path = lambda: Path(os.environ[LIBRARY_ENV])  # type: ignore[assignment]
+OTHER_BUILD = use_requested_build()  # this process runs the x86-64-v3 build's code (other_build.py)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built() -> None:
     assert cpu_extension.available(), "the C++ CPU kernels are not built: python -m pagoda.cpu_extension"
-    if os.environ.get(LIBRARY_ENV):
+    if OTHER_BUILD:
         assert torch.ops.pagoda.tiled_matmul_isa() == "avx2", "the x86-64-v3 build has its AVX2 kernel"
     if not cpu_kernels.tiled_kernel_built():
         pytest.skip("this build has neither AVX-512 VNNI nor AVX2: the engine keeps its other kernels")
@@ -173,12 +165,6 @@ def test_cpu_quantized_weight_keeps_one_layout() -> None:
 
 def test_the_x86_64_v3_build_passes_these_tests_too() -> None:
     """The AVX2 code, as an x86-64-v3 image builds it, on a machine whose own build runs the AVX-512 one."""
-    if os.environ.get(LIBRARY_ENV) or torch.ops.pagoda.tiled_matmul_isa() != "avx512vnni":
+    if OTHER_BUILD or torch.ops.pagoda.tiled_matmul_isa() != "avx512vnni":
         pytest.skip("the tests above ran this build's AVX2 code")
-    native = cpu_extension.library_path()  # (bench.step_profile --isa avx2 builds the same file)
-    library = cpu_extension.build("x86-64-v3", Path(tempfile.gettempdir()) / f"x86-64-v3{native.name}")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not v3_build"]
-    env = {**os.environ, LIBRARY_ENV: str(library)}
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    output = result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.returncode == 0 and " passed" in result.stdout and "skipped" not in result.stdout, output
+    rerun_under_x86_64_v3(__file__)
