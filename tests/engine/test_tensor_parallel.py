@@ -63,7 +63,10 @@ def child_pids() -> set[int]:
     helper once per process, with the first spawned process, and keeps it until exit."""
     pids: set[int] = set()
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        pids |= {int(p) for p in (task / "children").read_text().split()}
+        try:
+            pids |= {int(p) for p in (task / "children").read_text().split()}
+        except FileNotFoundError:  # a thread that ended since the listing (torch's, the tokenizer's)
+            continue
     return {p for p in pids if is_alive(p) and b"resource_tracker" not in _cmdline(p)}
 
 
