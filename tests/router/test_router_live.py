@@ -121,8 +121,9 @@ def test_an_engine_with_a_full_kv_cache_gets_no_prefix_traffic(
 
     def keep_busy() -> None:  # a's KV cache in use all the time: two streams, one after the other
         client = a.client(timeout=60)
+        # long streams: two short ones ending in step could both be between streams at the router's scrape
         while not stop.is_set():
-            for _ in client.completions.create(prompt="busy", stream=True, **{**GREEDY, "max_tokens": 200}):
+            for _ in client.completions.create(prompt="busy", stream=True, **{**GREEDY, "max_tokens": 3000}):
                 pass
 
     def ask_all() -> None:
