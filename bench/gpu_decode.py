@@ -2,8 +2,9 @@
 
 The model has Llama 3 8B's shape (32 layers, hidden 4096, 32 query / 8 KV heads, intermediate 14336, vocab
 128256, untied head) and random bfloat16 weights (`load_format="dummy"`: no hub access). One request with a
-128-token prompt decodes greedily with the engine's defaults (CUDA graphs); the time per output token is
-the difference between a long and a one-token generation, over the extra tokens.
+128-token prompt decodes greedily with the engine's defaults (CUDA graphs, asynchronous scheduling); the time
+per output token is the difference between a long and a one-token generation, over the extra tokens. The
+same engine without asynchronous scheduling runs alternately with it, as the baseline.
 
 The bound: every decode step reads each weight once (the embedding table excepted: one row) and the
 sequence's K/V, at the bandwidth a large device-to-device copy reaches on this card (bytes read + written
@@ -100,10 +101,22 @@ def main() -> None:
         assert len(out[0].outputs[0].token_ids) == n
         return time.perf_counter() - t0
 
+    runner = llm.engine.runner
+    run_ahead = runner.run_ahead  # asynchronous scheduling (on by default with CUDA graphs)
+
+    def time_per_token(asynchronous: bool) -> float:
+        runner.run_ahead = run_ahead if asynchronous else None
+        return (generate(1 + args.tokens) - generate(1)) / args.tokens
+
     generate(16)  # warm-up
-    per_token = statistics.median(
-        (generate(1 + args.tokens) - generate(1)) / args.tokens for _ in range(args.repeats)
-    )
+    # the same engine with and without asynchronous scheduling, alternated
+    times: dict[bool, list[float]] = {True: [], False: []}
+    modes = [True, False] if run_ahead is not None else [False]
+    for _ in range(args.repeats):
+        for asynchronous in modes:
+            times[asynchronous].append(time_per_token(asynchronous))
+    runner.run_ahead = run_ahead
+    per_token = statistics.median(times[run_ahead is not None])
     model = llm.engine.runner.model
     step_bytes = bytes_per_step(model, PROMPT_TOKENS + args.tokens // 2, LLAMA3_8B)
     bound = step_bytes / bandwidth
@@ -120,7 +133,11 @@ def main() -> None:
         "bound_ms_per_token": bound * 1e3,
         "achieved_bandwidth_gb_s": step_bytes / per_token / 1e9,
         "fraction_of_bound": bound / per_token,
+        "async_scheduling": run_ahead is not None,
     }
+    if times[False] and run_ahead is not None:
+        synchronous = statistics.median(times[False])
+        result |= {"sync_ms_per_token": synchronous * 1e3, "sync_fraction_of_bound": bound / synchronous}
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

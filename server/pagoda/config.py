@@ -137,6 +137,13 @@ class EngineConfig:
         "cost grows with the rows; 2 more bytes per weight in bfloat16. Default: on for GGUF files of up "
         "to 512 MiB (the copy takes about 4x the file), off above.",
     )
+    async_scheduling: bool | None = option(
+        None,
+        "Launch each decode step on the device before the host has read the last step's tokens, so the GPU "
+        "does not wait for sampling, scheduling and detokenizing between steps (vLLM's flag); a guess that "
+        "the batch does not change, dropped when it does. Not with speculative decoding or tensor "
+        "parallelism. Default: on where decode steps run as CUDA graphs.",
+    )
     seed: int = option(0, "Random seed of the engine. Default: %(default)s.")
     # vLLM's dict, or its JSON text
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = option(
@@ -151,6 +158,8 @@ class EngineConfig:
         self.speculative_config = spec = SpeculativeConfig.parse(self.speculative_config)
         if spec is not None and spec.method == "draft_model" and self.tensor_parallel_size > 1:
             raise ValueError("speculative_config: draft_model does not support tensor_parallel_size > 1")
+        if self.async_scheduling and (spec is not None or self.tensor_parallel_size > 1):
+            raise ValueError("async_scheduling supports neither speculative decoding nor tensor parallelism")
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None or value == f.default:

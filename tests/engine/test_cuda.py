@@ -239,6 +239,7 @@ def test_engine_on_cuda_equals_transformers(arch: str, model_dirs: dict[str, Pat
     assert stats.prefix_cache_hits > 0 and stats.kv_cache_usage == 0.0
     if llm.engine.runner.model.supports_cuda_graphs:
         assert llm.engine.runner.graphs.replays > 0  # decode steps ran as CUDA graphs
+        assert llm.engine.runner.run_ahead.num_taken > 0  # asynchronous scheduling, on with them
     else:  # MoE routing / torch-backend attention (sinks, MLA) run eagerly
         assert llm.engine.runner.graphs is None
 
@@ -258,6 +259,31 @@ def test_cuda_graphs_equal_eager_steps(model_dirs: dict[str, Path]) -> None:
         outputs[eager] = [o.outputs[0].token_ids for o in result]
     assert outputs[False] == outputs[True]
     assert llm.engine.runner.graphs.sizes == [1, 2, 4, 8, 16, 20]
+
+
+def test_async_scheduling_on_cuda_equals_transformers(model_dirs: dict[str, Path]) -> None:
+    # 13 sequences ending at different steps, two of them on a stop token the host sees a step late: the
+    # guessed steps keep the others' rows, and the graphs' batch sizes shrink as sequences end
+    rng = random.Random(4)
+    batch = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 60))] for _ in range(13)]
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(13)]
+    reference = load_reference_model(model_dirs["llama"])
+    want = [reference_greedy(reference, p, sp.max_tokens)[0] for p, sp in zip(batch, params)]
+    for i in (2, 7):
+        stop = want[i][3]
+        params[i] = replace(params[i], stop_token_ids=[stop])
+        want[i] = want[i][: want[i].index(stop) + 1]
+    llm = LLM(model=str(model_dirs["llama"]), device="cuda", dtype="float32", max_model_len=128,
+              max_num_seqs=20)
+    run_ahead = llm.engine.runner.run_ahead
+    assert run_ahead is not None  # on by default with CUDA graphs
+    result = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in result] == want
+    assert run_ahead.num_taken > 20 and llm.engine.get_stats().kv_cache_usage == 0.0
+    # unseeded sampling on the device runs ahead too
+    sampled = llm.generate(["hello"], SamplingParams(temperature=1.0, top_p=0.9, n=4, max_tokens=24,
+                                                     ignore_eos=True), use_tqdm=False)
+    assert [len(c.token_ids) for c in sampled[0].outputs] == [24] * 4
 
 
 @pytest.mark.parametrize(

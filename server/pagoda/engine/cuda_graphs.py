@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pagoda.attention.metadata import AttentionMetadata, attention_metadata
-from pagoda.engine.step_inputs import padded_tables
+from pagoda.engine.step_inputs import StepInputs, padded_tables
 
 logger = logging.getLogger(__name__)
 
@@ -85,27 +85,21 @@ class DecodeGraphs:
             and max(map(len, block_tables)) <= self.max_blocks
         )
 
-    def forward(
-        self,
-        input_ids: list[int],
-        positions: list[int],
-        slots: list[int],
-        seq_lens: list[int],
-        block_tables: list[list[int]],
-    ) -> torch.Tensor:
-        """Hidden states [n, hidden] of a decode step of n sequences."""
-        n = len(input_ids)
+    def forward(self, inputs: StepInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [n, hidden] of a decode step of n sequences; `input_ids` on the device, if given,
+        replace `inputs.input_ids` (asynchronous scheduling feeds a step the last one's samples)."""
+        n = len(inputs.positions)
         size = next(s for s in self.sizes if s >= n)
         # every input in one host array and one copy to the device (numpy fills it without torch.tensor's
         # per-element checks); the buffers then take their slices, cast on the device
-        tables = padded_tables(block_tables, np.int64)
+        tables = padded_tables(inputs.block_tables, np.int64)
         width = tables.shape[1]
         staged: np.ndarray = np.empty(4 * n + n * width, dtype=np.int64)
-        for i, values in enumerate((input_ids, positions, slots, seq_lens)):
+        for i, values in enumerate((inputs.input_ids, inputs.positions, inputs.slots, inputs.seq_lens)):
             staged[i * n : (i + 1) * n] = values
         staged[4 * n :] = tables.reshape(-1)
         on_device = torch.from_numpy(staged).pin_memory().to(self.input_ids.device, non_blocking=True)
-        self.input_ids[:n].copy_(on_device[:n])
+        self.input_ids[:n].copy_(on_device[:n] if input_ids is None else input_ids)
         self.positions[:n].copy_(on_device[n : 2 * n])
         self.slot_mapping[:n].copy_(on_device[2 * n : 3 * n])
         self.slot_mapping[n:size].fill_(-1)

@@ -94,7 +94,8 @@ class LLMEngine:
         )
         lookahead = self.spec_decoder.lookahead if self.spec_decoder is not None else None
         self.scheduler = Scheduler(
-            self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens, lookahead
+            self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens, lookahead,
+            reserve_next_slot=self.runner.run_ahead is not None,
         )
 
     @property

@@ -21,7 +21,9 @@ from pagoda.distributed.workers import TensorParallelWorkers
 from pagoda.engine.cpu_threads import fit_torch_threads
 from pagoda.engine.cuda_graphs import DecodeGraphs
 from pagoda.engine.precision import resolve_dense_copy, resolve_dtype, resolve_quantization
+from pagoda.engine.run_ahead import RunAhead, SampledStep
 from pagoda.engine.scheduler import ScheduledSequence
+from pagoda.engine.sequence import Sequence
 from pagoda.engine.spec_decode.rejection_sampler import Emitted, verify
 from pagoda.engine.step_inputs import PromptScoring, StepInputs, build_step_inputs, padded_tables
 from pagoda.layers.attention import Attention
@@ -86,6 +88,7 @@ class ModelRunner:
         self._allocate_kv_cache(self.num_blocks)
         self.graphs = self._capture_decode_graphs()
         self.sampler = Sampler(checkpoint.eos_token_ids)
+        self.run_ahead = RunAhead(self._forward_and_pick, self.block_size) if self._runs_ahead() else None
         if workers is not None:
             workers.wait_until_ready()
 
@@ -127,6 +130,14 @@ class ModelRunner:
         )
         graphs.capture()
         return graphs
+
+    def _runs_ahead(self) -> bool:
+        """Asynchronous scheduling: by default where decode steps replay CUDA graphs, where the GPU would
+        otherwise wait for the host between them. Never with other ranks or proposals to verify."""
+        if self.workers is not None or self.config.speculative_config is not None:
+            return False
+        chosen = self.config.async_scheduling
+        return chosen if chosen is not None else self.graphs is not None
 
     def _profile_free_gpu_memory(self) -> int:
         """Bytes left for the KV cache after weights and the peak activations of the largest step."""
@@ -197,29 +208,45 @@ class ModelRunner:
     def execute(self, batch: list[ScheduledSequence]) -> list[Emitted]:
         """Forward the batch's new tokens; for each sequence whose whole context is now computed, the
         tokens it emits: one sample, or with proposals to verify, the accepted ones and one more."""
-        inputs, scorings = build_step_inputs(batch, self.block_size)
-        logits = self.run(inputs) if self.workers is None else self.workers.run_step(self.run, inputs)
-        num_scored = self._record_prompt_logprobs(scorings, logits)
-        sampling = [item for item in batch if item.samples]
-        if not sampling:
-            return []
-        if any(item.num_spec_tokens for item in sampling):
-            return verify(self.sampler, logits[num_scored:], sampling)
-        out = self.sampler.sample(logits[num_scored:], [item.seq for item in sampling])
-        return [([token], [logprobs]) for token, logprobs in zip(out.token_ids, out.logprobs, strict=True)]
+        ahead = self.run_ahead
+        sampled = ahead.take(batch) if ahead is not None else None
+        guess_rows = ahead.rows_to_guess(batch) if ahead is not None else None
+        if sampled is None:
+            inputs, scorings = build_step_inputs(batch, self.block_size)
+            logits = self.run(inputs) if self.workers is None else self.workers.run_step(self.run, inputs)
+            num_scored = self._record_prompt_logprobs(scorings, logits)
+            sampling = [item for item in batch if item.samples]
+            if not sampling:
+                return []
+            if any(item.num_spec_tokens for item in sampling):
+                return verify(self.sampler, logits[num_scored:], sampling)
+            seqs = [item.seq for item in sampling]
+            if guess_rows is None:
+                out = self.sampler.sample(logits[num_scored:], seqs)
+                return [([t], [logprobs]) for t, logprobs in zip(out.token_ids, out.logprobs, strict=True)]
+            sampled = SampledStep.start(seqs, self.sampler.pick(logits[num_scored:], seqs))
+        if ahead is not None and guess_rows is not None:
+            ahead.launch_next(batch, sampled, guess_rows)  # before this step's tokens reach the host
+        return sampled.emitted()
+
+    def _forward_and_pick(
+        self, inputs: StepInputs, input_ids: torch.Tensor, seqs: list[Sequence]
+    ) -> torch.Tensor:
+        logits = self.run(inputs, input_ids)
+        assert logits is not None  # a decode step samples every row
+        return self.sampler.pick(logits, seqs)
 
     @torch.inference_mode()
-    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+    def run(self, inputs: StepInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """The forward every rank runs. Returns the logits of `inputs.logit_rows` on rank 0 (None when there
-        are none), None on the other ranks."""
+        are none), None on the other ranks. `input_ids` (on the device) stand for `inputs.input_ids`."""
         if self.graphs is not None and self.graphs.fits(inputs.query_lens, inputs.block_tables):
-            hidden = self.graphs.forward(
-                inputs.input_ids, inputs.positions, inputs.slots, inputs.seq_lens, inputs.block_tables
-            )
+            hidden = self.graphs.forward(inputs, input_ids)
         else:
             md = self._metadata(inputs.slots, inputs.query_lens, inputs.seq_lens, inputs.block_tables)
             with attention_metadata(md):
-                input_ids = self._to_device(inputs.input_ids, torch.long)
+                if input_ids is None:
+                    input_ids = self._to_device(inputs.input_ids, torch.long)
                 hidden = self.model(input_ids, self._to_device(inputs.positions, torch.long))
         rows = inputs.logit_rows
         if not rows:

@@ -43,10 +43,14 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         lookahead: Callable[[Sequence], int] | None = None,
+        reserve_next_slot: bool = False,
     ) -> None:
-        """`lookahead(seq)`: how many tokens a running sequence proposes this step (speculative decoding)."""
+        """`lookahead(seq)`: how many tokens a running sequence proposes this step (speculative decoding).
+        `reserve_next_slot`: also hold the slot of each sequence's next token where the pool has room, for
+        asynchronous scheduling, which launches the next decode before this step's tokens are seen."""
         self.block_manager = block_manager
         self.lookahead = lookahead or (lambda seq: 0)
+        self.reserve_next_slot = reserve_next_slot
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -69,7 +73,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens + self.lookahead(seq), budget)
-            while not self.block_manager.allocate(seq, num_new):
+            while not self._allocate(seq, num_new):
                 victim = self.running[-1]  # newest first: it has the least work to redo
                 self._preempt(victim)
                 preempted = True
@@ -85,7 +89,7 @@ class Scheduler:
             seq = self._next_waiting()
             cached = self.block_manager.cached_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
-            if not self.block_manager.allocate(seq, num_new, cached):
+            if not self._allocate(seq, num_new, cached):
                 break
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
@@ -93,6 +97,12 @@ class Scheduler:
             scheduled.append(ScheduledSequence.of(seq, num_new))
             budget -= num_new
         return scheduled
+
+    def _allocate(self, seq: Sequence, num_new: int, cached: list[int] | None = None) -> bool:
+        allocate = self.block_manager.allocate
+        if self.reserve_next_slot and allocate(seq, num_new + 1, cached):
+            return True
+        return allocate(seq, num_new, cached)
 
     def _next_waiting(self) -> Sequence:
         """The first waiting sequence of the request with the fewest running sequences."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,10 +45,14 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """Pick one token for each row of `logits` [B, V]; row b belongs to seqs[b]."""
         logits = logits.float()
-        processed = self.penalised_logits(logits, seqs)
-        token_ids = sample_constrained(self._pick, processed, seqs)
+        token_ids = self.pick(logits, seqs)
         token_list = token_ids.tolist()
         return SamplerOutput(token_list, self._sampled_logprobs(logits, token_ids, token_list, seqs))
+
+    @torch.inference_mode()
+    def pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The tokens alone, left on the logits' device (`sample` without reading them or their logprobs)."""
+        return sample_constrained(self._pick, self.penalised_logits(logits.float(), seqs), seqs)
 
     def _pick(self, processed: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         if all(seq.params.greedy for seq in seqs):
@@ -103,7 +108,7 @@ class Sampler:
         generators = [None if seq.params.greedy else seq.generator for seq in seqs]
         token_ids = exponential_race(warped_probs(logits, params), generators)
         if greedy_tokens is not None:
-            token_ids = torch.where(torch.tensor(greedy, device=logits.device), greedy_tokens, token_ids)
+            token_ids = torch.where(device_tensor(greedy, logits.device), greedy_tokens, token_ids)
         return token_ids
 
     @staticmethod
@@ -130,6 +135,13 @@ class Sampler:
             k = seqs[row].params.logprobs or 0
             result[row] = _trim_top(entry, k, token_list[row])
         return result
+
+
+def device_tensor(values: list[Any], device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`torch.tensor(values)` on `device`, copied from pinned memory without waiting: a copy from pageable
+    memory waits for the device's stream, which asynchronous scheduling keeps busy with the next step."""
+    tensor = torch.tensor(values, dtype=dtype)
+    return tensor if device.type == "cpu" else tensor.pin_memory().to(device, non_blocking=True)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +218,7 @@ def _trim_top(entry: dict[int, float], k: int, token: int) -> dict[int, float]:
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """A per-row parameter as a [B, 1] column on the logits' device."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+    return device_tensor(values, like.device, like.dtype)[:, None]
 
 
 def _padded_ids(token_lists: SequenceOf[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -242,14 +254,14 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     if not rows:
         return logits
     vocab_size = logits.shape[-1]
-    index = torch.tensor(rows, device=logits.device)
+    index = device_tensor(rows, logits.device)
     row_k = [min(top_k[r] or vocab_size, vocab_size) for r in rows]
-    k = torch.tensor(row_k, device=logits.device)
+    k = device_tensor(row_k, logits.device)
     subset = logits[index]
     if all(top_p[r] >= 1.0 for r in rows):
         subset = _top_k(subset, k, max(row_k))
     else:
-        p = torch.tensor([top_p[r] for r in rows], dtype=logits.dtype, device=logits.device)
+        p = device_tensor([top_p[r] for r in rows], logits.device, logits.dtype)
         largest_k = max((kk for kk in row_k if kk < vocab_size), default=0)
         subset = _top_k_top_p(subset, k, p, min(max(NUCLEUS_CANDIDATES, largest_k), vocab_size))
     if len(rows) == logits.shape[0]:

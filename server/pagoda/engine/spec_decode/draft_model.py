@@ -41,7 +41,7 @@ class DraftModelProposer:
             )
         draft_config = dataclasses.replace(
             config, model=model, tokenizer=None, quantization=None, num_gpu_blocks_override=num_blocks,
-            speculative_config=None,
+            speculative_config=None, async_scheduling=False,
         )
         self.runner = ModelRunner(draft_config, checkpoint, max_model_len)
 
