@@ -400,6 +400,28 @@ def test_compiled_add_rms_norm_matches_the_torch_add_and_layer(monkeypatch, dtyp
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 300])
+def test_compiled_rotate_and_write_kv_equals_the_rotation_then_write_kv(dtype, rows):
+    from pagoda.attention import triton_backend
+    from pagoda.layers import triton_ops
+    from pagoda.layers.rotary import RopeConfig, RotaryEmbedding
+
+    rope = RotaryEmbedding(RopeConfig(500000.0, 128, "llama3", factor=8.0)).to(CUDA)
+    positions = torch.randint(0, 8000, (rows,), device=CUDA)
+    qkv = torch.randn(rows, 48 * 128, device=CUDA).to(dtype)  # Llama-3-8B: 32 query, 8 key, 8 value heads
+    caches = [torch.randn(40, 16, 8, 128, device=CUDA).to(dtype) for _ in range(2)]
+    caches += [cache.clone() for cache in caches]
+    slots = torch.randperm(640, device=CUDA)[:rows]
+    slots[0] = -1  # padding: written nowhere
+    cos, signed_sin = rope.cos_sin(positions, dtype)
+    want = triton_ops.rotate(qkv[:, : 40 * 128].view(rows, 40, 128), cos, signed_sin)
+    triton_backend.write_kv(want[:, 32:], qkv[:, 40 * 128 :].view(rows, 8, 128), caches[0], caches[1], slots)
+    got = triton_ops.rotate_and_write_kv(qkv, 32, cos, signed_sin, caches[2], caches[3], slots)
+    assert torch.equal(got, want)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 300])
 def test_compiled_rotary_equals_the_torch_rotation(monkeypatch, dtype, rows):
     from pagoda.layers.rotary import RopeConfig, RotaryEmbedding
 

@@ -15,6 +15,7 @@ from types import ModuleType
 import pytest
 import torch
 
+from pagoda.attention import torch_backend
 from pagoda.layers.activation import GatedActivation
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RopeConfig, RotaryEmbedding
@@ -121,6 +122,37 @@ def test_rotary_equals_the_torch_rotation(ops, dtype, tokens, num_heads, num_kv_
     if rotary_dim < head_dim:
         got = torch.cat((got, heads[..., rotary_dim:]), dim=-1)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("tokens", "num_heads", "num_kv_heads", "head_dim"), [(1, 32, 8, 128), (7, 14, 2, 64), (5, 4, 1, 96)],
+    ids=["llama3-decode", "qwen2-prefill", "head-dim-96"],
+)
+def test_rotate_and_write_kv_equals_the_rotation_then_the_cache_writes(
+    ops, dtype, tokens, num_heads, num_kv_heads, head_dim
+):
+    rope = RotaryEmbedding(RopeConfig(theta=500000.0, rotary_dim=head_dim, scaling="llama3", factor=8.0))
+    gen = torch.Generator().manual_seed(tokens)
+    positions = torch.randint(0, 5000, (tokens,), generator=gen)
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype)
+    width = (num_heads + num_kv_heads) * head_dim
+    caches = [torch.randn(6, 4, num_kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2)]
+    caches += [cache.clone() for cache in caches]
+    slots = torch.randperm(24, generator=gen)[:tokens]
+    slots[0] = -1  # a padding row: written nowhere
+    # the general path: the torch rotation, then the torch backend's cache writes
+    want = rope(positions, qkv[:, :width].view(tokens, -1, head_dim))
+    value = qkv[:, width:].view(tokens, num_kv_heads, head_dim)
+    torch_backend.write_kv(want[:, num_heads:], value, caches[0], caches[1], slots)
+    cos, signed_sin = rope.cos_sin(positions, dtype)
+    got = ops.rotate_and_write_kv(qkv, num_heads, cos, signed_sin, caches[2], caches[3], slots)
+    assert torch.equal(got, want)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    # what it does not read: another cache dtype, a qkv of the wrong width
+    fused = ops.rotate_and_write_kv
+    assert fused(qkv, num_heads, cos, signed_sin, caches[2].double(), caches[3], slots) is None
+    assert fused(qkv[:, 1:], num_heads, cos, signed_sin, caches[2], caches[3], slots) is None
 
 
 def test_rotary_declines_what_it_does_not_read(ops):

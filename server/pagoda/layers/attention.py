@@ -57,10 +57,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor | None:
         """A CPU decode step's attention from the fused projection's output qkv [N, (H + 2 Hkv) * D]: q and
         k rotated in place, k and v written into the cache, attention -> [N, H * D], in one C++ call that
-        chains the ops `rotary_emb.rotate_` and `forward` call, without the views between them. None where
-        that does not apply (prefill chunks, another device or cache dtype, no built library): the caller
-        takes the general path. No attention sinks here (the caller knows)."""
-        if not self._fused_serves(qkv):  # (first: a GPU's layer returns here, before any lookup)
+        chains the ops `rotary_emb.rotate_` and `forward` call, without the views between them; on CUDA, the
+        rotation and the cache writes in one Triton launch, then the attention. None where that does not
+        apply (CPU prefill chunks, partial rotary, an fp8 cache, no built library): the caller takes the
+        general path. No attention sinks here (the caller knows)."""
+        if qkv.is_cuda:
+            return self._rope_attention_triton(qkv, rotary_emb, positions)
+        if not self._fused_serves(qkv):
             return None
         md = get_attention_metadata()
         if not cpu_kernels.serves(md.max_query_len, self.head_dim):
@@ -71,6 +74,33 @@ class Attention(nn.Module):
             md.block_tables, md.seq_lens, self.num_heads, self.scale, self.sliding_window or 0,
             self.softcap or 0.0,
         )  # fmt: skip
+
+    def _rope_attention_triton(
+        self, qkv: torch.Tensor, rotary_emb: RotaryEmbedding, positions: torch.Tensor
+    ) -> torch.Tensor | None:
+        if is_fp8(self.k_cache) or rotary_emb.rotary_dim != self.head_dim:
+            return None
+        if self._backend is None:
+            self._backend = get_backend(qkv.device)
+        if self._backend is torch_backend:
+            return None
+        from pagoda.layers import triton_ops
+
+        md = get_attention_metadata()
+        cos, signed_sin = rotary_emb.cos_sin(positions, qkv.dtype)
+        qk = triton_ops.rotate_and_write_kv(
+            qkv, self.num_heads, cos, signed_sin, self.k_cache, self.v_cache, md.slot_mapping
+        )
+        if qk is None:
+            return None
+        query, key = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        value = qkv[:, (self.num_heads + self.num_kv_heads) * self.head_dim :].view(-1, self.num_kv_heads,
+                                                                                   self.head_dim)
+        out = self._backend.paged_attention(
+            query, self.k_cache, self.v_cache, md, self.scale, self.sliding_window, self.softcap,
+            new_kv=(key, value),
+        )
+        return out.view(-1, self.num_heads * self.head_dim)
 
     def _fused_serves(self, qkv: torch.Tensor) -> bool:
         # the cache's properties are checked once per cache (the runner assigns it once), qkv's each step

@@ -199,3 +199,86 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
         dim, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **_LAUNCH,
     )
     return out
+
+
+@triton.jit
+def _rotate_write_kv_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_q_heads, num_kv_heads,
+    stride_t, stride_ct, stride_st, stride_kc_slot, stride_vc_slot, dim,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NUM_QK_BLOCKS: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head_block = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    slot = tl.load(slot_ptr + token)
+    # the token's cache row (< 0: a padding row, written nowhere): in a contiguous cache the rows of a block
+    # follow each other, so block * block_size + offset = slot rows from the start
+    if head_block >= NUM_QK_BLOCKS:  # value heads: copied into the cache as they are
+        heads = (head_block - NUM_QK_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = (heads[:, None] < num_kv_heads) & col_mask[None, :]
+        v = tl.load(qkv_ptr + token * stride_t + (num_q_heads + num_kv_heads + heads[:, None]) * dim
+                    + cols[None, :], mask=mask, other=0.0)
+        if slot >= 0:
+            tl.store(v_cache_ptr + slot * stride_vc_slot + heads[:, None] * dim + cols[None, :], v, mask=mask)
+        return
+    heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    half = dim // 2
+    rolled = tl.where(cols < half, cols + half, cols - half)
+    mask = (heads[:, None] < num_q_heads + num_kv_heads) & col_mask[None, :]
+    row = qkv_ptr + token * stride_t + heads[:, None] * dim
+    x = tl.load(row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_rolled = tl.load(row + rolled[None, :], mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + token * stride_ct + cols, mask=col_mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * stride_st + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    # as _rotate_kernel: each product rounded to the dtype, then their sum
+    y = _round(_round(x * cos[None, :], dtype) + _round(x_rolled * sin[None, :], dtype), dtype).to(dtype)
+    tl.store(out_ptr + token * (num_q_heads + num_kv_heads) * dim + heads[:, None] * dim + cols[None, :], y,
+             mask=mask)
+    is_key = (heads[:, None] >= num_q_heads) & mask
+    if slot >= 0:
+        key_heads = heads[:, None] - num_q_heads
+        tl.store(k_cache_ptr + slot * stride_kc_slot + key_heads * dim + cols[None, :], y, mask=is_key)
+
+
+def rotate_and_write_kv(
+    qkv: torch.Tensor,
+    num_q_heads: int,
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor | None:
+    """From a fused projection's output qkv [N, (H + 2 Hkv) * D]: q and k heads rotated as `rotate` rotates
+    them, into a new [N, H + Hkv, D]; k (rotated) and v written into the caches [blocks, block_size, Hkv, D]
+    at `slot_mapping` (< 0: nowhere), as the attention backend's write_kv writes them. One launch for what
+    takes two. None for any other layout or dtype."""
+    tokens = qkv.shape[0]
+    num_kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
+    num_qk = num_q_heads + num_kv_heads
+    if (
+        qkv.dim() != 2
+        or qkv.stride(1) != 1
+        or qkv.shape[1] != (num_qk + num_kv_heads) * dim
+        or dim % 2
+        or dim > _MAX_DIM
+        or not qkv.dtype == cos.dtype == signed_sin.dtype == k_cache.dtype == v_cache.dtype
+        or any(t.shape != (tokens, 1, dim) or t.stride(-1) != 1 for t in (cos, signed_sin))
+        or not all(c.is_contiguous() for c in (k_cache, v_cache))
+    ):
+        return None
+    out = torch.empty(tokens, num_qk, dim, dtype=qkv.dtype, device=qkv.device)
+    if tokens == 0:
+        return out
+    block_d = triton.next_power_of_2(dim)
+    block_h = max(1, min(triton.next_power_of_2(num_qk), 2048 // block_d))
+    num_qk_blocks = triton.cdiv(num_qk, block_h)
+    grid = (tokens, num_qk_blocks + triton.cdiv(num_kv_heads, block_h))
+    _rotate_write_kv_kernel[grid](
+        qkv, cos, signed_sin, out, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, qkv.stride(0),
+        cos.stride(0), signed_sin.stride(0), k_cache.stride(1), v_cache.stride(1), dim,
+        BLOCK_H=block_h, BLOCK_D=block_d, NUM_QK_BLOCKS=num_qk_blocks, num_warps=4, **_LAUNCH,
+    )
+    return out

@@ -67,7 +67,7 @@ class DecoderAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         # (submodules' forward, not __call__, on the decoder's hot path: no hooks, ~1 us less a call)
         qkv = self.qkv_proj.forward(hidden)
-        if self.plain_heads:  # a CPU decode step: the rest of the attention in one C++ call
+        if self.plain_heads:  # rotary, cache writes and attention fused where a kernel serves the step
             out = self.attn.rope_attention(qkv, self.rotary_emb, positions)
             if out is not None:
                 return self.o_proj.forward(out)
