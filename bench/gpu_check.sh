@@ -43,7 +43,7 @@ fi
 if has decode; then
   step decode
   # DECODE_PROFILE=N: also the kernels' device time per token over an N-token generation
-  timeout 150 python3 -m bench.gpu_decode --out "$OUT/gpu-decode.json" ${DECODE_PROFILE:+--profile "$DECODE_PROFILE"} \
+  timeout 150 python3 -m bench.gpu_decode --repeats "${DECODE_REPEATS:-3}" --out "$OUT/gpu-decode.json" ${DECODE_PROFILE:+--profile "$DECODE_PROFILE"} \
     2>&1 | tail -45
 fi
 if has host && [ -f bench/host_overhead.py ]; then
