@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagoda import cpu_extension
 from pagoda.engine.sequence import Sequence
 from pagoda.sampling_params import SamplingParams
 from pagoda.structured_outputs.bitmask import sample_constrained
@@ -135,10 +136,14 @@ class Sampler:
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """Each row's argmax of `x` [B, V]: the first index of its maximum, a NaN counting as the largest,
     exactly as `torch.argmax`. On the CPU torch's argmax is a scalar loop (7.8 ms for 32 rows of 49k
-    logits), while a max is vectorised: so the first 128-column chunk holding the row's maximum is found
-    from the chunks' maxima, then the column within it (0.7 ms)."""
+    logits): the C++ operator reads each row once (0.34 ms); without it, the first 128-column chunk holding
+    the row's maximum is found from the chunks' maxima, then the column within it (0.5-0.7 ms)."""
     rows, cols = x.shape
-    if x.device.type != "cpu" or cols % ARGMAX_CHUNK or not x.is_contiguous():
+    if x.device.type != "cpu" or not x.is_contiguous():
+        return x.argmax(dim=-1)
+    if cpu_extension.available() and x.dtype in (torch.float32, torch.bfloat16) and cols:
+        return torch.ops.pagoda.argmax_rows(x)
+    if cols % ARGMAX_CHUNK:
         return x.argmax(dim=-1)
     chunk = x.view(rows, cols // ARGMAX_CHUNK, ARGMAX_CHUNK).amax(dim=-1).argmax(dim=-1)
     columns = chunk[:, None] * ARGMAX_CHUNK + torch.arange(ARGMAX_CHUNK)
