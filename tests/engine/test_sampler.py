@@ -292,6 +292,20 @@ def test_cpu_argmax_is_torch_argmax_ties_nan_and_inf_included(
     assert torch.equal(argmax(logits), logits.argmax(dim=-1))
 
 
+
+def test_greedy_rows_take_the_argmax_of_half_precision_logits_as_of_their_float32_cast() -> None:
+    # the LM head's bfloat16 logits: plain greedy batches skip the cast, any other row takes the float32 path
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 1000) * 4).to(torch.bfloat16)  # coarse: many ties between columns
+    logits[1, 10] = float("nan")
+    sampler = Sampler([EOS])
+    plain = [make_seq([1, 2], temperature=0.0) for _ in range(4)]
+    assert sampler.sample(logits, plain).token_ids == logits.float().argmax(dim=-1).tolist()
+    mixed = [*plain[:3], make_seq([1, 2], temperature=0.0, repetition_penalty=2.0, logprobs=2)]
+    got = sampler.sample(logits, mixed)
+    want = sampler.sample(logits.float(), mixed)
+    assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
+
 def test_the_x86_64_v3_build_passes_these_tests_too() -> None:
     """The argmax operator as an x86-64-v3 image builds it (AVX2 vectors), on a machine whose own build has
     AVX-512; the same cached build as test_cpu_kernels'."""

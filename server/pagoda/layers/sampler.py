@@ -44,6 +44,9 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """Pick one token for each row of `logits` [B, V]; row b belongs to seqs[b]."""
+        if logits.dtype != torch.float32 and all(_plain_greedy(seq) for seq in seqs):
+            # each row's argmax, which the float32 cast (exact) would not change: read as the head wrote them
+            return SamplerOutput(argmax(logits).tolist(), [None] * len(seqs))
         logits = logits.float()
         processed = self.penalised_logits(logits, seqs)
         token_ids = sample_constrained(self._pick, processed, seqs)
@@ -131,6 +134,22 @@ class Sampler:
             k = seqs[row].params.logprobs or 0
             result[row] = _trim_top(entry, k, token_list[row])
         return result
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    """Whether the row's token is the argmax of its raw logits: greedy, no filters, penalties, min_tokens,
+    grammar or logprobs."""
+    params = seq.params
+    return (
+        params.greedy
+        and not (params.logit_bias or params.allowed_token_ids or params.bad_words_token_ids)
+        and params.repetition_penalty == 1.0
+        and params.frequency_penalty == 0.0
+        and params.presence_penalty == 0.0
+        and params.min_tokens == 0
+        and params.logprobs is None
+        and seq.matcher is None
+    )
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
