@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
+from other_build import rerun_under_x86_64_v3, use_requested_build
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -15,6 +17,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from pagoda import cpu_extension
 from pagoda.engine.sequence import Sequence
 from pagoda.layers import sampler as sampler_module
 from pagoda.layers.sampler import (
@@ -24,6 +27,8 @@ from pagoda.layers.sampler import (
     argmax,
 )
 from pagoda.sampling_params import SamplingParams
+
+OTHER_BUILD = use_requested_build()  # this process runs the x86-64-v3 build's code (other_build.py)
 
 EOS = 2
 VOCAB = 64
@@ -259,14 +264,51 @@ def test_prompt_logprobs_score_each_next_prompt_token() -> None:
         assert len(entry) == (2 if token in entry and list(entry).index(token) < 2 else 3)
 
 
-@pytest.mark.parametrize("vocab_size", [384, 49152, 1000])  # 1000: not in 128-column chunks
-def test_cpu_argmax_is_torch_argmax_ties_nan_and_inf_included(vocab_size: int) -> None:
+@pytest.mark.parametrize("vocab_size", [384, 49152, 1000, 2049, 17])  # 1000: not in 128-column chunks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("built", [True, False], ids=["cpp", "torch"])
+def test_cpu_argmax_is_torch_argmax_ties_nan_and_inf_included(
+    monkeypatch: pytest.MonkeyPatch, vocab_size: int, dtype: torch.dtype, built: bool
+) -> None:
+    # the C++ operator where the library is built (make install builds it), the chunked torch ops without it
+    assert cpu_extension.available(), "the C++ CPU operators are not built: python -m pagoda.cpu_extension"
+    if not built:
+        monkeypatch.setattr(cpu_extension, "available", lambda: False)
     torch.manual_seed(0)
     logits = torch.cat([
         torch.randn(8, vocab_size),
         torch.randint(0, 3, (8, vocab_size)).float(),  # many ties: the first index must win
         torch.full((2, vocab_size), float("-inf")),
+        torch.zeros(2, vocab_size),
+        torch.full((2, vocab_size), float("nan")),
     ])
     logits[0, [7, vocab_size - 1]] = float("nan")
     logits[1, vocab_size // 2] = float("inf")
+    logits[2, vocab_size - 1] = float("nan")  # a NaN in the last column only
+    logits[3, -3:] = 1e4  # the maximum near the end, tied
+    logits[18, 0] = -0.0  # equal to 0.0: the first index still wins
+    logits[19, vocab_size - 1] = -0.0
+    logits = logits.to(dtype)
     assert torch.equal(argmax(logits), logits.argmax(dim=-1))
+
+
+
+def test_greedy_rows_take_the_argmax_of_half_precision_logits_as_of_their_float32_cast() -> None:
+    # the LM head's bfloat16 logits: plain greedy batches skip the cast, any other row takes the float32 path
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 1000) * 4).to(torch.bfloat16)  # coarse: many ties between columns
+    logits[1, 10] = float("nan")
+    sampler = Sampler([EOS])
+    plain = [make_seq([1, 2], temperature=0.0) for _ in range(4)]
+    assert sampler.sample(logits, plain).token_ids == logits.float().argmax(dim=-1).tolist()
+    mixed = [*plain[:3], make_seq([1, 2], temperature=0.0, repetition_penalty=2.0, logprobs=2)]
+    got = sampler.sample(logits, mixed)
+    want = sampler.sample(logits.float(), mixed)
+    assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
+
+def test_the_x86_64_v3_build_passes_these_tests_too() -> None:
+    """The argmax operator as an x86-64-v3 image builds it (AVX2 vectors), on a machine whose own build has
+    AVX-512; the same cached build as test_cpu_kernels'."""
+    if OTHER_BUILD or "avx512f" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("the tests above ran the AVX2 code")
+    rerun_under_x86_64_v3(__file__)

@@ -29,7 +29,7 @@ from pagoda.engine.scheduler import ScheduledSequence
 from pagoda.engine.sequence import Sequence
 from pagoda.engine.spec_decode.rejection_sampler import Emitted
 from pagoda.engine.step_inputs import StepInputs
-from pagoda.layers.sampler import device_tensor
+from pagoda.layers.sampler import device_tensor, reads_only_its_logits
 
 # a decode step's forward and sampling: (inputs, input token ids on the device, the rows' sequences) -> tokens
 ForwardAndPick = Callable[[StepInputs, torch.Tensor, list[Sequence]], torch.Tensor]
@@ -144,14 +144,4 @@ class RunAhead:
 
 def samples_blind(seq: Sequence) -> bool:
     """Whether `seq`'s next token can be sampled without the host seeing the one before it."""
-    params = seq.params
-    return (
-        seq.matcher is None
-        and seq.generator is None
-        and params.logprobs is None
-        and params.repetition_penalty == 1.0
-        and params.frequency_penalty == 0.0
-        and params.presence_penalty == 0.0
-        and not params.bad_words_token_ids
-        and not params.min_tokens
-    )
+    return seq.generator is None and reads_only_its_logits(seq)

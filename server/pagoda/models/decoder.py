@@ -234,14 +234,15 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Hidden states [M, hidden_size] -> float32 logits [M, vocab_size]; None on tensor-parallel ranks
-        other than 0, which only lend their vocabulary slices."""
+        """Hidden states [M, hidden_size] -> logits [M, vocab_size]; None on tensor-parallel ranks other than
+        0, which only lend their vocabulary slices. In the head's dtype (its matmul's rounding), float32 where
+        a soft-cap applies: every consumer casts to float32 (exact), except the greedy sampler's argmax, which
+        reads them as they are (32 rows of 49k bfloat16 logits: 0.5-0.8 ms less a CPU step)."""
         logits = self.lm_head(hidden)
         if logits is None:
             return None
-        logits = logits.float()
         cap = self.spec.final_logit_softcap
-        return logits if cap is None else cap * torch.tanh(logits / cap)
+        return logits if cap is None else cap * torch.tanh(logits.float() / cap)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face checkpoint tensors; every parameter must end up loaded, in full."""
