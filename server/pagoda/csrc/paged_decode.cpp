@@ -414,10 +414,18 @@ __attribute__((always_inline)) inline void accumulate(float* acc, const float* p
   }
 }
 
-// A row of weighted values, divided by its sum, in the output's dtype and dimension order.
+// A row of weighted values, divided by its sum, in the output's dtype and dimension order: the sums of each
+// 32 dimensions as their 16 even ones then their 16 odd ones (widen_values), or (`unpacked`, from
+// attend_blocks_bf16) dimensions 8q..8q+3 of each 32 in lanes 4q..4q+3 of the first vector, 8q+4..8q+7 in
+// those of the second (the 128-bit lanes of unpacklo / unpackhi).
 template <typename T, int NC>
-inline void write_row(T* dst, const float* acc, float inv, int64_t head_dim) {
-  if constexpr (kEvenOdd<T, NC>) {
+inline void write_row(T* dst, const float* acc, float inv, int64_t head_dim, bool unpacked) {
+  if (unpacked) {
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const int64_t block = d & ~int64_t{31}, q = (d & 31) >> 3, i = d & 7;
+      dst[d] = static_cast<T>(acc[block + (i >> 2) * kLanes + 4 * q + (i & 3)] * inv);
+    }
+  } else if constexpr (kEvenOdd<T, NC>) {
     for (int64_t d = 0; d < head_dim; ++d) {
       const int64_t block = d & ~int64_t{31}, i = (d & 31) >> 1, odd = d & 1;
       dst[d] = static_cast<T>(acc[block + odd * kLanes + i] * inv);
@@ -431,6 +439,182 @@ template <typename T>
 inline void prefetch(const T* row, int64_t n) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
+}
+
+#if defined(__AVX512BF16__)
+// The common case in one tight loop: a bfloat16 cache of whole 32-wide slices in cache blocks of 16 keys or
+// more (a block of keys is one base and a stride), and a KV head's R query rows in one tile (GQA decodes,
+// short verifications). Per block of 16 keys and KV head: the R rows' scores (as score16_bf16 folds them),
+// their online softmax, and the weighted values summed in registers. The rows' masks come from bounds worked
+// out once per range (no division per block), and blocks that every row sees whole skip them. The same
+// operations in the same order as attend_range's general loop: the same floats.
+template <int NC, int R>
+__attribute__((always_inline)) inline void score_block_bf16(const __m512bh (&qv)[R][NC / 2],
+                                                            const c10::BFloat16* keys, int64_t stride,
+                                                            const c10::BFloat16* next, int lines, Vec* s) {
+  constexpr int CB = NC / 2;
+  Vec four[R][4];
+  for (int i = 0; i < 4; ++i) {
+    Vec part[R][4];
+    for (int jj = 0; jj < 4; ++jj) {
+      const c10::BFloat16* key = keys + (4 * i + jj) * stride;
+      __m512 a[R];
+      for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+      for (int c = 0; c < CB; ++c) {
+        const __m512bh k = (__m512bh)_mm512_loadu_si512(key + 32 * c);
+        for (int r = 0; r < R; ++r) a[r] = _mm512_dpbf16_ps(a[r], qv[r][c], k);
+      }
+      if (next) prefetch_lines(next + (4 * i + jj) * stride, lines);
+      for (int r = 0; r < R; ++r) part[r][jj] = a[r];
+    }
+    for (int r = 0; r < R; ++r) four[r][i] = fold2(fold(part[r][0], part[r][1]), fold(part[r][2], part[r][3]));
+  }
+  for (int r = 0; r < R; ++r) {
+    s[r] = fold_quarters(fold_quarters(four[r][0], four[r][1]), fold_quarters(four[r][2], four[r][3]));
+  }
+}
+
+// acc[r] += p[r][2i] * v0 + p[r][2i + 1] * v1 for each row r (pairs[8 r]: its bfloat16 pair of
+// probabilities), two dimensions' products per lane summed in float32 by dpbf16: v0 and v1 interleaved
+// dimension by dimension (unpacklo / unpackhi within each 128-bit lane; write_row puts them back in order).
+// v1 null: a zero row. next: the same pair of rows of the next block, on its way.
+template <int NC, int R>
+__attribute__((always_inline)) inline void weigh_pair(Vec (&acc)[R][NC], const uint32_t* pairs,
+                                                      const c10::BFloat16* v0, const c10::BFloat16* v1,
+                                                      const c10::BFloat16* next, int64_t stride, int lines) {
+  constexpr int CB = NC / 2;
+  __m512i lo[CB], hi[CB];
+  for (int c = 0; c < CB; ++c) {
+    const __m512i a = _mm512_loadu_si512(v0 + 32 * c);
+    const __m512i b = v1 ? _mm512_loadu_si512(v1 + 32 * c) : _mm512_setzero_si512();
+    lo[c] = _mm512_unpacklo_epi16(a, b);
+    hi[c] = _mm512_unpackhi_epi16(a, b);
+  }
+  if (next) {
+    prefetch_lines(next, lines);
+    prefetch_lines(next + stride, lines);
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pairs[r * 8]));
+    for (int c = 0; c < CB; ++c) {
+      acc[r][2 * c] = (Vec)_mm512_dpbf16_ps((__m512)acc[r][2 * c], p, (__m512bh)lo[c]);
+      acc[r][2 * c + 1] = (Vec)_mm512_dpbf16_ps((__m512)acc[r][2 * c + 1], p, (__m512bh)hi[c]);
+    }
+  }
+}
+
+template <int NC, int R>
+void attend_blocks_bf16(const Step<c10::BFloat16>& step, const int32_t* table, int64_t context, int64_t h0,
+                        int64_t nh, int64_t begin, int64_t end, Partial& part) {
+  using T = c10::BFloat16;
+  constexpr int64_t dim = NC * kLanes;
+  constexpr int CB = NC / 2;
+  constexpr int lines = CB;  // 64-byte lines a head's row spans (32 bfloat16 a slice)
+  const int64_t k_stride = step.keys.slot_stride, v_stride = step.values.slot_stride;
+  // the keys row k may see, [lo, hi]: from its window's start (and the range's), up to its own position
+  int64_t lo[R], hi[R], all_lo = begin, all_hi = end - 1;
+  for (int k = 0; k < R; ++k) {
+    const int64_t pos = context + k / step.group;
+    hi[k] = std::min<int64_t>(pos, end - 1);
+    lo[k] = std::max<int64_t>(begin, step.window > 0 ? pos - step.window + 1 : 0);
+    all_lo = std::max(all_lo, lo[k]);
+    all_hi = std::min(all_hi, hi[k]);
+  }
+  const IVec iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  alignas(64) float probs[R * kLanes];
+  alignas(64) uint32_t pairs[R * 8];
+  for (int64_t hh = 0; hh < nh; ++hh) {  // the first block's rows of every head, on their way
+    for (int64_t j = 0; j < std::min(kLanes, end - (begin & ~(kLanes - 1))); ++j) {
+      prefetch_lines(step.keys.at(table, (begin & ~(kLanes - 1)) + j, h0 + hh), lines);
+      prefetch_lines(step.values.at(table, (begin & ~(kLanes - 1)) + j, h0 + hh), lines);
+    }
+  }
+  for (int64_t t0 = begin & ~(kLanes - 1); t0 < end; t0 += kLanes) {
+    const int64_t m = std::min<int64_t>(kLanes, end - t0);
+    const bool whole = t0 >= all_lo && t0 + kLanes - 1 <= all_hi;  // every row sees all 16 keys
+    const bool has_next = t0 + kLanes < end;
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      const int64_t r0 = hh * R;
+      const T* keys = step.keys.at(table, t0, h0 + hh);
+      const T* values = step.values.at(table, t0, h0 + hh);
+      const T* next_k = has_next ? step.keys.at(table, t0 + kLanes, h0 + hh) : nullptr;
+      const T* next_v = has_next ? step.values.at(table, t0 + kLanes, h0 + hh) : nullptr;
+      __m512bh qv[R][CB];
+      for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < CB; ++c) {
+          qv[r][c] = (__m512bh)_mm512_loadu_si512(part.q_bf16.data() + (r0 + r) * (dim + kLanes) + 32 * c);
+        }
+      }
+      Vec scores[R];
+      score_block_bf16<NC, R>(qv, keys, k_stride, next_k, lines, scores);
+      Vec acc[R][NC];
+      for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < NC; ++c) acc[r][c] = load(part.acc.data() + (r0 + r) * dim + c * kLanes);
+      }
+      bool any = false;
+      for (int k = 0; k < R; ++k) {
+        Vec s = scores[k] * step.scale;
+        if (step.cap > 0.f) s = step.cap * vtanh(s / step.cap);
+        if (!whole) {
+          const IVec t = iota + static_cast<int32_t>(t0);
+          s = (t >= IVec{} + static_cast<int32_t>(lo[k])) & (t <= IVec{} + static_cast<int32_t>(hi[k])) ? s : splat(-kInf);
+        }
+        const float block_max = hmax(s);
+        if (block_max == -kInf) {  // nothing here for this row
+          store(probs + k * kLanes, Vec{});
+          continue;
+        }
+        float& max = part.maxes[r0 + k];
+        if (block_max > max) {  // rescale what the earlier blocks summed to the new max
+          const float correction = std::exp(max - block_max);  // e^-inf = 0 on the first visible block
+          part.sums[r0 + k] *= correction;
+          for (int c = 0; c < NC; ++c) acc[k][c] *= correction;
+          max = block_max;
+        }
+        const Vec p = vexp(s - max);
+        part.sums[r0 + k] += p;
+        store(probs + k * kLanes, p);
+        any = true;
+      }
+      if (!any) continue;
+      // The values weighed two keys per instruction: each row's 16 probabilities rounded to bfloat16 pairs (as
+      // SDPA's CPU flash attention rounds them for its bfloat16 matmul with V; the sums above stay float32),
+      // keys 2i and 2i + 1 interleaved dimension by dimension, so that dpbf16 sums both products in float32.
+      // The sums come out in unpack order (see write_row). Rows past the context's end may hold anything:
+      // never read (a zero row instead).
+      for (int r = 0; r < R; ++r) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + r * 8), (__m256i)_mm512_cvtneps_pbh(load(probs + r * kLanes)));
+      }
+      if (m == kLanes) {  // (a constant count: the sums stay in registers)
+#pragma GCC unroll 8
+        for (int jp = 0; jp < kLanes / 2; ++jp) {
+          const T* v0 = values + 2 * jp * v_stride;
+          weigh_pair<NC, R>(acc, pairs + jp, v0, v0 + v_stride, next_v ? next_v + 2 * jp * v_stride : nullptr,
+                            v_stride, lines);
+        }
+      } else {
+        for (int64_t jp = 0; 2 * jp < m; ++jp) {
+          const T* v0 = values + 2 * jp * v_stride;
+          weigh_pair<NC, R>(acc, pairs + jp, v0, 2 * jp + 1 < m ? v0 + v_stride : nullptr, nullptr, v_stride, lines);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < NC; ++c) store(part.acc.data() + (r0 + r) * dim + c * kLanes, acc[r][c]);
+      }
+    }
+  }
+}
+#endif
+
+// Whether attend_range takes attend_blocks_bf16 for sequence seq's rows (its sums then in unpack order).
+template <typename T, int NC>
+bool takes_blocks_bf16(const Step<T>& step, int64_t seq) {
+#if defined(__AVX512BF16__)
+  return kDotBF16<T> && NC % 2 == 0 && step.head_dim == NC * kLanes && step.keys.mask + 1 >= kLanes &&
+         step.values.mask + 1 >= kLanes && step.q_len(seq) * step.group <= kRowTile;
+#else
+  return false;
+#endif
 }
 
 template <typename T, int NC>
@@ -470,6 +654,18 @@ void attend_range(const Step<T>& step, int64_t seq, int64_t h0, int64_t nh, int6
   // Blocks of 16 keys start at multiples of 16, so that with cache blocks of 16 or more each lies in one
   // cache block: its rows a stride apart. The keys before `begin` it brings are valid tokens, masked.
   const bool one_block = step.keys.mask + 1 >= kLanes && step.values.mask + 1 >= kLanes;
+#if defined(__AVX512BF16__)
+  if constexpr (kDotBF16<T> && NC % 2 == 0) {
+    if (takes_blocks_bf16<T, NC>(step, seq)) {
+      switch (head_rows) {
+        case 1: return attend_blocks_bf16<NC, 1>(step, table, context, h0, nh, begin, end, part);
+        case 2: return attend_blocks_bf16<NC, 2>(step, table, context, h0, nh, begin, end, part);
+        case 3: return attend_blocks_bf16<NC, 3>(step, table, context, h0, nh, begin, end, part);
+        default: return attend_blocks_bf16<NC, 4>(step, table, context, h0, nh, begin, end, part);
+      }
+    }
+  }
+#endif
   const int64_t aligned = begin & ~(kLanes - 1);
   auto rows_at = [&](const PagedCache<T>& cache, int64_t t0, int64_t head, const T** out) {
     const int64_t m = std::min(kLanes, end - t0);  // past the range's end: zeros (and masked)
@@ -689,7 +885,9 @@ void attend(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Ten
     return out_base + (step.starts[seq] + i) * out_token_stride +
            ((kv_head + r / head_rows) * step.group + g) * out_head_stride;
   };
-  auto write = [&](T* dst, const float* acc, float inv) { write_row<T, NC>(dst, acc, inv, step.head_dim); };
+  auto write = [&](int64_t seq, T* dst, const float* acc, float inv) {
+    write_row<T, NC>(dst, acc, inv, step.head_dim, takes_blocks_bf16<T, NC>(step, seq));
+  };
 
   const int64_t num_tasks = static_cast<int64_t>(plan.tasks.size());
   std::atomic<int64_t> next{0};
@@ -702,7 +900,7 @@ void attend(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Ten
       const int64_t rows = step.q_len(task.seq) * step.group * task.heads;
       if (task.state < 0) {  // every row sees at least its own token: its sum is positive
         for (int64_t r = 0; r < rows; ++r) {
-          write(out_row(task.seq, task.kv_head, r), part.acc.data() + r * dim, 1.f / hsum(part.sums[r]));
+          write(task.seq, out_row(task.seq, task.kv_head, r), part.acc.data() + r * dim, 1.f / hsum(part.sums[r]));
         }
         continue;
       }
@@ -731,7 +929,7 @@ void attend(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Ten
         const float* a = state + 2 * max_rows + r * dim;
         for (int64_t d = 0; d < dim; ++d) acc[d] += w * a[d];
       }
-      write(out_row(m.seq, m.kv_head, r), acc, 1.f / sum);
+      write(m.seq, out_row(m.seq, m.kv_head, r), acc, 1.f / sum);
     }
   }
 }
