@@ -296,6 +296,10 @@ template <typename T>
 __attribute__((always_inline)) inline void prefetch_lines(const T* row, int lines) {
   for (int l = 0; l < lines; ++l) __builtin_prefetch(reinterpret_cast<const char*>(row) + 64 * l, 0, 3);
 }
+template <typename T>  // the same, into L2 (prefetcht2)
+__attribute__((always_inline)) inline void prefetch_lines_l2(const T* row, int lines) {
+  for (int l = 0; l < lines; ++l) __builtin_prefetch(reinterpret_cast<const char*>(row) + 64 * l, 0, 1);
+}
 
 template <int NC>  // q . keys[j] for 16 rows of widened keys, NC slices of 16 floats each (zero-padded)
 __attribute__((always_inline)) inline Vec score16(const float* q, const float* keys) {
@@ -539,6 +543,9 @@ void attend_blocks_bf16(const Step<c10::BFloat16>& step, const int32_t* table, i
       const T* values = step.values.at(table, t0, h0 + hh);
       const T* next_k = has_next ? step.keys.at(table, t0 + kLanes, h0 + hh) : nullptr;
       const T* next_v = has_next ? step.values.at(table, t0 + kLanes, h0 + hh) : nullptr;
+      const bool has_far = t0 + 2 * kLanes < end;
+      const T* far_k = has_far ? step.keys.at(table, t0 + 2 * kLanes, h0 + hh) : nullptr;
+      const T* far_v = has_far ? step.values.at(table, t0 + 2 * kLanes, h0 + hh) : nullptr;
       __m512bh qv[R][CB];
       for (int r = 0; r < R; ++r) {
         for (int c = 0; c < CB; ++c) {
@@ -591,6 +598,12 @@ void attend_blocks_bf16(const Step<c10::BFloat16>& step, const int32_t* table, i
           const T* v0 = values + 2 * jp * v_stride;
           weigh_pair<NC, R>(acc, pairs + jp, v0, v0 + v_stride, next_v ? next_v + 2 * jp * v_stride : nullptr,
                             v_stride, lines);
+          if (far_k) {  // the block after the next one, into L2: more lines in flight than L1's fill buffers hold
+            prefetch_lines_l2(far_k + 2 * jp * k_stride, lines);
+            prefetch_lines_l2(far_k + (2 * jp + 1) * k_stride, lines);
+            prefetch_lines_l2(far_v + 2 * jp * v_stride, lines);
+            prefetch_lines_l2(far_v + (2 * jp + 1) * v_stride, lines);
+          }
         }
       } else {
         for (int64_t jp = 0; 2 * jp < m; ++jp) {
