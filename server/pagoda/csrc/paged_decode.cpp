@@ -12,8 +12,10 @@
 // partial results (max, sum, weighted values) are merged by their log-sum-exp. Threads pull tasks, longest
 // first, from a shared counter, so unequal contexts do not leave a thread idle.
 //
-// The arithmetic is float32 throughout, on 16-float vectors written with GCC's vector extensions: g++ maps them
-// to one AVX-512 register, two AVX2 registers (-march=x86-64-v3, the image's build) or NEON quads. A long
+// The arithmetic is float32 throughout (but for bfloat16 caches on AVX512-BF16, whose probabilities are rounded
+// to bfloat16 for the weighted sum of values, as SDPA's CPU flash attention rounds them: attend_blocks_bf16),
+// on 16-float vectors written with GCC's vector extensions: g++ maps them to one AVX-512 register, two AVX2
+// registers (-march=x86-64-v3, the image's build) or NEON quads. A long
 // prefill chunk is a matrix product that SDPA does far better: it stays on the torch path. The step's new keys
 // and values are written to their slots first, as the torch path does (`write_kv`), so the whole batch's K/V
 // is in place before anyone attends.
@@ -450,8 +452,10 @@ inline void prefetch(const T* row, int64_t n) {
 // more (a block of keys is one base and a stride), and a KV head's R query rows in one tile (GQA decodes,
 // short verifications). Per block of 16 keys and KV head: the R rows' scores (as score16_bf16 folds them),
 // their online softmax, and the weighted values summed in registers. The rows' masks come from bounds worked
-// out once per range (no division per block), and blocks that every row sees whole skip them. The same
-// operations in the same order as attend_range's general loop: the same floats.
+// out once per range (no division per block), and blocks that every row sees whole skip them. Scores and
+// softmax are attend_range's general loop's floats; the values are weighed by bfloat16 probabilities
+// (weigh_pair). It reads K/V at the core's memory-parallelism limit (~8 GB/s on one thread here): the next
+// block into L1 row by row as the current one is computed, the one after into L2.
 template <int NC, int R>
 __attribute__((always_inline)) inline void score_block_bf16(const __m512bh (&qv)[R][NC / 2],
                                                             const c10::BFloat16* keys, int64_t stride,
