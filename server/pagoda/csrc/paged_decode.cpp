@@ -12,10 +12,8 @@
 // partial results (max, sum, weighted values) are merged by their log-sum-exp. Threads pull tasks, longest
 // first, from a shared counter, so unequal contexts do not leave a thread idle.
 //
-// The arithmetic is float32 throughout (but for bfloat16 caches on AVX512-BF16, whose probabilities are rounded
-// to bfloat16 for the weighted sum of values, as SDPA's CPU flash attention rounds them: attend_blocks_bf16),
-// on 16-float vectors written with GCC's vector extensions: g++ maps them to one AVX-512 register, two AVX2
-// registers (-march=x86-64-v3, the image's build) or NEON quads. A long
+// The arithmetic is float32 throughout, on 16-float vectors written with GCC's vector extensions: g++ maps them
+// to one AVX-512 register, two AVX2 registers (-march=x86-64-v3, the image's build) or NEON quads. A long
 // prefill chunk is a matrix product that SDPA does far better: it stays on the torch path. The step's new keys
 // and values are written to their slots first, as the torch path does (`write_kv`), so the whole batch's K/V
 // is in place before anyone attends.
@@ -420,18 +418,10 @@ __attribute__((always_inline)) inline void accumulate(float* acc, const float* p
   }
 }
 
-// A row of weighted values, divided by its sum, in the output's dtype and dimension order: the sums of each
-// 32 dimensions as their 16 even ones then their 16 odd ones (widen_values), or (`unpacked`, from
-// attend_blocks_bf16) dimensions 8q..8q+3 of each 32 in lanes 4q..4q+3 of the first vector, 8q+4..8q+7 in
-// those of the second (the 128-bit lanes of unpacklo / unpackhi).
+// A row of weighted values, divided by its sum, in the output's dtype and dimension order.
 template <typename T, int NC>
-inline void write_row(T* dst, const float* acc, float inv, int64_t head_dim, bool unpacked) {
-  if (unpacked) {
-    for (int64_t d = 0; d < head_dim; ++d) {
-      const int64_t block = d & ~int64_t{31}, q = (d & 31) >> 3, i = d & 7;
-      dst[d] = static_cast<T>(acc[block + (i >> 2) * kLanes + 4 * q + (i & 3)] * inv);
-    }
-  } else if constexpr (kEvenOdd<T, NC>) {
+inline void write_row(T* dst, const float* acc, float inv, int64_t head_dim) {
+  if constexpr (kEvenOdd<T, NC>) {
     for (int64_t d = 0; d < head_dim; ++d) {
       const int64_t block = d & ~int64_t{31}, i = (d & 31) >> 1, odd = d & 1;
       dst[d] = static_cast<T>(acc[block + odd * kLanes + i] * inv);
@@ -452,9 +442,8 @@ inline void prefetch(const T* row, int64_t n) {
 // more (a block of keys is one base and a stride), and a KV head's R query rows in one tile (GQA decodes,
 // short verifications). Per block of 16 keys and KV head: the R rows' scores (as score16_bf16 folds them),
 // their online softmax, and the weighted values summed in registers. The rows' masks come from bounds worked
-// out once per range (no division per block), and blocks that every row sees whole skip them. Scores and
-// softmax are attend_range's general loop's floats; the values are weighed by bfloat16 probabilities
-// (weigh_pair). It reads K/V at the core's memory-parallelism limit (~8 GB/s on one thread here): the next
+// out once per range (no division per block), and blocks that every row sees whole skip them. The same
+// operations in the same order as attend_range's general loop: the same floats. It reads K/V at the core's memory-parallelism limit (~8 GB/s on one thread here): the next
 // block into L1 row by row as the current one is computed, the one after into L2.
 template <int NC, int R>
 __attribute__((always_inline)) inline void score_block_bf16(const __m512bh (&qv)[R][NC / 2],
@@ -482,35 +471,6 @@ __attribute__((always_inline)) inline void score_block_bf16(const __m512bh (&qv)
   }
 }
 
-// acc[r] += p[r][2i] * v0 + p[r][2i + 1] * v1 for each row r (pairs[8 r]: its bfloat16 pair of
-// probabilities), two dimensions' products per lane summed in float32 by dpbf16: v0 and v1 interleaved
-// dimension by dimension (unpacklo / unpackhi within each 128-bit lane; write_row puts them back in order).
-// v1 null: a zero row. next: the same pair of rows of the next block, on its way.
-template <int NC, int R>
-__attribute__((always_inline)) inline void weigh_pair(Vec (&acc)[R][NC], const uint32_t* pairs,
-                                                      const c10::BFloat16* v0, const c10::BFloat16* v1,
-                                                      const c10::BFloat16* next, int64_t stride, int lines) {
-  constexpr int CB = NC / 2;
-  __m512i lo[CB], hi[CB];
-  for (int c = 0; c < CB; ++c) {
-    const __m512i a = _mm512_loadu_si512(v0 + 32 * c);
-    const __m512i b = v1 ? _mm512_loadu_si512(v1 + 32 * c) : _mm512_setzero_si512();
-    lo[c] = _mm512_unpacklo_epi16(a, b);
-    hi[c] = _mm512_unpackhi_epi16(a, b);
-  }
-  if (next) {
-    prefetch_lines(next, lines);
-    prefetch_lines(next + stride, lines);
-  }
-  for (int r = 0; r < R; ++r) {
-    const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pairs[r * 8]));
-    for (int c = 0; c < CB; ++c) {
-      acc[r][2 * c] = (Vec)_mm512_dpbf16_ps((__m512)acc[r][2 * c], p, (__m512bh)lo[c]);
-      acc[r][2 * c + 1] = (Vec)_mm512_dpbf16_ps((__m512)acc[r][2 * c + 1], p, (__m512bh)hi[c]);
-    }
-  }
-}
-
 template <int NC, int R>
 void attend_blocks_bf16(const Step<c10::BFloat16>& step, const int32_t* table, int64_t context, int64_t h0,
                         int64_t nh, int64_t begin, int64_t end, Partial& part) {
@@ -530,7 +490,6 @@ void attend_blocks_bf16(const Step<c10::BFloat16>& step, const int32_t* table, i
   }
   const IVec iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   alignas(64) float probs[R * kLanes];
-  alignas(64) uint32_t pairs[R * 8];
   for (int64_t hh = 0; hh < nh; ++hh) {  // the first block's rows of every head, on their way
     for (int64_t j = 0; j < std::min(kLanes, end - (begin & ~(kLanes - 1))); ++j) {
       prefetch_lines(step.keys.at(table, (begin & ~(kLanes - 1)) + j, h0 + hh), lines);
@@ -588,31 +547,18 @@ void attend_blocks_bf16(const Step<c10::BFloat16>& step, const int32_t* table, i
         any = true;
       }
       if (!any) continue;
-      // The values weighed two keys per instruction: each row's 16 probabilities rounded to bfloat16 pairs (as
-      // SDPA's CPU flash attention rounds them for its bfloat16 matmul with V; the sums above stay float32),
-      // keys 2i and 2i + 1 interleaved dimension by dimension, so that dpbf16 sums both products in float32.
-      // The sums come out in unpack order (see write_row). Rows past the context's end may hold anything:
-      // never read (a zero row instead).
-      for (int r = 0; r < R; ++r) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + r * 8), (__m256i)_mm512_cvtneps_pbh(load(probs + r * kLanes)));
-      }
-      if (m == kLanes) {  // (a constant count: the sums stay in registers)
-#pragma GCC unroll 8
-        for (int jp = 0; jp < kLanes / 2; ++jp) {
-          const T* v0 = values + 2 * jp * v_stride;
-          weigh_pair<NC, R>(acc, pairs + jp, v0, v0 + v_stride, next_v ? next_v + 2 * jp * v_stride : nullptr,
-                            v_stride, lines);
-          if (far_k) {  // the block after the next one, into L2: more lines in flight than L1's fill buffers hold
-            prefetch_lines_l2(far_k + 2 * jp * k_stride, lines);
-            prefetch_lines_l2(far_k + (2 * jp + 1) * k_stride, lines);
-            prefetch_lines_l2(far_v + 2 * jp * v_stride, lines);
-            prefetch_lines_l2(far_v + (2 * jp + 1) * v_stride, lines);
-          }
+      // rows past the context's end (j >= m) may hold anything: never read
+      for (int64_t j = 0; j < m; ++j) {
+        Vec v[NC];
+        widen_values<T, NC>(values + j * v_stride, v);
+        if (next_v) prefetch_lines(next_v + j * v_stride, lines);
+        if (far_k) {  // the block after the next one, into L2: more lines in flight than L1's fill buffers hold
+          prefetch_lines_l2(far_k + j * k_stride, lines);
+          prefetch_lines_l2(far_v + j * v_stride, lines);
         }
-      } else {
-        for (int64_t jp = 0; 2 * jp < m; ++jp) {
-          const T* v0 = values + 2 * jp * v_stride;
-          weigh_pair<NC, R>(acc, pairs + jp, v0, 2 * jp + 1 < m ? v0 + v_stride : nullptr, nullptr, v_stride, lines);
+        for (int r = 0; r < R; ++r) {
+          const Vec p = splat(probs[r * kLanes + j]);
+          for (int c = 0; c < NC; ++c) acc[r][c] = fmadd(p, v[c], acc[r][c]);
         }
       }
       for (int r = 0; r < R; ++r) {
@@ -622,17 +568,6 @@ void attend_blocks_bf16(const Step<c10::BFloat16>& step, const int32_t* table, i
   }
 }
 #endif
-
-// Whether attend_range takes attend_blocks_bf16 for sequence seq's rows (its sums then in unpack order).
-template <typename T, int NC>
-bool takes_blocks_bf16(const Step<T>& step, int64_t seq) {
-#if defined(__AVX512BF16__)
-  return kDotBF16<T> && NC % 2 == 0 && step.head_dim == NC * kLanes && step.keys.mask + 1 >= kLanes &&
-         step.values.mask + 1 >= kLanes && step.q_len(seq) * step.group <= kRowTile;
-#else
-  return false;
-#endif
-}
 
 template <typename T, int NC>
 void attend_range(const Step<T>& step, int64_t seq, int64_t h0, int64_t nh, int64_t begin, int64_t end,
@@ -673,7 +608,7 @@ void attend_range(const Step<T>& step, int64_t seq, int64_t h0, int64_t nh, int6
   const bool one_block = step.keys.mask + 1 >= kLanes && step.values.mask + 1 >= kLanes;
 #if defined(__AVX512BF16__)
   if constexpr (kDotBF16<T> && NC % 2 == 0) {
-    if (takes_blocks_bf16<T, NC>(step, seq)) {
+    if (!short_head && one_block && head_rows <= kRowTile) {
       switch (head_rows) {
         case 1: return attend_blocks_bf16<NC, 1>(step, table, context, h0, nh, begin, end, part);
         case 2: return attend_blocks_bf16<NC, 2>(step, table, context, h0, nh, begin, end, part);
@@ -902,9 +837,7 @@ void attend(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Ten
     return out_base + (step.starts[seq] + i) * out_token_stride +
            ((kv_head + r / head_rows) * step.group + g) * out_head_stride;
   };
-  auto write = [&](int64_t seq, T* dst, const float* acc, float inv) {
-    write_row<T, NC>(dst, acc, inv, step.head_dim, takes_blocks_bf16<T, NC>(step, seq));
-  };
+auto write = [&](T* dst, const float* acc, float inv) { write_row<T, NC>(dst, acc, inv, step.head_dim); };
 
   const int64_t num_tasks = static_cast<int64_t>(plan.tasks.size());
   std::atomic<int64_t> next{0};
@@ -917,7 +850,7 @@ void attend(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Ten
       const int64_t rows = step.q_len(task.seq) * step.group * task.heads;
       if (task.state < 0) {  // every row sees at least its own token: its sum is positive
         for (int64_t r = 0; r < rows; ++r) {
-          write(task.seq, out_row(task.seq, task.kv_head, r), part.acc.data() + r * dim, 1.f / hsum(part.sums[r]));
+          write(out_row(task.seq, task.kv_head, r), part.acc.data() + r * dim, 1.f / hsum(part.sums[r]));
         }
         continue;
       }
@@ -946,7 +879,7 @@ void attend(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Ten
         const float* a = state + 2 * max_rows + r * dim;
         for (int64_t d = 0; d < dim; ++d) acc[d] += w * a[d];
       }
-      write(m.seq, out_row(m.seq, m.kv_head, r), acc, 1.f / sum);
+      write(out_row(m.seq, m.kv_head, r), acc, 1.f / sum);
     }
   }
 }
