@@ -837,7 +837,7 @@ void attend(const Step<T>& step, int64_t num_seqs, int64_t num_kv_heads, at::Ten
     return out_base + (step.starts[seq] + i) * out_token_stride +
            ((kv_head + r / head_rows) * step.group + g) * out_head_stride;
   };
-auto write = [&](T* dst, const float* acc, float inv) { write_row<T, NC>(dst, acc, inv, step.head_dim); };
+  auto write = [&](T* dst, const float* acc, float inv) { write_row<T, NC>(dst, acc, inv, step.head_dim); };
 
   const int64_t num_tasks = static_cast<int64_t>(plan.tasks.size());
   std::atomic<int64_t> next{0};
