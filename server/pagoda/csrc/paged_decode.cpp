@@ -296,6 +296,10 @@ template <typename T>
 __attribute__((always_inline)) inline void prefetch_lines(const T* row, int lines) {
   for (int l = 0; l < lines; ++l) __builtin_prefetch(reinterpret_cast<const char*>(row) + 64 * l, 0, 3);
 }
+template <typename T>  // the same, into L2 (prefetcht2)
+__attribute__((always_inline)) inline void prefetch_lines_l2(const T* row, int lines) {
+  for (int l = 0; l < lines; ++l) __builtin_prefetch(reinterpret_cast<const char*>(row) + 64 * l, 0, 1);
+}
 
 template <int NC>  // q . keys[j] for 16 rows of widened keys, NC slices of 16 floats each (zero-padded)
 __attribute__((always_inline)) inline Vec score16(const float* q, const float* keys) {
@@ -433,6 +437,138 @@ inline void prefetch(const T* row, int64_t n) {
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
+#if defined(__AVX512BF16__)
+// The common case in one tight loop: a bfloat16 cache of whole 32-wide slices in cache blocks of 16 keys or
+// more (a block of keys is one base and a stride), and a KV head's R query rows in one tile (GQA decodes,
+// short verifications). Per block of 16 keys and KV head: the R rows' scores (as score16_bf16 folds them),
+// their online softmax, and the weighted values summed in registers. The rows' masks come from bounds worked
+// out once per range (no division per block), and blocks that every row sees whole skip them. The same
+// operations in the same order as attend_range's general loop: the same floats. It reads K/V at the core's memory-parallelism limit (~8 GB/s on one thread here): the next
+// block into L1 row by row as the current one is computed, the one after into L2.
+template <int NC, int R>
+__attribute__((always_inline)) inline void score_block_bf16(const __m512bh (&qv)[R][NC / 2],
+                                                            const c10::BFloat16* keys, int64_t stride,
+                                                            const c10::BFloat16* next, int lines, Vec* s) {
+  constexpr int CB = NC / 2;
+  Vec four[R][4];
+  for (int i = 0; i < 4; ++i) {
+    Vec part[R][4];
+    for (int jj = 0; jj < 4; ++jj) {
+      const c10::BFloat16* key = keys + (4 * i + jj) * stride;
+      __m512 a[R];
+      for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+      for (int c = 0; c < CB; ++c) {
+        const __m512bh k = (__m512bh)_mm512_loadu_si512(key + 32 * c);
+        for (int r = 0; r < R; ++r) a[r] = _mm512_dpbf16_ps(a[r], qv[r][c], k);
+      }
+      if (next) prefetch_lines(next + (4 * i + jj) * stride, lines);
+      for (int r = 0; r < R; ++r) part[r][jj] = a[r];
+    }
+    for (int r = 0; r < R; ++r) four[r][i] = fold2(fold(part[r][0], part[r][1]), fold(part[r][2], part[r][3]));
+  }
+  for (int r = 0; r < R; ++r) {
+    s[r] = fold_quarters(fold_quarters(four[r][0], four[r][1]), fold_quarters(four[r][2], four[r][3]));
+  }
+}
+
+template <int NC, int R>
+void attend_blocks_bf16(const Step<c10::BFloat16>& step, const int32_t* table, int64_t context, int64_t h0,
+                        int64_t nh, int64_t begin, int64_t end, Partial& part) {
+  using T = c10::BFloat16;
+  constexpr int64_t dim = NC * kLanes;
+  constexpr int CB = NC / 2;
+  constexpr int lines = CB;  // 64-byte lines a head's row spans (32 bfloat16 a slice)
+  const int64_t k_stride = step.keys.slot_stride, v_stride = step.values.slot_stride;
+  // the keys row k may see, [lo, hi]: from its window's start (and the range's), up to its own position
+  int64_t lo[R], hi[R], all_lo = begin, all_hi = end - 1;
+  for (int k = 0; k < R; ++k) {
+    const int64_t pos = context + k / step.group;
+    hi[k] = std::min<int64_t>(pos, end - 1);
+    lo[k] = std::max<int64_t>(begin, step.window > 0 ? pos - step.window + 1 : 0);
+    all_lo = std::max(all_lo, lo[k]);
+    all_hi = std::min(all_hi, hi[k]);
+  }
+  const IVec iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  alignas(64) float probs[R * kLanes];
+  for (int64_t hh = 0; hh < nh; ++hh) {  // the first block's rows of every head, on their way
+    for (int64_t j = 0; j < std::min(kLanes, end - (begin & ~(kLanes - 1))); ++j) {
+      prefetch_lines(step.keys.at(table, (begin & ~(kLanes - 1)) + j, h0 + hh), lines);
+      prefetch_lines(step.values.at(table, (begin & ~(kLanes - 1)) + j, h0 + hh), lines);
+    }
+  }
+  for (int64_t t0 = begin & ~(kLanes - 1); t0 < end; t0 += kLanes) {
+    const int64_t m = std::min<int64_t>(kLanes, end - t0);
+    const bool whole = t0 >= all_lo && t0 + kLanes - 1 <= all_hi;  // every row sees all 16 keys
+    const bool has_next = t0 + kLanes < end;
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      const int64_t r0 = hh * R;
+      const T* keys = step.keys.at(table, t0, h0 + hh);
+      const T* values = step.values.at(table, t0, h0 + hh);
+      const T* next_k = has_next ? step.keys.at(table, t0 + kLanes, h0 + hh) : nullptr;
+      const T* next_v = has_next ? step.values.at(table, t0 + kLanes, h0 + hh) : nullptr;
+      const bool has_far = t0 + 2 * kLanes < end;
+      const T* far_k = has_far ? step.keys.at(table, t0 + 2 * kLanes, h0 + hh) : nullptr;
+      const T* far_v = has_far ? step.values.at(table, t0 + 2 * kLanes, h0 + hh) : nullptr;
+      __m512bh qv[R][CB];
+      for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < CB; ++c) {
+          qv[r][c] = (__m512bh)_mm512_loadu_si512(part.q_bf16.data() + (r0 + r) * (dim + kLanes) + 32 * c);
+        }
+      }
+      Vec scores[R];
+      score_block_bf16<NC, R>(qv, keys, k_stride, next_k, lines, scores);
+      Vec acc[R][NC];
+      for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < NC; ++c) acc[r][c] = load(part.acc.data() + (r0 + r) * dim + c * kLanes);
+      }
+      bool any = false;
+      for (int k = 0; k < R; ++k) {
+        Vec s = scores[k] * step.scale;
+        if (step.cap > 0.f) s = step.cap * vtanh(s / step.cap);
+        if (!whole) {
+          const IVec t = iota + static_cast<int32_t>(t0);
+          s = (t >= IVec{} + static_cast<int32_t>(lo[k])) & (t <= IVec{} + static_cast<int32_t>(hi[k])) ? s : splat(-kInf);
+        }
+        const float block_max = hmax(s);
+        if (block_max == -kInf) {  // nothing here for this row
+          store(probs + k * kLanes, Vec{});
+          continue;
+        }
+        float& max = part.maxes[r0 + k];
+        if (block_max > max) {  // rescale what the earlier blocks summed to the new max
+          const float correction = std::exp(max - block_max);  // e^-inf = 0 on the first visible block
+          part.sums[r0 + k] *= correction;
+          for (int c = 0; c < NC; ++c) acc[k][c] *= correction;
+          max = block_max;
+        }
+        const Vec p = vexp(s - max);
+        part.sums[r0 + k] += p;
+        store(probs + k * kLanes, p);
+        any = true;
+      }
+      if (!any) continue;
+      // rows past the context's end (j >= m) may hold anything: never read
+      for (int64_t j = 0; j < m; ++j) {
+        Vec v[NC];
+        widen_values<T, NC>(values + j * v_stride, v);
+        if (next_v) prefetch_lines(next_v + j * v_stride, lines);
+        if (far_k) {  // the block after the next one, into L2: more lines in flight than L1's fill buffers hold
+          prefetch_lines_l2(far_k + j * k_stride, lines);
+          prefetch_lines_l2(far_v + j * v_stride, lines);
+        }
+        for (int r = 0; r < R; ++r) {
+          const Vec p = splat(probs[r * kLanes + j]);
+          for (int c = 0; c < NC; ++c) acc[r][c] = fmadd(p, v[c], acc[r][c]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < NC; ++c) store(part.acc.data() + (r0 + r) * dim + c * kLanes, acc[r][c]);
+      }
+    }
+  }
+}
+#endif
+
 template <typename T, int NC>
 void attend_range(const Step<T>& step, int64_t seq, int64_t h0, int64_t nh, int64_t begin, int64_t end,
                   Partial& part) {
@@ -470,6 +606,18 @@ void attend_range(const Step<T>& step, int64_t seq, int64_t h0, int64_t nh, int6
   // Blocks of 16 keys start at multiples of 16, so that with cache blocks of 16 or more each lies in one
   // cache block: its rows a stride apart. The keys before `begin` it brings are valid tokens, masked.
   const bool one_block = step.keys.mask + 1 >= kLanes && step.values.mask + 1 >= kLanes;
+#if defined(__AVX512BF16__)
+  if constexpr (kDotBF16<T> && NC % 2 == 0) {
+    if (!short_head && one_block && head_rows <= kRowTile) {
+      switch (head_rows) {
+        case 1: return attend_blocks_bf16<NC, 1>(step, table, context, h0, nh, begin, end, part);
+        case 2: return attend_blocks_bf16<NC, 2>(step, table, context, h0, nh, begin, end, part);
+        case 3: return attend_blocks_bf16<NC, 3>(step, table, context, h0, nh, begin, end, part);
+        default: return attend_blocks_bf16<NC, 4>(step, table, context, h0, nh, begin, end, part);
+      }
+    }
+  }
+#endif
   const int64_t aligned = begin & ~(kLanes - 1);
   auto rows_at = [&](const PagedCache<T>& cache, int64_t t0, int64_t head, const T** out) {
     const int64_t m = std::min(kLanes, end - t0);  // past the range's end: zeros (and masked)
