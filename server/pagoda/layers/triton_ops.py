@@ -153,6 +153,20 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
 
 
 @triton.jit
+def _rotated(row, cos_row, sin_row, cols, mask, dim, dtype: tl.constexpr):
+    """Heads [BLOCK_H, BLOCK_D] at `row` (+ head offsets) times one token's cos / signed sin: x * cos +
+    x.roll(dim // 2) * signed_sin, each product rounded to the dtype, then their sum, as torch computes it."""
+    half = dim // 2
+    rolled = tl.where(cols < half, cols + half, cols - half)  # x.roll(dim // 2): [x2, x1]
+    col_mask = cols < dim
+    x = tl.load(row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_rolled = tl.load(row + rolled[None, :], mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+    return _round(_round(x * cos[None, :], dtype) + _round(x_rolled * sin[None, :], dtype), dtype)
+
+
+@triton.jit
 def _rotate_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, stride_xt, stride_xh, stride_ct, stride_st, dim,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -160,18 +174,11 @@ def _rotate_kernel(
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_D)
-    half = dim // 2
-    rolled = tl.where(cols < half, cols + half, cols - half)  # x.roll(dim // 2): [x2, x1]
     col_mask = cols < dim
     mask = (heads[:, None] < num_heads) & col_mask[None, :]
     row = x_ptr + token * stride_xt + heads[:, None] * stride_xh
-    x = tl.load(row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x_rolled = tl.load(row + rolled[None, :], mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + token * stride_ct + cols, mask=col_mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token * stride_st + cols, mask=col_mask, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
-    # x * cos + x_rolled * signed_sin: each product rounded to the dtype, then their sum
-    y = _round(_round(x * cos[None, :], dtype) + _round(x_rolled * sin[None, :], dtype), dtype)
+    y = _rotated(row, cos_ptr + token * stride_ct, sin_ptr + token * stride_st, cols, mask, dim, dtype)
     out = out_ptr + token * num_heads * dim + heads[:, None] * dim + cols[None, :]
     tl.store(out, y.to(dtype), mask=mask)
 
@@ -223,17 +230,11 @@ def _rotate_write_kv_kernel(
             tl.store(v_cache_ptr + slot * stride_vc_slot + heads[:, None] * dim + cols[None, :], v, mask=mask)
         return
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
-    half = dim // 2
-    rolled = tl.where(cols < half, cols + half, cols - half)
     mask = (heads[:, None] < num_q_heads + num_kv_heads) & col_mask[None, :]
     row = qkv_ptr + token * stride_t + heads[:, None] * dim
-    x = tl.load(row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x_rolled = tl.load(row + rolled[None, :], mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + token * stride_ct + cols, mask=col_mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token * stride_st + cols, mask=col_mask, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
-    # as _rotate_kernel: each product rounded to the dtype, then their sum
-    y = _round(_round(x * cos[None, :], dtype) + _round(x_rolled * sin[None, :], dtype), dtype).to(dtype)
+    y = _rotated(row, cos_ptr + token * stride_ct, sin_ptr + token * stride_st, cols, mask, dim, dtype)
+    y = y.to(dtype)
     tl.store(out_ptr + token * (num_q_heads + num_kv_heads) * dim + heads[:, None] * dim + cols[None, :], y,
              mask=mask)
     is_key = (heads[:, None] >= num_q_heads) & mask
