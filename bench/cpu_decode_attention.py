@@ -3,7 +3,9 @@ a model's worth of layers, each with its own paged cache whose blocks are shuffl
 a while of serving. One "step" calls the kernel once per layer, one new token per sequence; contexts spread
 over 143..459 tokens as in `bench.step_profile` (one sequence: 271). Prints the median step time (and the
 CPU time of all threads: on a shared machine, with one thread, the figure that preemption does not inflate)
-and the K/V bytes it read per second. The default shapes are the embedded SmolLM2-135M's.
+and the K/V bytes it read per second, next to what this host streams (the best of 5 float32 sums over 1 GiB at
+the same thread count: the read bandwidth the kernel could at most reach). The default shapes are the
+embedded SmolLM2-135M's.
 
     python -m bench.cpu_decode_attention --seqs 1 8 32
     python -m bench.cpu_decode_attention --library /tmp/other_build.so   # a build of another checkout
@@ -88,6 +90,17 @@ def bench(args: argparse.Namespace, num_seqs: int) -> tuple[float, float, float]
     return ms, min(cpu) * 1e3, kv_bytes / ms / 1e6
 
 
+def streaming_read_gbs() -> float:
+    """This host's sequential read bandwidth at the current thread count: the best of 5 sums over 1 GiB."""
+    x = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * x.element_size() / best / 1e9
+
+
 def main() -> None:
     args = parse_args()
     if args.library:
@@ -102,11 +115,14 @@ def main() -> None:
         f"heads {args.num_heads}/{args.num_kv_heads}, head_dim {args.head_dim}, block {args.block_size}, "
         f"query_len {args.query_len}, {args.dtype}"
     )
+    stream = streaming_read_gbs()
+    print(f"# this host streams {stream:.1f} GB/s (float32 sum over 1 GiB)")
     for n in args.seqs:
         ms, cpu_ms, gbs = bench(args, n)
         print(
             f"seqs {n:3d}  step {ms:8.3f} ms (min CPU {cpu_ms:8.3f} ms)  "
-            f"per layer {ms / args.layers * 1e3:7.1f} us  K/V {gbs:6.2f} GB/s"
+            f"per layer {ms / args.layers * 1e3:7.1f} us  K/V {gbs:6.2f} GB/s "
+            f"({gbs / stream:.0%} of streaming)"
         )
 
 
