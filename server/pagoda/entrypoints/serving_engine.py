@@ -156,6 +156,12 @@ class ServingEngine:
             raise bad_request("the text holds a lone UTF-16 surrogate", param) from error
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """/detokenize: on the worker thread, as a million tokens take seconds to decode."""
+        self.check_token_ids(token_ids)
+        tokenizer = self._require_tokenizer(self._worker_tokenizer)
+        return await self._off_loop(lambda: tokenizer.decode(token_ids))
+
     async def chat_prompt_ids(
         self,
         messages: list[ChatMessage],
@@ -175,9 +181,8 @@ class ServingEngine:
             raise bad_request(
                 f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs"
             )
-        conversation = [template_message(m) for m in messages]
-
         def render() -> list[int]:
+            conversation = [template_message(m) for m in messages]  # a million messages take seconds
             try:
                 text = _call_with_deadline(
                     lambda: tokenizer.apply_chat_template(
