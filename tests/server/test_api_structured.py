@@ -158,6 +158,15 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
      "response_format"),
+    # constraints no text satisfies: served, they ended at once with "" and finish_reason "stop"
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}},
+     "response_format"),
+    ({"extra_body": {"guided_regex": r"a[^\s\S]"}}, "guided_regex"),
+    ({"extra_body": {"guided_grammar": "start: a\na: a"}}, "guided_grammar"),
+    ({"extra_body": {"guided_choice": []}}, "guided_choice"),
+    # a schema the request gives but whose type ignores it
+    ({"response_format": {"type": "text", "json_schema": {"name": "x", "schema": {"type": "integer"}}}},
+     "response_format"),
 ]
 
 

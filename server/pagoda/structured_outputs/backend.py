@@ -112,6 +112,9 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self.tokenizer, _grammar_text(spec), log_level=0, limits=LIMITS)
         if matcher.is_error():
             raise GrammarError(_short(matcher.get_error()))
+        if _matches_nothing(matcher):
+            # e.g. {"$ref": "#"}, `a: a`, [^\s\S]: served, it ended at once with "" as if that matched
+            raise GrammarError("the constraint matches no text at all")
         with self._lock:
             self._cache[key] = matcher
             if len(self._cache) > CACHE_SIZE:
@@ -121,6 +124,16 @@ class GrammarCompiler:
     def matcher(self, spec: StructuredOutputsParams) -> Matcher:
         """A fresh matcher for one sequence (a copy of the cached pristine one)."""
         return Matcher(self.compile(spec).deep_copy(), self.vocab_size)
+
+
+def _matches_nothing(matcher: llguidance.LLMatcher) -> bool:
+    """Whether a pristine matcher admits no text, not even the empty one: llguidance finds that out when it
+    first computes the allowed tokens (a bitmask row, a fraction of a millisecond)."""
+    if matcher.is_accepting():
+        return False
+    probe = matcher.deep_copy()
+    probe.compute_bitmask()
+    return probe.is_error()
 
 
 def fill_bitmask(matchers: list[Matcher], bitmask: torch.Tensor) -> None:
