@@ -33,6 +33,9 @@ MAX_TOKEN_IDS = 2**20
 # one error per item (10 s for a 32 MiB token-id prompt checked against list[str] first)
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_TOKEN_IDS, fail_fast=True)]
 MAX_PROMPTS = 128  # as serving_engine.MAX_SEQS_PER_REQUEST: prompts x n
+# a Lark / GBNF grammar's build is not bounded by llguidance's fuel: 100k alternatives took 17 s of CPU,
+# which went on after the compile timeout answered; 64 KiB of grammar builds in about 0.1 s
+MAX_GRAMMAR_CHARS = 2**16
 MAX_TEMPLATE_INPUT_BYTES = 64 * 2**10  # a request's own chat template, and its chat_template_kwargs as JSON
 MAX_BAD_WORDS = 128
 
@@ -47,6 +50,7 @@ def _encodable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
+Grammar = Annotated[Text, Field(max_length=MAX_GRAMMAR_CHARS, description="A Lark or GBNF grammar.")]
 
 
 def random_id(prefix: str) -> str:
@@ -77,7 +81,7 @@ class StructuredOutputsRequest(RequestModel):
     json_: Text | dict[str, Any] | None = Field(None, alias="json", description="A JSON schema.")
     regex: Text | None = None
     choice: list[Text] | None = Field(None, min_length=1)
-    grammar: Text | None = Field(None, description="A Lark or GBNF grammar.")
+    grammar: Grammar | None = None
     json_object: bool | None = None
 
 
@@ -116,7 +120,7 @@ class SamplingRequest(RequestModel):
     guided_json: Text | dict[str, Any] | None = None
     guided_regex: Text | None = None
     guided_choice: list[Text] | None = Field(None, min_length=1)
-    guided_grammar: Text | None = None
+    guided_grammar: Grammar | None = None
 
     # field validators rather than one model validator: an error then names its field (`param`)
     @field_validator("stop")
