@@ -69,6 +69,14 @@ def test_a_request_for_too_many_tokens_in_all_is_400(server: LiveServer) -> None
     assert error["param"] == "max_tokens" and "4096" in error["message"]
 
 
+def test_echoed_prompt_logprobs_count_toward_the_bound(server: LiveServer) -> None:
+    # 128 echoes of a 200-token prompt with logprobs: 25.7k tokens in the response (it was not bounded)
+    body = {"prompt": "x" * 200, "n": 128, "echo": True, "logprobs": 1, "max_tokens": 1}
+    error = error_of(post(server, COMPLETIONS, body))
+    assert error["param"] == "max_tokens" and "echoed prompt" in error["message"]
+    assert post(server, COMPLETIONS, {**body, "n": 16}).status_code == 200  # 16 x 201 tokens fit in 4096
+
+
 def test_the_culprit_param_is_named(server: LiveServer) -> None:
     too_long = error_of(post(server, COMPLETIONS, {"prompt": "x" * 300, "max_tokens": 1}))
     assert too_long["param"] == "prompt" and too_long["code"] == "context_length_exceeded"

@@ -268,13 +268,17 @@ class ServingEngine:
             )
         self.check_queue(num_seqs)
 
-    def check_generated_tokens(self, n: int, max_tokens: list[int]) -> None:
-        """Bound the tokens one request may generate in all (`max_tokens` has one entry per prompt)."""
+    def check_generated_tokens(self, n: int, max_tokens: list[int], echoed: list[int] | None = None) -> None:
+        """Bound the tokens one request may generate in all (`max_tokens` has one entry per prompt), and
+        the prompt tokens it gets back with their logprobs in every sample (`echoed`, per prompt): those
+        cost as much to build and send, on the event loop (n=128 echoes of a 32k-token prompt with 20
+        logprobs would be gigabytes of JSON)."""
         limit = MAX_REQUEST_TOKENS_PER_CONTEXT * self.max_model_len
-        total = n * sum(max_tokens)
+        total = n * (sum(max_tokens) + sum(echoed or []))
         if total > limit:
+            what = "n x (max_tokens + the echoed prompt)" if any(echoed or []) else "n x max_tokens"
             raise bad_request(
-                f"the request asks for {total} generated tokens in all (n x max_tokens per prompt); "
+                f"the request asks for {total} tokens in all ({what} per prompt); "
                 f"at most {limit} are allowed: lower n or max_tokens",
                 "max_tokens",
             )
