@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from pagoda.structured_outputs.params import StructuredOutputsParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RequestOutputKind(IntEnum):
@@ -82,6 +87,19 @@ class SamplingParams:
         """Every token id these parameters name: the engine checks them against the vocabulary."""
         words = [t for ids in self.bad_words_token_ids for t in ids]
         return [*self.stop_token_ids, *(self.logit_bias or {}), *(self.allowed_token_ids or []), *words]
+
+    @functools.cached_property
+    def filter_tensors(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """allowed_token_ids, and logit_bias's ids and values, as CPU tensors built once: the sampler applies
+        them at every step, and building them from the lists each time cost about a microsecond per id
+        (a vocabulary-wide list: 0.2 s per sequence per step)."""
+        import torch  # here, not at import: the HTTP side imports this module too
+
+        allowed = torch.tensor(self.allowed_token_ids) if self.allowed_token_ids else None
+        if not self.logit_bias:
+            return allowed, None, None
+        ids = torch.tensor(list(self.logit_bias))
+        return allowed, ids, torch.tensor(list(self.logit_bias.values()), dtype=torch.float32)
 
     @property
     def greedy(self) -> bool:

@@ -11,10 +11,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 from tiny_models import VOCAB_SIZE, make_tiny_model
+from transformers import AutoTokenizer
 
 from pagoda import LLM, SamplingParams
 from pagoda.structured_outputs import StructuredOutputsParams
-from pagoda.structured_outputs.backend import GrammarError
+from pagoda.structured_outputs.backend import GrammarCompiler, GrammarError
 
 SCHEMA = {
     "type": "object",
@@ -60,6 +61,18 @@ def test_json_regex_choice_always_match(model_dir: Path) -> None:
     grammar = 'start: "(" item ("," item)* ")"\nitem: /[0-9]/'
     for text, finish in run(llm, StructuredOutputsParams(grammar=grammar), seed=1):
         assert finish == "length" or re.fullmatch(r"\([0-9](,[0-9])*\)", text), text
+
+
+def test_choices_match_exactly_whatever_characters_they_hold(model_dir: Path) -> None:
+    # choices are compiled as one regex of escaped literals: each must match itself and nothing else
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    compiler = GrammarCompiler(tokenizer, VOCAB_SIZE, [tokenizer.eos_token_id])
+    choices = ["a.b", "(x)|/y\\", "tab\there", "<>", "new\nline", "[a-z]{2}", "^$", "#&-~", '"q"', "\x00"]
+    spec = StructuredOutputsParams(choice=choices)
+    for text in [*choices, "aXb", "a", "ab", "tab here", "x", "zz", "", "\\"]:
+        matcher = compiler.matcher(spec)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert (all(matcher.consume(t) for t in ids) and matcher.accepting) == (text in choices), text
 
 
 def test_checking_the_draw_equals_masking_first(model_dir: Path) -> None:

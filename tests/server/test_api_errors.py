@@ -51,6 +51,34 @@ def test_invalid_requests_are_400(server: LiveServer, path: str, body: object) -
 
 
 @pytest.mark.parametrize(
+    ("path", "body", "param", "says"),
+    [
+        # a union (prompt: text, texts, token ids, lists of them) reports the member the input fits, named
+        # by field path; it used to say "prompt.function-after[_encodable(), str]: should be a valid string"
+        (COMPLETIONS, {"prompt": [-1]}, "prompt.0", "greater than or equal to 0"),
+        (COMPLETIONS, {"prompt": [[1], [2**40]]}, "prompt.1.0", "less than or equal to"),
+        (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+         "messages.0.content.0.type", "'text'"),
+        (CHAT, {"messages": MESSAGES, "tool_choice": "sometimes"}, "tool_choice", "'required'"),
+        # checks across fields name theirs (they had param null)
+        (COMPLETIONS, {"prompt": "x", "best_of": 3}, "best_of", "best_of == n"),
+        (COMPLETIONS, {"prompt": "x", "stop": [""]}, "stop", "non-empty"),
+        (CHAT, {"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options", "stream"),
+        # fields the server cannot honour are rejected, not ignored (vLLM extras, newer OpenAI options)
+        (COMPLETIONS, {"prompt": "x", "use_beam_search": True}, "use_beam_search", "Unrecognized"),
+        (CHAT, {"messages": MESSAGES, "echo": True}, "echo", "Unrecognized"),
+        (CHAT, {"messages": MESSAGES, "modalities": ["audio"]}, "modalities", "Unrecognized"),
+        (CHAT, {"messages": MESSAGES, "stream": True, "stream_options": {"include_obfuscation": False}},
+         "stream_options.include_obfuscation", "Unrecognized"),
+    ],
+)
+def test_the_error_names_the_field(server: LiveServer, path: str, body: dict, param: str, says: str) -> None:
+    response = httpx.post(server.base_url + path, json=body, headers=server.headers, timeout=30)
+    error = assert_error(response, 400)
+    assert error["param"] == param and says in error["message"], error
+
+
+@pytest.mark.parametrize(
     "body",
     [
         {"prompt": "x" * 300, "max_tokens": 1},  # the prompt alone is longer than max_model_len (256)

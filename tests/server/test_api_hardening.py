@@ -69,6 +69,14 @@ def test_a_request_for_too_many_tokens_in_all_is_400(server: LiveServer) -> None
     assert error["param"] == "max_tokens" and "4096" in error["message"]
 
 
+def test_echoed_prompt_logprobs_count_toward_the_bound(server: LiveServer) -> None:
+    # 128 echoes of a 200-token prompt with logprobs: 25.7k tokens in the response (it was not bounded)
+    body = {"prompt": "x" * 200, "n": 128, "echo": True, "logprobs": 1, "max_tokens": 1}
+    error = error_of(post(server, COMPLETIONS, body))
+    assert error["param"] == "max_tokens" and "echoed prompt" in error["message"]
+    assert post(server, COMPLETIONS, {**body, "n": 16}).status_code == 200  # 16 x 201 tokens fit in 4096
+
+
 def test_the_culprit_param_is_named(server: LiveServer) -> None:
     too_long = error_of(post(server, COMPLETIONS, {"prompt": "x" * 300, "max_tokens": 1}))
     assert too_long["param"] == "prompt" and too_long["code"] == "context_length_exceeded"
@@ -90,7 +98,7 @@ def test_the_culprit_param_is_named(server: LiveServer) -> None:
         (CHAT, {"messages": MESSAGES, "max_tokens": "3"}, "max_tokens"),
         (COMPLETIONS, {"prompt": "x", "echo": "true"}, "echo"),
         (COMPLETIONS, {"prompt": "x", "temperature": "0.5"}, "temperature"),
-        (COMPLETIONS, {"prompt": "x", "best_of": 2}, None),
+        (COMPLETIONS, {"prompt": "x", "best_of": 2}, "best_of"),
     ],
 )
 def test_loose_types_and_unsupported_fields_are_400(
@@ -283,3 +291,27 @@ def test_health_answers_fast_while_a_50mb_chunked_body_and_a_2mb_prompt_are_in_f
     )
     assert max(body_latencies) < 1.0 and max(prompt_latencies) < 1.0
     assert httpx.get(f"{server.base_url}/metrics", timeout=5).status_code == 200
+
+
+def token_ids_body(field: str, count: int) -> bytes:
+    return b'{"prompt": "x", "max_tokens": 1, "%s": [' % field.encode() + b"1," * (count - 1) + b"1]}"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        # 15M values in 30 MB: validated on the event loop, this held /health for 13 s
+        (token_ids_body("allowed_token_ids", 15 * 2**20), 413),
+        # 2M values: parsed and validated on a worker thread, rejected by the bound on token-id lists
+        (token_ids_body("stop_token_ids", 2**21 - 8), 400),
+        # a body that passes validation, with every check after it (the ids against the vocabulary)
+        (token_ids_body("stop_token_ids", 2**20), 200),
+    ],
+)
+def test_health_answers_while_a_body_of_millions_of_values_is_checked(
+    server: LiveServer, body: bytes, status: int
+) -> None:
+    latencies, response = probe_while(server, lambda: post(server, COMPLETIONS, body))
+    assert response.status_code == status, response.text
+    print(f"\n/health latency: max {max(latencies) * 1e3:.1f} ms over {len(latencies)} probes")
+    assert max(latencies) < 1.0

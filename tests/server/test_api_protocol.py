@@ -7,7 +7,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from pagoda.entrypoints.protocol import ChatCompletionRequest, CompletionRequest
+from pagoda.entrypoints.protocol import MAX_TOKEN_IDS, ChatCompletionRequest, CompletionRequest
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -52,6 +52,14 @@ def test_completion_prompt_forms(prompt: object, expected: list) -> None:
         {"prompt": "x", "n": "two"},
         {"prompt": "x", "stream_options": {"include_usage": True}},
         {"prompt": "x", "seed": 2**64},
+        # fields the server does not implement are rejected, as OpenAI rejects unknown arguments
+        {"prompt": "x", "use_beam_search": True},
+        {"prompt": "x", "prompt_logprobs": 1},
+        {"prompt": "x", "stream": True, "stream_options": {"include_usage": True, "continuous_usage": True}},
+        {"prompt": "x", "structured_outputs": {"choice": []}},
+        {"prompt": [1] * (MAX_TOKEN_IDS + 1)},
+        {"prompt": "x", "allowed_token_ids": [1] * (MAX_TOKEN_IDS + 1)},
+        {"prompt": ["x"] * 129},
     ],
 )
 def test_completion_rejects(fields: dict) -> None:
@@ -69,6 +77,10 @@ def test_completion_rejects(fields: dict) -> None:
         {"messages": MESSAGES, "top_logprobs": 3},
         {"messages": MESSAGES, "top_logprobs": 21, "logprobs": True},
         {"messages": "hi"},
+        {"messages": MESSAGES, "echo": True},
+        {"messages": MESSAGES, "modalities": ["text", "audio"]},
+        {"messages": MESSAGES, "response_format": {"type": "text", "json_schema": {"name": "a"}}},
+        {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f", "strictness": 1}}]},
     ],
 )
 def test_chat_rejects(fields: dict) -> None:
@@ -83,10 +95,16 @@ def test_chat_content_parts_and_token_budget() -> None:
         ],
         max_tokens=5,
         max_completion_tokens=7,
-        unknown_field="ignored like OpenAI",
     )
     assert request.messages[0].text() == "a\nb"
     assert request.requested_max_tokens == 7  # max_completion_tokens supersedes max_tokens
+
+
+def test_messages_sent_back_as_received_are_accepted() -> None:
+    # the official client's message objects carry fields the request never uses: they are history, not options
+    assistant = {"role": "assistant", "content": "x", "refusal": None, "annotations": [], "audio": None}
+    request = ChatCompletionRequest(messages=[*MESSAGES, assistant, *MESSAGES])
+    assert request.messages[1].text() == "x"
 
 
 def test_sampling_params_mapping() -> None:
@@ -113,5 +131,9 @@ def test_sampling_params_mapping() -> None:
     assert params.presence_penalty == 0.5 and params.frequency_penalty == -0.5
     assert params.stop == ["END"] and params.stop_token_ids == [7] and params.min_tokens == 2
     assert params.ignore_eos and params.max_tokens == 10 and params.logprobs == 2
+    # repeated ids are dropped: the engine scans these lists every step
+    repeated = CompletionRequest(prompt="x", allowed_token_ids=[5, 3] * 1000, stop_token_ids=[7] * 1000)
+    params = repeated.sampling_params(max_tokens=1, logprobs=None)
+    assert params.allowed_token_ids == [5, 3] and params.stop_token_ids == [7]
     defaults = CompletionRequest(prompt="x").sampling_params(max_tokens=16, logprobs=None)
     assert defaults.temperature == 1.0 and defaults.top_p == 1.0 and defaults.logprobs is None

@@ -96,6 +96,15 @@ def test_completions_take_structured_outputs_and_guided_fields(client: openai.Op
     assert sorted(texts) == [0, 1] and all(t in choices for t in texts.values())
 
 
+def test_a_hundred_thousand_choices_compile_and_bind(client: openai.OpenAI) -> None:
+    # as llguidance's Lark "choice" rule this build took 17 s of CPU and was cut off by the compile timeout
+    choices = [f"option {i}" for i in range(100_000)]
+    completion = client.completions.create(
+        model=MODEL_NAME, prompt="pick", max_tokens=10, extra_body={"guided_choice": choices}
+    )
+    assert completion.choices[0].text in choices
+
+
 def test_required_tool_call_round_trip(client: openai.OpenAI) -> None:
     tools = [WEATHER_TOOL, TIME_TOOL]
     response = client.chat.completions.create(
@@ -157,6 +166,18 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
      "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "response_format"),
+    # constraints no text satisfies: served, they ended at once with "" and finish_reason "stop"
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}},
+     "response_format"),
+    ({"extra_body": {"guided_regex": r"a[^\s\S]"}}, "guided_regex"),
+    ({"extra_body": {"guided_grammar": "start: a\na: a"}}, "guided_grammar"),
+    ({"extra_body": {"guided_choice": []}}, "guided_choice"),
+    # a grammar larger than 64 KiB (its build is not bounded by llguidance's fuel)
+    ({"extra_body": {"guided_grammar": "start: " + " | ".join(f'"c{i}"' for i in range(20_000))}},
+     "guided_grammar"),
+    # a schema the request gives but whose type ignores it
+    ({"response_format": {"type": "text", "json_schema": {"name": "x", "schema": {"type": "integer"}}}},
      "response_format"),
 ]
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,18 +60,42 @@ def error_response(
 
 
 def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The first pydantic error as one line, plus the dotted field it concerns."""
+    """The most telling pydantic error as one line, plus the dotted field it concerns."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
-    # loc is ("body", field, ...); union members add their type names, which mean nothing to a client
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    message = first.get("msg", "invalid value")
+    # a union reports one error per member, the first member's first; the telling one is not about the
+    # type (it comes from the member the input had the shape of), and the deepest of those (for "prompt":
+    # [-1], "prompt.0 should be >= 0", not "prompt should be a valid string")
+    field = _field_path(first)[:1]
+    same_field = [e for e in errors if _field_path(e)[:1] == field]
+    chosen = max(
+        same_field, key=lambda e: (not str(e.get("type", "")).endswith("_type"), len(_field_path(e)))
+    )
+    param = ".".join(_field_path(chosen)) or None
+    if chosen.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    message = str(chosen.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{param}: {message}" if param else message), param
+
+
+# the labels pydantic puts in an error's location for the member of a union that failed (`str`,
+# `list[constrained-int]`, `function-after[_encodable(), str]`, `TextContentPart`): not fields
+_FIELD_NAME = re.compile(r"[a-z_][a-z0-9_]*|[0-9]+")
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _field_path(error: Any) -> list[str]:
+    """An error's location as the fields and indices of the request body: without "body" (FastAPI's
+    prefix) and without union member labels."""
+    return [str(part) for part in error.get("loc", ()) if isinstance(part, int) or _is_field(part)]
+
+
+def _is_field(part: str) -> bool:
+    return part != "body" and part not in _TYPE_NAMES and _FIELD_NAME.fullmatch(part) is not None
 
 
 def install_error_handlers(app: FastAPI) -> None:

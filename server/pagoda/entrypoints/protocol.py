@@ -13,12 +13,29 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pagoda.sampling_params import SamplingParams
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+# a bound on every token-id list, far above any context: validating 15M ids held the loop for seconds
+MAX_TOKEN_IDS = 2**20
+# fail_fast: a union tries each member in turn, and a list member that does not fit would otherwise collect
+# one error per item (10 s for a 32 MiB token-id prompt checked against list[str] first)
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_TOKEN_IDS, fail_fast=True)]
+MAX_PROMPTS = 128  # as serving_engine.MAX_SEQS_PER_REQUEST: prompts x n
+# a Lark / GBNF grammar's build is not bounded by llguidance's fuel: 100k alternatives took 17 s of CPU,
+# which went on after the compile timeout answered; 64 KiB of grammar builds in about 0.1 s
+MAX_GRAMMAR_CHARS = 2**16
 MAX_TEMPLATE_INPUT_BYTES = 64 * 2**10  # a request's own chat template, and its chat_template_kwargs as JSON
 MAX_BAD_WORDS = 128
 
@@ -33,6 +50,7 @@ def _encodable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
+Grammar = Annotated[Text, Field(max_length=MAX_GRAMMAR_CHARS, description="A Lark or GBNF grammar.")]
 
 
 def random_id(prefix: str) -> str:
@@ -40,29 +58,37 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIModel(BaseModel):
-    # unknown fields are ignored like the OpenAI API does; NaN and infinities are never valid numbers here
+    # NaN and infinities are never valid numbers here. Unknown fields are ignored: the responses, and the
+    # messages of a conversation, which clients send back as they got them (with refusal, annotations...)
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
-class StreamOptions(OpenAIModel):
+class RequestModel(OpenAIModel):
+    """A request body or one of its options: an unknown field is a 400, as OpenAI's "Unrecognized request
+    argument": the server could not honour it (use_beam_search, prompt_logprobs, modalities...)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+class StreamOptions(RequestModel):
     include_usage: bool | None = False
 
 
-class StructuredOutputsRequest(OpenAIModel):
+class StructuredOutputsRequest(RequestModel):
     """vLLM's `structured_outputs` extra: exactly one of these."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, populate_by_name=True)
     json_: Text | dict[str, Any] | None = Field(None, alias="json", description="A JSON schema.")
     regex: Text | None = None
-    choice: list[Text] | None = None
-    grammar: Text | None = Field(None, description="A Lark or GBNF grammar.")
+    choice: list[Text] | None = Field(None, min_length=1)
+    grammar: Grammar | None = None
     json_object: bool | None = None
 
 
-class SamplingRequest(OpenAIModel):
+class SamplingRequest(RequestModel):
     """Fields that completions and chat completions share."""
 
-    model: str | None = Field(None, description="Served model name; defaults to the served model.")
+    model: Text | None = Field(None, description="Served model name; defaults to the served model.")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
@@ -79,12 +105,12 @@ class SamplingRequest(OpenAIModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: TokenIds | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None, description="Token id (as a string) -> bias in [-100, 100] added to its logit."
     )
-    allowed_token_ids: list[TokenId] | None = Field(None, min_length=1)
+    allowed_token_ids: Annotated[TokenIds, Field(min_length=1)] | None = None
     bad_words: list[Annotated[Text, Field(min_length=1, max_length=1024)]] | None = Field(
         None, max_length=MAX_BAD_WORDS
     )
@@ -93,19 +119,33 @@ class SamplingRequest(OpenAIModel):
     structured_outputs: StructuredOutputsRequest | None = None
     guided_json: Text | dict[str, Any] | None = None
     guided_regex: Text | None = None
-    guided_choice: list[Text] | None = None
-    guided_grammar: Text | None = None
+    guided_choice: list[Text] | None = Field(None, min_length=1)
+    guided_grammar: Grammar | None = None
 
-    @model_validator(mode="after")
-    def _check_stop(self) -> SamplingRequest:
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+    # field validators rather than one model validator: an error then names its field (`param`)
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
         if len(stops) > 16 or any(not s for s in stops):
             raise ValueError("stop must be a non-empty string or a list of at most 16 non-empty strings")
-        if self.stream_options is not None and not self.stream:
+        return stop
+
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(
+        cls, options: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.best_of is not None and self.best_of != self.n:
+        return options
+
+    @field_validator("best_of")
+    @classmethod
+    def _check_best_of(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        if best_of is not None and best_of != info.data.get("n"):
             raise ValueError("best_of is not supported (other than best_of == n)")
-        return self
+        return best_of
 
     @field_validator("logit_bias")
     @classmethod
@@ -138,20 +178,26 @@ class SamplingRequest(OpenAIModel):
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
             stop=self.stop_strings,
-            stop_token_ids=list(self.stop_token_ids or []),
+            # deduplicated: the engine scans these every step; a list of 1M copies of one id cost seconds each
+            stop_token_ids=list(dict.fromkeys(self.stop_token_ids or [])),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=self.logit_bias_ids,
-            allowed_token_ids=self.allowed_token_ids,
+            allowed_token_ids=list(dict.fromkeys(self.allowed_token_ids)) if self.allowed_token_ids else None,
             bad_words=list(self.bad_words or []),
         )
 
 
 # ---- completions -----------------------------------------------------------------------------------
 
-Prompt = Text | list[Text] | list[TokenId] | list[list[TokenId]]
+Prompt = (
+    Text
+    | Annotated[list[Text], Field(max_length=MAX_PROMPTS, fail_fast=True)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS, fail_fast=True)]
+)
 
 
 class CompletionRequest(SamplingRequest):
@@ -161,15 +207,21 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     suffix: Text | None = None
 
-    @model_validator(mode="after")
-    def _check_prompt(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and not self.prompt:
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, prompt: str | list) -> str | list:
+        if isinstance(prompt, list) and not prompt:
             raise ValueError("prompt must not be empty")
-        if isinstance(self.prompt, list) and any(isinstance(p, list | str) and not p for p in self.prompt):
+        if isinstance(prompt, list) and any(isinstance(p, list | str) and not p for p in prompt):
             raise ValueError("prompt must not contain empty prompts")
-        if self.suffix:
+        return prompt
+
+    @field_validator("suffix")
+    @classmethod
+    def _check_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
             raise ValueError("suffix is not supported")
-        return self
+        return suffix
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -245,36 +297,36 @@ class ChatMessage(OpenAIModel):
         return "\n".join(part.text for part in self.content)
 
 
-class FunctionDefinition(OpenAIModel):
+class FunctionDefinition(RequestModel):
     name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments.")
     strict: bool | None = None
 
 
-class ChatTool(OpenAIModel):
+class ChatTool(RequestModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(OpenAIModel):
+class NamedFunction(RequestModel):
     name: str
 
 
-class NamedToolChoice(OpenAIModel):
+class NamedToolChoice(RequestModel):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JsonSchemaFormat(OpenAIModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+class JsonSchemaFormat(RequestModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(OpenAIModel):
+class ResponseFormat(RequestModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -282,6 +334,8 @@ class ResponseFormat(OpenAIModel):
     def _schema_given(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError('response_format of type "json_schema" needs a json_schema')
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f'response_format of type "{self.type}" takes no json_schema')
         return self
 
 
@@ -312,11 +366,12 @@ class ChatCompletionRequest(SamplingRequest):
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _check_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs to be true")
-        return self
+        return top_logprobs
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -377,8 +432,8 @@ class ChatCompletionResponse(OpenAIModel):
 # ---- utility endpoints -----------------------------------------------------------------------------
 
 
-class TokenizeRequest(OpenAIModel):
-    model: str | None = None
+class TokenizeRequest(RequestModel):
+    model: Text | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
@@ -397,9 +452,9 @@ class TokenizeResponse(OpenAIModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(OpenAIModel):
-    model: str | None = None
-    tokens: list[TokenId]
+class DetokenizeRequest(RequestModel):
+    model: Text | None = None
+    tokens: TokenIds
 
 
 class DetokenizeResponse(OpenAIModel):

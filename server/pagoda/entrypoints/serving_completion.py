@@ -37,8 +37,9 @@ class ServingCompletion(ServingEngine):
         max_tokens = [
             self.resolve_max_tokens(len(p.token_ids), request.max_tokens, "prompt") for p in prompts
         ]
-        self.check_generated_tokens(request.n, max_tokens)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+        echoed = [len(p.token_ids) if prompt_logprobs is not None else 0 for p in prompts]
+        self.check_generated_tokens(request.n, max_tokens, echoed)
         params = [request.sampling_params(m, request.logprobs, prompt_logprobs) for m in max_tokens]
         params = [await self.constrain(request, p) for p in params]
         request_id = random_id("cmpl")

@@ -156,6 +156,12 @@ class ServingEngine:
             raise bad_request("the text holds a lone UTF-16 surrogate", param) from error
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """/detokenize: on the worker thread, as a million tokens take seconds to decode."""
+        self.check_token_ids(token_ids)
+        tokenizer = self._require_tokenizer(self._worker_tokenizer)
+        return await self._off_loop(lambda: tokenizer.decode(token_ids))
+
     async def chat_prompt_ids(
         self,
         messages: list[ChatMessage],
@@ -175,9 +181,8 @@ class ServingEngine:
             raise bad_request(
                 f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs"
             )
-        conversation = [template_message(m) for m in messages]
-
         def render() -> list[int]:
+            conversation = [template_message(m) for m in messages]  # a million messages take seconds
             try:
                 text = _call_with_deadline(
                     lambda: tokenizer.apply_chat_template(
@@ -263,13 +268,17 @@ class ServingEngine:
             )
         self.check_queue(num_seqs)
 
-    def check_generated_tokens(self, n: int, max_tokens: list[int]) -> None:
-        """Bound the tokens one request may generate in all (`max_tokens` has one entry per prompt)."""
+    def check_generated_tokens(self, n: int, max_tokens: list[int], echoed: list[int] | None = None) -> None:
+        """Bound the tokens one request may generate in all (`max_tokens` has one entry per prompt), and
+        the prompt tokens it gets back with their logprobs in every sample (`echoed`, per prompt): those
+        cost as much to build and send, on the event loop (n=128 echoes of a 32k-token prompt with 20
+        logprobs would be gigabytes of JSON)."""
         limit = MAX_REQUEST_TOKENS_PER_CONTEXT * self.max_model_len
-        total = n * sum(max_tokens)
+        total = n * (sum(max_tokens) + sum(echoed or []))
         if total > limit:
+            what = "n x (max_tokens + the echoed prompt)" if any(echoed or []) else "n x max_tokens"
             raise bad_request(
-                f"the request asks for {total} generated tokens in all (n x max_tokens per prompt); "
+                f"the request asks for {total} tokens in all ({what} per prompt); "
                 f"at most {limit} are allowed: lower n or max_tokens",
                 "max_tokens",
             )

@@ -189,37 +189,33 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 def apply_token_filters(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logit_bias added, tokens outside allowed_token_ids and the last token of a bad word whose prefix
     the completion ends with masked (vLLM's semantics). The caller's tensor is untouched; rows without
-    filters cost nothing."""
-    bias: list[tuple[int, int, float]] = []
+    filters cost nothing, rows with them a few tensor operations each, whatever their lists' lengths."""
+    filtered: list[tuple[int, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = []
     masked: list[tuple[int, int]] = []
-    allowed: list[tuple[int, int]] = []
     for row, seq in enumerate(seqs):
         params = seq.params
         if not (params.logit_bias or params.allowed_token_ids or params.bad_words_token_ids):
             continue  # most rows: nothing to filter
-        bias += [(row, token, value) for token, value in (params.logit_bias or {}).items()]
-        allowed += [(row, token) for token in params.allowed_token_ids or []]
+        if params.logit_bias or params.allowed_token_ids:
+            filtered.append((row, *params.filter_tensors))
         completion = seq.completion_token_ids if params.bad_words_token_ids else []
         for word in params.bad_words_token_ids:
             prefix = word[:-1]
             if len(prefix) <= len(completion) and completion[len(completion) - len(prefix) :] == prefix:
                 masked.append((row, word[-1]))
-    if not (bias or masked or allowed):
+    if not (filtered or masked):
         return logits
     logits = logits.clone()
-    if allowed:
-        rows = sorted({row for row, _ in allowed})
-        keep = torch.ones_like(logits, dtype=torch.bool)  # rows without a list keep everything
-        keep[rows] = False
-        row_token = torch.tensor(allowed, device=logits.device)
-        keep[row_token[:, 0], row_token[:, 1]] = True
-        logits.masked_fill_(~keep, float("-inf"))
-    if bias:
-        index = torch.tensor([(row, token) for row, token, _ in bias], device=logits.device)
-        values = torch.tensor([value for *_, value in bias], dtype=logits.dtype, device=logits.device)
-        logits.index_put_((index[:, 0], index[:, 1]), values, accumulate=True)
+    device = logits.device
+    for row, allowed, bias_ids, bias_values in filtered:
+        if allowed is not None:
+            keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+            keep[allowed.to(device)] = True
+            logits[row].masked_fill_(~keep, float("-inf"))
+        if bias_ids is not None and bias_values is not None:
+            logits[row].index_add_(0, bias_ids.to(device), bias_values.to(device, logits.dtype))
     if masked:
-        row_token = torch.tensor(masked, device=logits.device)
+        row_token = torch.tensor(masked, device=device)
         logits[row_token[:, 0], row_token[:, 1]] = float("-inf")
     return logits
 

@@ -112,6 +112,9 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self.tokenizer, _grammar_text(spec), log_level=0, limits=LIMITS)
         if matcher.is_error():
             raise GrammarError(_short(matcher.get_error()))
+        if _matches_nothing(matcher):
+            # e.g. {"$ref": "#"}, `a: a`, [^\s\S]: served, it ended at once with "" as if that matched
+            raise GrammarError("the constraint matches no text at all")
         with self._lock:
             self._cache[key] = matcher
             if len(self._cache) > CACHE_SIZE:
@@ -121,6 +124,16 @@ class GrammarCompiler:
     def matcher(self, spec: StructuredOutputsParams) -> Matcher:
         """A fresh matcher for one sequence (a copy of the cached pristine one)."""
         return Matcher(self.compile(spec).deep_copy(), self.vocab_size)
+
+
+def _matches_nothing(matcher: llguidance.LLMatcher) -> bool:
+    """Whether a pristine matcher admits no text, not even the empty one: llguidance finds that out when it
+    first computes the allowed tokens (a bitmask row, a fraction of a millisecond)."""
+    if matcher.is_accepting():
+        return False
+    probe = matcher.deep_copy()
+    probe.compute_bitmask()
+    return probe.is_error()
 
 
 def fill_bitmask(matchers: list[Matcher], bitmask: torch.Tensor) -> None:
@@ -151,13 +164,27 @@ def _grammar_text(spec: StructuredOutputsParams) -> str:
         if spec.regex is not None:
             return llguidance.LLMatcher.grammar_from_regex(spec.regex)
         if spec.choice is not None:
-            return llguidance.grammar_from("choice", json.dumps(list(spec.choice)))
+            # one regex, not llguidance's "choice" (a Lark rule of alternatives, whose build grows faster
+            # than the number of choices: 100k took 17 s of CPU, past the compile timeout)
+            return llguidance.LLMatcher.grammar_from_regex("|".join(map(_regex_literal, spec.choice)))
         assert spec.grammar is not None
         return llguidance.grammar_from("grammar", spec.grammar)  # Lark, or GBNF converted to Lark
     except GrammarError:
         raise
     except Exception as error:  # the spec is the client's: whatever its conversion trips over is its error
         raise GrammarError(_short(f"{type(error).__name__}: {error}")) from error
+
+
+_REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$/")  # and "/", which ends the regex in the Lark grammar
+
+
+def _regex_literal(text: str) -> str:
+    """A regex (Rust's syntax, as llguidance reads it) that matches exactly `text`. Not every escape is
+    valid there (`\\<` is a word boundary), so only metacharacters are escaped, and what is not printable
+    is written by its code point."""
+    return "".join(
+        "\\" + c if c in _REGEX_SPECIAL else c if c.isprintable() else f"\\x{{{ord(c):x}}}" for c in text
+    )
 
 
 def _short(message: str) -> str:
