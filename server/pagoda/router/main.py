@@ -137,6 +137,7 @@ async def serve(args: argparse.Namespace) -> None:
         runner = web.AppRunner(
             build_app(router, holding=args.hold_timeout > 0),
             handler_cancellation=True,  # a client disconnect cancels the handler and the upstream request
+            auto_decompress=False,  # bodies go upstream as sent: a Content-Encoding is the engine's to judge
             access_log=None,
             shutdown_timeout=args.shutdown_timeout,
         )
