@@ -3,6 +3,7 @@ never a 500 of its own, a dead poller or a stream cut without a word."""
 
 from __future__ import annotations
 
+import http.client
 import http.server
 import json
 import socketserver
@@ -79,6 +80,13 @@ def test_hostile_bodies_get_the_engines_answer(engines: dict[str, LiveServer], s
     assert too_large.status_code == 413 and too_large.json()["error"]["type"] == "invalid_request_error"
     nowhere = httpx.get(f"{router.base_url}/nowhere")
     assert nowhere.status_code == 404 and nowhere.json()["error"]["type"] == "not_found_error"
+    for path in ("/v1/../metrics", "/v1/%2e%2e/version", "/v1/models/../../tokenize"):  # sent as is
+        connection = http.client.HTTPConnection(router.base_url.removeprefix("http://"), timeout=10)
+        connection.request("GET", path)
+        climbed = connection.getresponse()
+        assert climbed.status == 404, (path, climbed.read()[:100])
+        assert json.loads(climbed.read())["error"]["type"] == "not_found_error"
+        connection.close()
     assert router.metric("pagoda_router_requests_total") == 2 * len(HOSTILE) + 1
     assert httpx.get(f"{router.base_url}/health").status_code == 200
 

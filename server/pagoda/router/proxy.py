@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import posixpath
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -141,6 +142,9 @@ class Router:
     # -- proxying --------------------------------------------------------------------------------------
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         arrival = time.perf_counter()
+        # the upstream URL resolves dot segments: /v1/../metrics would reach the engine's /metrics
+        if not (posixpath.normpath(request.rel_url.path) + "/").startswith("/v1/"):
+            return error_response(404, "Not Found")
         payload = await request.read()
         body = parse_body(payload) if request.method == "POST" else None
         headers = _forward_headers(request.headers)
