@@ -125,15 +125,33 @@ class _Breaking(http.server.BaseHTTPRequestHandler):
         self.close_connection = True  # dies mid-answer: no terminating chunk
 
 
-@pytest.fixture()
-def breaking_backend() -> Iterator[str]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Breaking)
+class _Garbage(_Breaking):
+    """Ready, but what it answers on /v1 is not HTTP (a backend URL with the wrong port, say)."""
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.wfile.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        self.close_connection = True
+
+
+def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture()
+def breaking_backend() -> Iterator[str]:
+    yield from serve(_Breaking)
+
+
+@pytest.fixture()
+def garbage_backend() -> Iterator[str]:
+    yield from serve(_Garbage)
 
 
 def test_a_stream_the_engine_breaks_off_ends_with_an_error_event(breaking_backend: str, start_router) -> None:
@@ -146,3 +164,13 @@ def test_a_stream_the_engine_breaks_off_ends_with_an_error_event(breaking_backen
     assert texts == ["a"]
     assert router.metric("pagoda_router_ejections_total", backend=breaking_backend) == 1
     assert httpx.get(f"{router.base_url}/health").status_code == 200
+
+
+def test_an_answer_that_is_not_http_is_retried_on_another_backend(
+    garbage_backend: str, engines: dict[str, LiveServer], start_router
+) -> None:
+    router = start_router(garbage_backend, engines["a"].base_url, policy="round-robin")
+    client = router.client()
+    for i in range(4):  # once a 500 from the router for every request sent to the garbage backend
+        assert client.completions.create(model=MODEL_NAME, prompt=f"x{i}", max_tokens=2).choices
+    assert router.metric("pagoda_router_retries_total", reason="bad-response") >= 1

@@ -185,6 +185,11 @@ class Router:
             self.pool.eject(backend)
             self.metrics.retries.labels("connection").inc()
             return None
+        except aiohttp.ClientResponseError as error:  # an answer that is not HTTP (a wrong port, say)
+            log.warning("backend %s answered garbage: %r", backend.url, error)
+            self.pool.eject(backend)
+            self.metrics.retries.labels("bad-response").inc()
+            return None
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as error:
             # reset before any byte of the answer (killed, or a keep-alive closed under us): nothing
             # reached the client yet; the /ready poll decides whether the backend stays in
