@@ -88,13 +88,21 @@ class ScaleDecision:
     window: ScalingWindow
 
 
+def count(name: str, value: float) -> float:
+    """A gauge read as a count or a fraction: NaN, an infinity or a negative value (a broken exporter) makes
+    the pod's reading unusable, as if it had not answered, instead of failing the tick's arithmetic."""
+    if not 0 <= value < math.inf:
+        raise MetricsError(f"{name} is {value}")
+    return value
+
+
 def parse_metrics(text: str) -> PodLoad:
     """Read a pod's load from Prometheus text, summing over label sets (one per served model name)."""
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in (WAITING_METRIC, KV_CACHE_METRIC, KV_CACHE_METRIC_LEGACY, RUNNING_METRIC):
-                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+                totals[sample.name] = totals.get(sample.name, 0.0) + count(sample.name, sample.value)
     kv_cache = totals.get(KV_CACHE_METRIC, totals.get(KV_CACHE_METRIC_LEGACY))
     if WAITING_METRIC not in totals or kv_cache is None:
         raise MetricsError(f"/metrics lacks {WAITING_METRIC} or {KV_CACHE_METRIC}")
@@ -108,7 +116,7 @@ def parse_router_pending(text: str) -> float:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == ROUTER_PENDING_METRIC:
-                return sample.value
+                return count(sample.name, sample.value)
     raise MetricsError(f"/metrics lacks {ROUTER_PENDING_METRIC}")
 
 

@@ -26,9 +26,12 @@ MODEL_SCHEMES = ("hf://", "pvc://", "s3://", "https://", "builtin://")
 # Flags the operator owns: the probes, the Service and the Secret-backed API key depend on them.
 RESERVED_ENGINE_FLAGS = ("--host", "--port", "--api-key")
 GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
+# An HPA's averageValue is a quantity in thousandths: a smaller target would round to an invalid 0.
+HPA_TARGET_STEP = 0.001
+MAX_TARGET_WAITING = 1e6
 
 _QUANTITY = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+))([KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?$")
-_QUANTITY_FACTORS = {
+_QUANTITY_FACTORS: dict[str, Decimal | int] = {
     "": 1,
     "n": Decimal("1e-9"),
     "u": Decimal("1e-6"),
@@ -219,16 +222,20 @@ def _int(section: Mapping[str, Any], key: str, default: int | None, low: int, hi
     return value
 
 
-def _number(section: Mapping[str, Any], key: str, default: float, high: float | None, where: str) -> float:
+def _number(
+    section: Mapping[str, Any], key: str, default: float, high: float, where: str, low: float | None = None
+) -> float:
+    """A number in (0, high], or in [low, high] when `low` is given."""
     value = section.get(key, default)
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or value <= 0
-        or (high is not None and value > high)
+        or (low is not None and value < low)
+        or value > high
     ):
-        bound = f"in (0, {high}]" if high is not None else "greater than 0"
-        raise InvalidSpecError(f"{where}.{key} must be a number {bound}, got {value!r}")
+        bound = f"[{low:g}, {high:g}]" if low is not None else f"(0, {high:g}]"
+        raise InvalidSpecError(f"{where}.{key} must be a number in {bound}, got {value!r}")
     return float(value)
 
 
@@ -246,6 +253,31 @@ def _section(spec: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise InvalidSpecError(f"spec.{key} must be an object")
     return value
+
+
+def parse_resources(resources: Any, where: str) -> dict[str, Any]:
+    """ResourceRequirements held to what the API server checks on the pod template (its schema alone lets
+    these through): quantities, none negative, requests within limits, whole GPUs requested as limited."""
+    if not isinstance(resources, Mapping):
+        raise InvalidSpecError(f"{where} must be an object")
+    amounts: dict[str, dict[str, Decimal]] = {}
+    for kind in ("limits", "requests"):
+        values = resources.get(kind) or {}
+        if not isinstance(values, Mapping):
+            raise InvalidSpecError(f"{where}.{kind} must be an object of quantities")
+        amounts[kind] = {name: parse_quantity(value) for name, value in values.items()}
+        for name, amount in amounts[kind].items():
+            if amount < 0:
+                raise InvalidSpecError(f"{where}.{kind}.{name} must not be negative, got {values[name]!r}")
+            if name in GPU_RESOURCES and amount != amount.to_integral_value():
+                raise InvalidSpecError(f"{where}.{kind}.{name} must be a whole number, got {values[name]!r}")
+    limits, requests = amounts["limits"], amounts["requests"]
+    for name, request in requests.items():
+        if name in GPU_RESOURCES and limits.get(name) != request:
+            raise InvalidSpecError(f"{where}: GPUs are never overcommitted: limits.{name} must equal it")
+        if name in limits and request > limits[name]:
+            raise InvalidSpecError(f"{where}.requests.{name} must not exceed limits.{name}")
+    return {kind: dict(values) for kind, values in resources.items()}
 
 
 def parse_model(model: Mapping[str, Any]) -> ModelSpec:
@@ -308,8 +340,12 @@ def parse_autoscaling(autoscaling: Mapping[str, Any]) -> AutoscalingSpec:
         mode=_choice(autoscaling, "mode", "builtin", ("hpa", "builtin"), where),
         min_replicas=_int(autoscaling, "minReplicas", 1, 0, 1000, where),
         max_replicas=_int(autoscaling, "maxReplicas", 4, 1, 1000, where),
-        target_waiting_requests=_number(autoscaling, "targetWaitingRequests", 4.0, None, where),
-        target_kv_cache_usage=_number(autoscaling, "targetKVCacheUsage", 0.8, 1.0, where),
+        target_waiting_requests=_number(
+            autoscaling, "targetWaitingRequests", 4.0, MAX_TARGET_WAITING, where, low=HPA_TARGET_STEP
+        ),
+        target_kv_cache_usage=_number(
+            autoscaling, "targetKVCacheUsage", 0.8, 1.0, where, low=HPA_TARGET_STEP
+        ),
         scale_up_stabilization_seconds=_int(autoscaling, "scaleUpStabilizationSeconds", 0, 0, 3600, where),
         scale_down_stabilization_seconds=_int(
             autoscaling, "scaleDownStabilizationSeconds", 300, 0, 3600, where
@@ -325,7 +361,8 @@ def parse_autoscaling(autoscaling: Mapping[str, Any]) -> AutoscalingSpec:
 
 def parse_cache(cache: Mapping[str, Any]) -> CacheSpec:
     size = cache.get("size", "50Gi")
-    parse_quantity(size)
+    if parse_quantity(size) < 1:  # a claim's request and a scratch volume's limit: bytes, at least one
+        raise InvalidSpecError(f"spec.cache.size must be a positive number of bytes, got {size!r}")
     return CacheSpec(
         enabled=bool(cache.get("enabled", False)),
         storage_class_name=cache.get("storageClassName"),
@@ -354,15 +391,12 @@ def parse_rollout(rollout: Mapping[str, Any]) -> RolloutSpec:
 
 def parse_router(router: Mapping[str, Any]) -> RouterSpec:
     where = "spec.router"
-    resources = router.get("resources") or {}
-    if not isinstance(resources, Mapping):
-        raise InvalidSpecError(f"{where}.resources must be an object")
     return RouterSpec(
         enabled=bool(router.get("enabled", True)),
         replicas=_int(router, "replicas", 2, 1, 100, where),
         policy=_choice(router, "policy", "prefix", ("prefix", "least-load", "round-robin"), where),
         hold_timeout_seconds=_int(router, "holdTimeoutSeconds", 60, 0, 3600, where),
-        resources=dict(resources),
+        resources=parse_resources(router.get("resources") or {}, f"{where}.resources"),
         image=router.get("image"),
         mode=_choice(router, "mode", "service", ("service", "gateway"), where),
     )
@@ -418,7 +452,7 @@ def parse_spec(spec: Mapping[str, Any]) -> LLMDeploymentSpec:
     parsed = LLMDeploymentSpec(
         model=parse_model(spec["model"]),
         engine=parse_engine(_section(spec, "engine")),
-        resources=dict(_section(spec, "resources")),
+        resources=parse_resources(spec.get("resources") or {}, "spec.resources"),
         replicas=_int(spec, "replicas", 1, 0, 1000, "spec"),
         autoscaling=parse_autoscaling(_section(spec, "autoscaling")),
         warm_pool_size=_int(_section(spec, "warmPool"), "size", 0, 0, 100, "spec.warmPool"),

@@ -85,6 +85,17 @@ def test_a_page_without_the_engine_gauges_is_an_error() -> None:
         parse_metrics("process_cpu_seconds_total 12.0\n")
 
 
+@pytest.mark.parametrize("value", ["NaN", "+Inf", "-1"])
+def test_a_gauge_that_is_no_count_is_an_error_not_a_failed_tick(value: str) -> None:
+    """Once parsed, NaN and +Inf failed the tick's ceil() (OverflowError, ValueError) on every timer run."""
+    with pytest.raises(MetricsError):
+        parse_metrics(f"vllm:num_requests_waiting {value}\nvllm:kv_cache_usage_perc 0.5\n")
+    with pytest.raises(MetricsError):
+        parse_metrics(f"vllm:num_requests_waiting 1\nvllm:kv_cache_usage_perc{{model_name=\"m\"}} {value}\n")
+    with pytest.raises(MetricsError):
+        parse_router_pending(f"pagoda_router_pending_requests {value}\n")
+
+
 @pytest.mark.parametrize(
     ("loads", "expected"),
     [

@@ -232,7 +232,7 @@ def test_cel_rules_reject_specs_the_operator_cannot_serve(spec: dict[str, Any], 
     assert schema_errors(custom_resource(spec)) == []  # only CEL catches these
 
 
-@pytest.mark.parametrize("name", ["1model", "my.model", "Model", "x" * 64])
+@pytest.mark.parametrize("name", ["1model", "my.model", "Model", "x" * 56])
 def test_cel_requires_a_dns_1035_name_for_the_service(name: str) -> None:
     failures = cel_failures(custom_resource({"model": BUILTIN}, name=name))
     assert any(f.startswith("metadata.name must be a DNS-1035 label") for f in failures)

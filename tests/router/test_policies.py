@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
 from pagoda.router.policies import (
     BLOCK_CHARS,
     Decision,
@@ -157,3 +159,15 @@ def test_the_cli_needs_backends_or_discovery(capsys) -> None:  # type: ignore[no
     assert main(["router"]) == 2
     assert "--backend URL or --discovery-service" in capsys.readouterr().out
     assert main(["router", "--backend", "http://x:1", "--load-factor", "0.5"]) == 2
+
+
+@pytest.mark.parametrize(
+    "flag", [("--hold-timeout", "nan"), ("--hold-timeout", "inf"), ("--load-factor", "nan"),
+             ("--health-interval", "0"), ("--max-retries", "-1"), ("--max-pending", "-1")]
+)
+def test_the_cli_refuses_values_that_would_reach_requests_broken(flag: tuple[str, str]) -> None:
+    from pagoda.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        main(["router", "--backend", "http://x:1", *flag])
+    assert exit_info.value.code == 2

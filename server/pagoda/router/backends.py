@@ -34,6 +34,18 @@ _WAITING = _gauge(b"vllm:num_requests_waiting")
 _KV_USAGE = _gauge(b"vllm:kv_cache_usage_perc")
 
 
+def gauge_values(pattern: re.Pattern[bytes], text: bytes) -> list[float]:
+    """The gauge's samples that make sense as a count or a fraction: a value that is no number, NaN, +Inf or
+    negative (a broken or foreign exporter) counts as absent instead of killing the poll or the policy."""
+    values = []
+    for raw in pattern.findall(text):
+        with contextlib.suppress(ValueError):
+            value = float(raw)
+            if 0 <= value < math.inf:
+                values.append(value)
+    return values
+
+
 @dataclass
 class Backend:
     url: str
@@ -152,7 +164,7 @@ class BackendPool:
             if response.status != 200:
                 return
             text = await response.read()
-        backend.waiting = sum(float(value) for value in _WAITING.findall(text))
-        backend.kv_usage = max((float(value) for value in _KV_USAGE.findall(text)), default=0.0)
+        backend.waiting = sum(gauge_values(_WAITING, text))
+        backend.kv_usage = max(gauge_values(_KV_USAGE, text), default=0.0)
         if backend.url in self.backends:
             self.metrics.backend_kv_usage.labels(backend.url).set(backend.kv_usage)

@@ -6,12 +6,36 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 
 from pagoda.cli import non_negative_float
 from pagoda.router.policies import POLICIES, PrefixAffinity
 
 ARGUMENTS_HELP = "Route OpenAI API requests across engine replicas (prefix- and load-aware)."
+
+
+def finite_non_negative(text: str) -> float:
+    """Seconds, factors and thresholds: NaN or infinity would reach the request path (a NaN hold never
+    times out, an infinite one overflows Retry-After), so the flags refuse them."""
+    value = non_negative_float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return value
+
+
+def interval(text: str) -> float:
+    value = finite_non_negative(text)
+    if value == 0:  # the poll loop would never sleep
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def add_router_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,11 +61,11 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         help="Kubernetes API server URL. Default: the in-cluster one.",
     )
     backends.add_argument(
-        "--health-interval", type=non_negative_float, default=1.0,
+        "--health-interval", type=interval, default=1.0,
         help="Seconds between /ready polls of each replica. Default: %(default)s.",
     )
     backends.add_argument(
-        "--scrape-interval", type=non_negative_float, default=5.0,
+        "--scrape-interval", type=finite_non_negative, default=5.0,
         help="Seconds between /metrics scrapes (queue length, KV-cache usage) of each replica. "
         "Default: %(default)s.",
     )
@@ -52,25 +76,25 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         "least-load: fewest open + waiting requests; round-robin: what a Service does. Default: %(default)s.",
     )
     routing.add_argument(
-        "--load-factor", type=float, default=1.25,
+        "--load-factor", type=finite_non_negative, default=1.25,
         help="prefix: no replica takes more than this times the average load. Default: %(default)s.",
     )
     routing.add_argument(
-        "--kv-cache-threshold", type=non_negative_float, default=0.9,
+        "--kv-cache-threshold", type=finite_non_negative, default=0.9,
         help="prefix: a replica whose scraped vllm:kv_cache_usage_perc is at least this is passed over "
         "while another has room; above 1: never. Default: %(default)s.",
     )
     routing.add_argument(
-        "--hold-timeout", type=non_negative_float, default=30.0,
+        "--hold-timeout", type=finite_non_negative, default=30.0,
         help="Seconds a request waits for a ready replica (scale from zero) before a 503; 0: no waiting. "
         "Default: %(default)s.",
     )
     routing.add_argument(
-        "--max-pending", type=int, default=1000,
+        "--max-pending", type=count, default=1000,
         help="Most requests waiting for a ready replica; more get a 503 at once. Default: %(default)s.",
     )
     routing.add_argument(
-        "--max-retries", type=int, default=2,
+        "--max-retries", type=count, default=2,
         help="Other replicas tried after a refused connection or a 503 before the first byte. "
         "Default: %(default)s.",
     )
@@ -83,7 +107,7 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         "Gateway API InferencePool (needs pagoda[gateway]). Default: off.",
     )
     server.add_argument(
-        "--shutdown-timeout", type=non_negative_float, default=30.0,
+        "--shutdown-timeout", type=finite_non_negative, default=30.0,
         help="Seconds open requests get to finish after SIGTERM. Default: %(default)s.",
     )
     server.add_argument(
@@ -137,6 +161,7 @@ async def serve(args: argparse.Namespace) -> None:
         runner = web.AppRunner(
             build_app(router, holding=args.hold_timeout > 0),
             handler_cancellation=True,  # a client disconnect cancels the handler and the upstream request
+            auto_decompress=False,  # bodies go upstream as sent: a Content-Encoding is the engine's to judge
             access_log=None,
             shutdown_timeout=args.shutdown_timeout,
         )

@@ -29,14 +29,27 @@ def stable_hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
+def _utf8(text: str) -> bytes:
+    # a lone surrogate ("\\ud800" in the JSON) is for the engine to reject with its 400: hash it as is
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _json_text(value: object) -> str:
+    """A deterministic string for a non-text prompt (token ids, a batch). Nesting too deep to render is no
+    valid prompt: route it anywhere, the engine answers it with its 400."""
+    try:
+        return json.dumps(value, sort_keys=True)
+    except RecursionError:
+        return ""
+
+
 def _content_text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # OpenAI content parts: keep the text ones, in order
-        return "".join(
-            part.get("text", "") if isinstance(part, dict) else str(part) for part in content
-        )
-    return "" if content is None else json.dumps(content, sort_keys=True)
+        texts = (part.get("text") for part in content if isinstance(part, dict))
+        return "".join(text for text in texts if isinstance(text, str))
+    return "" if content is None else _json_text(content)
 
 
 def _render_message(message: Mapping[str, object]) -> str:
@@ -64,7 +77,7 @@ def render_prompt(body: Mapping[str, object]) -> tuple[str, str]:
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]  # a batch of one is the common case of the list form
     if not isinstance(prompt, str):
-        prompt = "" if prompt is None else json.dumps(prompt)
+        prompt = "" if prompt is None else _json_text(prompt)
     return prompt, prompt[:HOME_CHARS]
 
 
@@ -75,9 +88,9 @@ def prefix_blocks(
     everything up to its end, so equal hashes mean equal prefixes. A partial tail is left out, as the
     engine leaves it out of its cache: the next turn's blocks would never match it."""
     hashes: list[int] = []
-    parent = stable_hash(model.encode())
+    parent = stable_hash(_utf8(model))
     for start in range(0, min(len(text) // block_chars, max_blocks) * block_chars, block_chars):
-        chunk = text[start : start + block_chars].encode()
+        chunk = _utf8(text[start : start + block_chars])
         parent = stable_hash(parent.to_bytes(8, "big") + chunk)
         hashes.append(parent)
     return hashes
@@ -259,7 +272,7 @@ class PrefixAffinity(Policy):
         if owner is not None and loads[owner] + 1 <= bound and owner not in full:
             decision = Decision(owner, "prefix-hit")
         else:
-            key = stable_hash(f"{model}\0{home}".encode())
+            key = stable_hash(_utf8(f"{model}\0{home}"))
             backend, spilled = pick_bounded(self.ring(list(loads)), key, loads, self.load_factor, full)
             decision = Decision(backend, "prefix-spill" if spilled else "prefix-hash")
         self.index.record(blocks, decision.backend)

@@ -12,12 +12,14 @@ import contextlib
 import json
 import logging
 import math
+import posixpath
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pagoda.router.backends import Backend, BackendPool
@@ -51,10 +53,28 @@ class NoBackend(Exception):
         self.reason = reason
 
 
+def error_body(status: int, message: str) -> dict[str, object]:
+    kind = {404: "not_found_error", 503: "service_unavailable"}.get(status, "invalid_request_error")
+    if status >= 500 and status != 503:
+        kind = "server_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
 def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": "service_unavailable", "param": None, "code": status}}
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(error_body(status, message), status=status, headers=headers)
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The router's own refusals (a body over client_max_size, a path it does not serve) in the OpenAI
+    error body, as the engine answers them."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return error_response(error.status, error.text or error.reason)
 
 
 def _forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -122,6 +142,9 @@ class Router:
     # -- proxying --------------------------------------------------------------------------------------
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         arrival = time.perf_counter()
+        # the upstream URL resolves dot segments: /v1/../metrics would reach the engine's /metrics
+        if not (posixpath.normpath(request.rel_url.path) + "/").startswith("/v1/"):
+            return error_response(404, "Not Found")
         payload = await request.read()
         body = parse_body(payload) if request.method == "POST" else None
         headers = _forward_headers(request.headers)
@@ -142,7 +165,7 @@ class Router:
                 upstream = await self._send(backend, request.method, url, headers, payload)
                 if upstream is None:  # failed before the first byte: try another backend
                     continue
-                return await self._relay(request, upstream)
+                return await self._relay(request, backend, upstream)
             finally:
                 backend.in_flight -= 1
                 self.metrics.in_flight.labels(backend.url).dec()
@@ -162,6 +185,11 @@ class Router:
             self.pool.eject(backend)
             self.metrics.retries.labels("connection").inc()
             return None
+        except aiohttp.ClientResponseError as error:  # an answer that is not HTTP (a wrong port, say)
+            log.warning("backend %s answered garbage: %r", backend.url, error)
+            self.pool.eject(backend)
+            self.metrics.retries.labels("bad-response").inc()
+            return None
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as error:
             # reset before any byte of the answer (killed, or a keep-alive closed under us): nothing
             # reached the client yet; the /ready poll decides whether the backend stays in
@@ -175,34 +203,56 @@ class Router:
             return None
         return upstream
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay(
+        self, request: web.Request, backend: Backend, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.update(_forward_headers(upstream.headers))
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            while chunk := await self._read(backend, upstream):
                 await response.write(chunk)
-            await response.write_eof()
-            return response
+        except EngineWentAway as error:
+            if upstream.content_type != "text/event-stream":
+                raise  # a body cut short can only be told by closing the connection
+            # a stream ends the way the engine ends one that fails: an error event, then [DONE]
+            event = json.dumps(error_body(502, str(error)))
+            await response.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
         except BaseException:
             upstream.close()  # drop the connection: the engine sees the disconnect and aborts
             raise
         finally:
             upstream.release()
+        await response.write_eof()
+        return response
+
+    async def _read(self, backend: Backend, upstream: aiohttp.ClientResponse) -> bytes:
+        """The next chunk of the answer (b"" at its end); a backend that breaks off its answer is out
+        until its /ready answers again (killed pods refuse it, so they stay out)."""
+        try:
+            return await upstream.content.readany()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+            log.warning("backend %s broke off its answer: %r", backend.url, error)
+            self.pool.eject(backend)
+            raise EngineWentAway(f"the engine at {backend.url} broke off its answer") from error
+
+
+class EngineWentAway(Exception):
+    """The connection to the engine broke after the first byte of its answer reached the client."""
 
 
 def parse_body(payload: bytes) -> Mapping[str, object] | None:
     try:
         body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...
         return None  # not ours to judge: the engine answers it with its own 400
     return body if isinstance(body, dict) else None
 
 
 def build_app(router: Router, holding: bool) -> web.Application:
-    app = web.Application(client_max_size=64 * 2**20)
+    app = web.Application(client_max_size=64 * 2**20, middlewares=[openai_errors])
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
