@@ -63,6 +63,8 @@ def test_invalid_requests_are_400(server: LiveServer, path: str, body: object) -
         # checks across fields name theirs (they had param null)
         (COMPLETIONS, {"prompt": "x", "best_of": 3}, "best_of", "best_of == n"),
         (COMPLETIONS, {"prompt": "x", "stop": [""]}, "stop", "non-empty"),
+        # the engine's per-step search for a stop string's start grows with the square of its length
+        (COMPLETIONS, {"prompt": "x", "stop": ["Q" * 100_000]}, "stop", "at most 256 characters"),
         (CHAT, {"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options", "stream"),
         # fields the server cannot honour are rejected, not ignored (vLLM extras, newer OpenAI options)
         (COMPLETIONS, {"prompt": "x", "use_beam_search": True}, "use_beam_search", "Unrecognized"),
