@@ -77,6 +77,22 @@ def test_echoed_prompt_logprobs_count_toward_the_bound(server: LiveServer) -> No
     assert post(server, COMPLETIONS, {**body, "n": 16}).status_code == 200  # 16 x 201 tokens fit in 4096
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (COMPLETIONS, {"prompt": ["fine", "word " * (4 * 2**20)], "max_tokens": 1}, "prompt"),
+        (CHAT, {"messages": [{"role": "user", "content": "word " * (4 * 2**20)}]}, "messages"),
+    ],
+)
+def test_a_text_no_context_can_hold_is_rejected_before_tokenizing(
+    server: LiveServer, path: str, body: dict, param: str
+) -> None:
+    # 20 MB of text: tokenized in full, it held the tokenizing thread (every request's) for about 30 s
+    error = error_of(post(server, path, body))
+    assert error["param"] == param and error["code"] == "context_length_exceeded"
+    assert "characters" in error["message"]  # counted, not tokenized
+
+
 def test_the_culprit_param_is_named(server: LiveServer) -> None:
     too_long = error_of(post(server, COMPLETIONS, {"prompt": "x" * 300, "max_tokens": 1}))
     assert too_long["param"] == "prompt" and too_long["code"] == "context_length_exceeded"
