@@ -257,6 +257,7 @@ class HealthProbe(threading.Thread):
         self.base_url = base_url
         self.latencies: list[float] = []
         self.stop = threading.Event()
+        self.started = threading.Event()  # a first probe answered: work that ends at once still has one
 
     def run(self) -> None:
         with httpx.Client(timeout=30) as client:
@@ -264,12 +265,14 @@ class HealthProbe(threading.Thread):
                 start = time.perf_counter()
                 assert client.get(f"{self.base_url}/health").status_code == 200
                 self.latencies.append(time.perf_counter() - start)
+                self.started.set()
                 self.stop.wait(0.02)
 
 
 def probe_while(server: LiveServer, work) -> tuple[list[float], object]:  # noqa: ANN001
     probe = HealthProbe(server.base_url)
     probe.start()
+    assert probe.started.wait(30)
     try:
         result = work()
     finally:
