@@ -66,6 +66,7 @@ def test_invalid_requests_are_400(server: LiveServer, path: str, body: object) -
         # the engine's per-step search for a stop string's start grows with the square of its length
         (COMPLETIONS, {"prompt": "x", "stop": ["Q" * 100_000]}, "stop", "at most 256 characters"),
         (CHAT, {"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options", "stream"),
+        (CHAT, {"messages": MESSAGES, "min_tokens": 300}, "min_tokens", "max_tokens"),  # the context's rest
         # fields the server cannot honour are rejected, not ignored (vLLM extras, newer OpenAI options)
         (COMPLETIONS, {"prompt": "x", "use_beam_search": True}, "use_beam_search", "Unrecognized"),
         (CHAT, {"messages": MESSAGES, "echo": True}, "echo", "Unrecognized"),

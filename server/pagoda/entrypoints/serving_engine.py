@@ -251,6 +251,17 @@ class ServingEngine:
         if request.bad_words and self.tokenizer is None:
             raise bad_request("bad_words needs a tokenizer", "bad_words")
 
+    @staticmethod
+    def sampling_params(request: SamplingRequest, *args: Any) -> SamplingParams:
+        """`request.sampling_params(*args)`; the checks across fields that SamplingParams makes (e.g.
+        min_tokens above the max_tokens resolved from the context) are 400s naming the field they name
+        first."""
+        try:
+            return request.sampling_params(*args)
+        except ValueError as error:
+            field = str(error).split(" ", 1)[0]
+            raise bad_request(str(error), field if field in type(request).model_fields else None) from error
+
     def resolve_max_tokens(self, prompt_len: int, requested: int | None, prompt_param: str) -> int:
         """The completion budget: as asked, or the rest of the context; 400 if it cannot fit, naming the
         prompt when the prompt alone leaves no room, else max_tokens."""
