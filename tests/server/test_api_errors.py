@@ -121,6 +121,17 @@ def test_an_oversized_body_is_413(server: LiveServer) -> None:
     assert_error(response, 413)
 
 
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_a_json_body_is_read_as_json_whatever_its_content_type(
+    server: LiveServer, content_type: str | None
+) -> None:
+    # as the OpenAI API: `curl -d` sends a form content type
+    headers = {**server.headers, **({"Content-Type": content_type} if content_type else {})}
+    body = b'{"prompt": "hi", "max_tokens": 2}'
+    response = httpx.post(server.base_url + COMPLETIONS, content=body, headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+
+
 def test_the_server_still_serves_after_bad_input(server: LiveServer) -> None:
     response = httpx.post(
         server.base_url + CHAT,
