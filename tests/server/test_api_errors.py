@@ -63,7 +63,10 @@ def test_invalid_requests_are_400(server: LiveServer, path: str, body: object) -
         # checks across fields name theirs (they had param null)
         (COMPLETIONS, {"prompt": "x", "best_of": 3}, "best_of", "best_of == n"),
         (COMPLETIONS, {"prompt": "x", "stop": [""]}, "stop", "non-empty"),
+        # the engine's per-step search for a stop string's start grows with the square of its length
+        (COMPLETIONS, {"prompt": "x", "stop": ["Q" * 100_000]}, "stop", "at most 256 characters"),
         (CHAT, {"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options", "stream"),
+        (CHAT, {"messages": MESSAGES, "min_tokens": 300}, "min_tokens", "max_tokens"),  # the context's rest
         # fields the server cannot honour are rejected, not ignored (vLLM extras, newer OpenAI options)
         (COMPLETIONS, {"prompt": "x", "use_beam_search": True}, "use_beam_search", "Unrecognized"),
         (CHAT, {"messages": MESSAGES, "echo": True}, "echo", "Unrecognized"),
@@ -116,6 +119,17 @@ def test_an_oversized_body_is_413(server: LiveServer) -> None:
         timeout=60,
     )
     assert_error(response, 413)
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_a_json_body_is_read_as_json_whatever_its_content_type(
+    server: LiveServer, content_type: str | None
+) -> None:
+    # as the OpenAI API: `curl -d` sends a form content type
+    headers = {**server.headers, **({"Content-Type": content_type} if content_type else {})}
+    body = b'{"prompt": "hi", "max_tokens": 2}'
+    response = httpx.post(server.base_url + COMPLETIONS, content=body, headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
 
 
 def test_the_server_still_serves_after_bad_input(server: LiveServer) -> None:

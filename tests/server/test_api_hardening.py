@@ -77,6 +77,22 @@ def test_echoed_prompt_logprobs_count_toward_the_bound(server: LiveServer) -> No
     assert post(server, COMPLETIONS, {**body, "n": 16}).status_code == 200  # 16 x 201 tokens fit in 4096
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (COMPLETIONS, {"prompt": ["fine", "word " * (4 * 2**20)], "max_tokens": 1}, "prompt"),
+        (CHAT, {"messages": [{"role": "user", "content": "word " * (4 * 2**20)}]}, "messages"),
+    ],
+)
+def test_a_text_no_context_can_hold_is_rejected_before_tokenizing(
+    server: LiveServer, path: str, body: dict, param: str
+) -> None:
+    # 20 MB of text: tokenized in full, it held the tokenizing thread (every request's) for about 30 s
+    error = error_of(post(server, path, body))
+    assert error["param"] == param and error["code"] == "context_length_exceeded"
+    assert "characters" in error["message"]  # counted, not tokenized
+
+
 def test_the_culprit_param_is_named(server: LiveServer) -> None:
     too_long = error_of(post(server, COMPLETIONS, {"prompt": "x" * 300, "max_tokens": 1}))
     assert too_long["param"] == "prompt" and too_long["code"] == "context_length_exceeded"
@@ -241,6 +257,7 @@ class HealthProbe(threading.Thread):
         self.base_url = base_url
         self.latencies: list[float] = []
         self.stop = threading.Event()
+        self.started = threading.Event()  # a first probe answered: work that ends at once still has one
 
     def run(self) -> None:
         with httpx.Client(timeout=30) as client:
@@ -248,12 +265,14 @@ class HealthProbe(threading.Thread):
                 start = time.perf_counter()
                 assert client.get(f"{self.base_url}/health").status_code == 200
                 self.latencies.append(time.perf_counter() - start)
+                self.started.set()
                 self.stop.wait(0.02)
 
 
 def probe_while(server: LiveServer, work) -> tuple[list[float], object]:  # noqa: ANN001
     probe = HealthProbe(server.base_url)
     probe.start()
+    assert probe.started.wait(30)
     try:
         result = work()
     finally:

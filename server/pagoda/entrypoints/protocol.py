@@ -38,6 +38,10 @@ MAX_PROMPTS = 128  # as serving_engine.MAX_SEQS_PER_REQUEST: prompts x n
 MAX_GRAMMAR_CHARS = 2**16
 MAX_TEMPLATE_INPUT_BYTES = 64 * 2**10  # a request's own chat template, and its chat_template_kwargs as JSON
 MAX_BAD_WORDS = 128
+# every step, the engine looks for the longest tail of the text that starts a stop string, at a cost that
+# grows with the square of the string's length: 16 stop strings of 100k characters made a 200-token request
+# take seconds per step, holding every other request
+MAX_STOP_CHARS = 256
 
 
 def _encodable(text: str) -> str:
@@ -94,7 +98,9 @@ class SamplingRequest(RequestModel):
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Text | list[Text] | None = Field(None, description="Up to 16 strings that end generation.")
+    stop: Text | list[Text] | None = Field(
+        None, description=f"Up to 16 strings (of at most {MAX_STOP_CHARS} characters) that end generation."
+    )
     seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -129,6 +135,8 @@ class SamplingRequest(RequestModel):
         stops = [stop] if isinstance(stop, str) else stop or []
         if len(stops) > 16 or any(not s for s in stops):
             raise ValueError("stop must be a non-empty string or a list of at most 16 non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string may be at most {MAX_STOP_CHARS} characters long")
         return stop
 
     @field_validator("stream_options")

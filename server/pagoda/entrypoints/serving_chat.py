@@ -56,7 +56,7 @@ class ServingChat(ServingEngine):
         max_tokens = self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens, "messages")
         self.check_generated_tokens(request.n, [max_tokens])
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = request.sampling_params(max_tokens, logprobs)
+        params = self.sampling_params(request, max_tokens, logprobs)
         if plan.parser.reads_special_tokens:  # the parser takes the markers out of what the client gets
             params = dataclasses.replace(params, skip_special_tokens=False)
         if plan.constraint is not None:

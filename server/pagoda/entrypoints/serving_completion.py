@@ -40,7 +40,7 @@ class ServingCompletion(ServingEngine):
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         echoed = [len(p.token_ids) if prompt_logprobs is not None else 0 for p in prompts]
         self.check_generated_tokens(request.n, max_tokens, echoed)
-        params = [request.sampling_params(m, request.logprobs, prompt_logprobs) for m in max_tokens]
+        params = [self.sampling_params(request, m, request.logprobs, prompt_logprobs) for m in max_tokens]
         params = [await self.constrain(request, p) for p in params]
         request_id = random_id("cmpl")
         streams = await self.submit_all(request_id, [p.token_ids for p in prompts], params)

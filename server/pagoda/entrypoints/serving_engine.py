@@ -86,6 +86,10 @@ class Tokenizers:
         self.on_loop = copy.deepcopy(tokenizer) if tokenizer is not None else None
         self.on_worker = copy.deepcopy(tokenizer) if tokenizer is not None else None
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagoda-tokenize")
+        # no token covers more characters than its own text in the vocabulary (a byte-level token's text
+        # has one character per byte): a text longer than max_model_len times this cannot fit
+        vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+        self.max_token_chars: int = max(map(len, vocab), default=1)
 
 
 @dataclass
@@ -123,6 +127,7 @@ class ServingEngine:
         self.tokenizer = tokenizers.on_loop
         self._worker_tokenizer = tokenizers.on_worker
         self._worker = tokenizers.worker
+        self.max_text_chars = self.max_model_len * tokenizers.max_token_chars
         self.vocab_size: int = getattr(engine, "vocab_size", len(self.tokenizer) if self.tokenizer else 0)
         self._token_text: dict[int, str] = {}
 
@@ -148,12 +153,20 @@ class ServingEngine:
         tokenizer = self._require_tokenizer(self._worker_tokenizer)
         return await self._off_loop(lambda: self._encode(tokenizer, text, add_special_tokens, param))
 
-    @staticmethod
-    def _encode(tokenizer: Any, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    def _encode(self, tokenizer: Any, text: str, add_special_tokens: bool, param: str) -> list[int]:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
             raise bad_request("the text holds a lone UTF-16 surrogate", param) from error
+        if len(text) > self.max_text_chars:
+            # found too long without tokenizing it: a 30 MB prompt held the tokenizing thread, which every
+            # request waits on, for 50 s (and 300 MB of token ids)
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens, and the {param} has "
+                f"{len(text)} characters: more than that many tokens can hold. Please reduce its length.",
+                param,
+                "context_length_exceeded",
+            )
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     async def detokenize(self, token_ids: list[int]) -> str:
@@ -237,6 +250,17 @@ class ServingEngine:
         self.check_token_ids(request.allowed_token_ids or [], "allowed_token_ids")
         if request.bad_words and self.tokenizer is None:
             raise bad_request("bad_words needs a tokenizer", "bad_words")
+
+    @staticmethod
+    def sampling_params(request: SamplingRequest, *args: Any) -> SamplingParams:
+        """`request.sampling_params(*args)`; the checks across fields that SamplingParams makes (e.g.
+        min_tokens above the max_tokens resolved from the context) are 400s naming the field they name
+        first."""
+        try:
+            return request.sampling_params(*args)
+        except ValueError as error:
+            field = str(error).split(" ", 1)[0]
+            raise bad_request(str(error), field if field in type(request).model_fields else None) from error
 
     def resolve_max_tokens(self, prompt_len: int, requested: int | None, prompt_param: str) -> int:
         """The completion budget: as asked, or the rest of the context; 400 if it cannot fit, naming the

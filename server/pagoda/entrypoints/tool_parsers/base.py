@@ -31,27 +31,26 @@ class ToolParser:
         raise NotImplementedError
 
 
+# a whole JSON string, or a bracket, or a quote that opens a string not closed yet
+_JSON_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]"]', re.DOTALL)
+
+
 def json_value_end(text: str, start: int) -> int | None:
     """Index just past the JSON object or array that opens at text[start], or None if it is not closed
-    yet (strings and escapes respected)."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        char = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
+    yet (strings and escapes respected). Streaming parses the whole text again at every step, so strings
+    are skipped by the regex engine: a Python loop over the characters of a 100k-character argument took
+    11 ms per step and choice, on the event loop."""
+    depth = 0
+    for match in _JSON_TOKENS.finditer(text, start):
+        token = match.group()
+        if token == '"':
+            return None  # a string that is still open
+        if token in "{[":
             depth += 1
-        elif char in "}]":
+        elif token in "}]":
             depth -= 1
             if depth == 0:
-                return i + 1
+                return match.end()
     return None
 
 
