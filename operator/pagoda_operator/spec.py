@@ -304,9 +304,12 @@ def parse_engine(engine: Mapping[str, Any]) -> EngineSpec:
     where = "spec.engine"
     extra_args = tuple(str(arg) for arg in engine.get("extraArgs") or ())
     for arg in extra_args:
-        if arg.split("=", 1)[0] in RESERVED_ENGINE_FLAGS:
+        flag = arg.split("=", 1)[0]
+        # argparse takes any unambiguous prefix of a flag: --po 9000 is --port 9000
+        reserved = [r for r in RESERVED_ENGINE_FLAGS if len(flag) > 2 and r.startswith(flag)]
+        if reserved:
             raise InvalidSpecError(
-                f"{where}.extraArgs must not set {arg.split('=', 1)[0]}: the operator owns --host and --port "
+                f"{where}.extraArgs must not set {reserved[0]} ({flag}): the operator owns --host and --port "
                 "(probes and the Service use them); put the API key in apiKeySecretRef"
             )
     kv_cache_memory = engine.get("kvCacheMemory")

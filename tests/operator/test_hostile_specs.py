@@ -110,3 +110,33 @@ def test_the_longest_name_the_crd_admits_names_valid_children() -> None:
             assert len(value) <= 63, (child["kind"], value)
         if child["kind"] != "InferencePool":  # no built-in kind: test_router_builders checks its shape
             kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "refused"),
+    [
+        (["--po", "9000"], True),  # argparse reads it as --port 9000: the probes would never answer
+        (["--hos=127.0.0.1"], True),
+        (["--api-k", "secret"], True),  # the key in the pod spec, not the Secret
+        (["--ap=secret"], True),
+        (["--h"], True),  # ambiguous (--help, --host, --http-read-timeout): an error either way
+        (["--hostname", "x"], False),  # no prefix of a reserved flag
+        (["--max-num-batched-tokens", "4096", "--async-scheduling"], False),
+        (["-p", "--p2"], False),
+    ],
+)
+def test_abbreviations_of_the_reserved_engine_flags_are_refused(args: list[str], refused: bool) -> None:
+    from pagoda.cli import build_parser
+
+    spec = {"model": BUILTIN, "engine": {"extraArgs": args}}
+    assert admitted(spec) is not refused  # the CRD's CEL rule
+    if refused:
+        with pytest.raises(InvalidSpecError, match="extraArgs must not set"):
+            parse_spec(spec)
+        # and it is what the engine's parser would take for the flag (or refuse as ambiguous)
+        flag = args[0].split("=", 1)[0]
+        serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+        matches = [o for a in serve._actions for o in a.option_strings if o.startswith(flag)]
+        assert set(matches) & {"--host", "--port", "--api-key"}
+    else:
+        parse_spec(spec)
