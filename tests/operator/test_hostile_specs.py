@@ -49,6 +49,7 @@ def children(name: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
         ({"resources": {"requests": {"amd.com/gpu": 1}, "limits": {"amd.com/gpu": 2}}}, "overcommitted"),
         ({"cache": {"enabled": True, "size": "0"}}, "spec.cache.size must be a positive number of bytes"),
         ({"cache": {"size": "-1Gi"}}, "spec.cache.size must be a positive number of bytes"),
+        ({"engine": {"kvCacheMemory": "1e5000"}}, "kvCacheMemory must be in (0, 1Ei]"),  # str() of it failed
     ],
 )
 def test_what_the_api_server_would_refuse_in_the_pod_template_is_an_invalid_spec(
