@@ -266,7 +266,10 @@ def parse_resources(resources: Any, where: str) -> dict[str, Any]:
         values = resources.get(kind) or {}
         if not isinstance(values, Mapping):
             raise InvalidSpecError(f"{where}.{kind} must be an object of quantities")
-        amounts[kind] = {name: parse_quantity(value) for name, value in values.items()}
+        try:
+            amounts[kind] = {name: parse_quantity(value) for name, value in values.items()}
+        except InvalidSpecError as err:
+            raise InvalidSpecError(f"{where}.{kind}: {err}") from None
         for name, amount in amounts[kind].items():
             if amount < 0:
                 raise InvalidSpecError(f"{where}.{kind}.{name} must not be negative, got {values[name]!r}")
