@@ -141,3 +141,19 @@ def test_abbreviations_of_the_reserved_engine_flags_are_refused(args: list[str],
         assert set(matches) & {"--host", "--port", "--api-key"}
     else:
         parse_spec(spec)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "https://[host/model.gguf",  # urlsplit's ValueError once escaped parse_spec: the handler failed
+        "https://host]/model.gguf",
+        "https://host:99999/model.gguf",
+        "https://host/%00.gguf",
+    ],
+)
+def test_https_sources_the_cel_rule_admits_but_no_fetcher_can_use_are_invalid(source: str) -> None:
+    spec = {"model": {"source": source}}
+    assert admitted(spec)
+    with pytest.raises(InvalidSpecError, match="spec.model.source"):
+        parse_spec(spec)
