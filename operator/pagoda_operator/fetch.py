@@ -28,6 +28,7 @@ import fcntl
 import fnmatch
 import functools
 import hashlib
+import http.client
 import json
 import os
 import posixpath
@@ -81,7 +82,11 @@ class ModelSource:
 
     @classmethod
     def parse(cls, uri: str) -> ModelSource:
-        parts = urllib.parse.urlsplit(uri)
+        try:
+            parts = urllib.parse.urlsplit(uri)
+            parts.port  # noqa: B018 - range-checks the port
+        except ValueError as error:  # "Invalid IPv6 URL" (https://[host/...), a port out of range
+            raise FetchError(f"model source {uri!r} is not a valid URL: {error}") from None
         if parts.scheme not in ("hf", "https", "http", "s3", "pvc", "builtin") or not parts.netloc:
             raise FetchError(f"unsupported model source {uri!r}: expected hf://, https://, s3://, pvc:// or builtin://")
         path = parts.path.lstrip("/")
@@ -104,7 +109,7 @@ def local_model_path(source: str, revision: str | None, cache_root: str = DEFAUL
             return str(root / "hf" / hf_repo_id(parsed) / (revision or "main").replace("/", "--"))
         case "https" | "http":
             file_name = posixpath.basename(urllib.parse.unquote(parsed.path))
-            if not file_name:
+            if not file_name or "\x00" in file_name:  # %00: no file can be called that
                 raise FetchError(f"{source!r} does not name a file")
             url_digest = hashlib.sha256(source.encode()).hexdigest()[:16]
             return str(root / parsed.scheme / url_digest / file_name)
@@ -140,8 +145,8 @@ class _SameHostAuthRedirectHandler(urllib.request.HTTPRedirectHandler):
     """
 
     def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
-                         headers: Mapping[str, str], newurl: str) -> urllib.request.Request | None:
-        new_req = super().redirect_request(req, fp, code, msg, headers, newurl)  # type: ignore[arg-type]
+                         headers: http.client.HTTPMessage, newurl: str) -> urllib.request.Request | None:
+        new_req = super().redirect_request(req, fp, code, msg, headers, newurl)
         same_host = urllib.parse.urlsplit(newurl).netloc == urllib.parse.urlsplit(req.full_url).netloc
         if new_req is not None and not same_host:
             new_req.remove_header("Authorization")

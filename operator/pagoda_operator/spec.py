@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from pagoda_operator.fetch import FetchError, local_model_path
@@ -30,7 +30,8 @@ GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
 HPA_TARGET_STEP = 0.001
 MAX_TARGET_WAITING = 1e6
 
-_QUANTITY = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+))([KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?$")
+# number, then a suffix (Ki..Ei, n..E) or a decimal exponent: "1E" is 10**18, "1E3" is 1000
+_QUANTITY = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+))(?:([KMGTPE]i|[numkMGTPE])|[eE]([+-]?\d+))?$")
 _QUANTITY_FACTORS: dict[str, Decimal | int] = {
     "": 1,
     "n": Decimal("1e-9"),
@@ -64,13 +65,13 @@ def parse_quantity(value: int | str) -> Decimal:
     match = _QUANTITY.match(str(value).strip())
     if match is None:
         raise InvalidSpecError(f"{value!r} is not a Kubernetes quantity (e.g. 4Gi, 500M, 1073741824)")
-    number, suffix = match.group(1), match.group(2) or ""
+    number, suffix, exponent = match.groups()
     try:
-        if suffix[:1] in ("e", "E"):
-            return Decimal(number) * Decimal(10) ** int(suffix[1:])
-        return Decimal(number) * _QUANTITY_FACTORS[suffix]
-    except InvalidOperation as err:
-        raise InvalidSpecError(f"{value!r} is not a Kubernetes quantity") from err
+        if exponent is not None:
+            return Decimal(number).scaleb(int(exponent))
+        return Decimal(number) * _QUANTITY_FACTORS[suffix or ""]
+    except (ArithmeticError, ValueError) as err:  # decimal.Overflow (1e999999999), an exponent of 5000 digits
+        raise InvalidSpecError(f"{value!r} is too large a quantity") from err
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,10 @@ def parse_resources(resources: Any, where: str) -> dict[str, Any]:
         values = resources.get(kind) or {}
         if not isinstance(values, Mapping):
             raise InvalidSpecError(f"{where}.{kind} must be an object of quantities")
-        amounts[kind] = {name: parse_quantity(value) for name, value in values.items()}
+        try:
+            amounts[kind] = {name: parse_quantity(value) for name, value in values.items()}
+        except InvalidSpecError as err:
+            raise InvalidSpecError(f"{where}.{kind}: {err}") from None
         for name, amount in amounts[kind].items():
             if amount < 0:
                 raise InvalidSpecError(f"{where}.{kind}.{name} must not be negative, got {values[name]!r}")
@@ -304,15 +308,18 @@ def parse_engine(engine: Mapping[str, Any]) -> EngineSpec:
     where = "spec.engine"
     extra_args = tuple(str(arg) for arg in engine.get("extraArgs") or ())
     for arg in extra_args:
-        if arg.split("=", 1)[0] in RESERVED_ENGINE_FLAGS:
+        flag = arg.split("=", 1)[0]
+        # argparse takes any unambiguous prefix of a flag: --po 9000 is --port 9000
+        reserved = [r for r in RESERVED_ENGINE_FLAGS if len(flag) > 2 and r.startswith(flag)]
+        if reserved:
             raise InvalidSpecError(
-                f"{where}.extraArgs must not set {arg.split('=', 1)[0]}: the operator owns --host and --port "
+                f"{where}.extraArgs must not set {reserved[0]} ({flag}): the operator owns --host and --port "
                 "(probes and the Service use them); put the API key in apiKeySecretRef"
             )
     kv_cache_memory = engine.get("kvCacheMemory")
     kv_cache_bytes = None if kv_cache_memory is None else int(parse_quantity(kv_cache_memory))
-    if kv_cache_bytes is not None and kv_cache_bytes <= 0:
-        raise InvalidSpecError(f"{where}.kvCacheMemory must be positive, got {kv_cache_memory!r}")
+    if kv_cache_bytes is not None and not 0 < kv_cache_bytes <= 2**60:  # 1Ei: no int too long to print
+        raise InvalidSpecError(f"{where}.kvCacheMemory must be in (0, 1Ei], got {kv_cache_memory!r}")
     return EngineSpec(
         image=engine.get("image"),
         image_pull_policy=_choice(

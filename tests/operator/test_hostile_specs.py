@@ -49,6 +49,7 @@ def children(name: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
         ({"resources": {"requests": {"amd.com/gpu": 1}, "limits": {"amd.com/gpu": 2}}}, "overcommitted"),
         ({"cache": {"enabled": True, "size": "0"}}, "spec.cache.size must be a positive number of bytes"),
         ({"cache": {"size": "-1Gi"}}, "spec.cache.size must be a positive number of bytes"),
+        ({"engine": {"kvCacheMemory": "1e5000"}}, "kvCacheMemory must be in (0, 1Ei]"),  # str() of it failed
     ],
 )
 def test_what_the_api_server_would_refuse_in_the_pod_template_is_an_invalid_spec(
@@ -110,3 +111,49 @@ def test_the_longest_name_the_crd_admits_names_valid_children() -> None:
             assert len(value) <= 63, (child["kind"], value)
         if child["kind"] != "InferencePool":  # no built-in kind: test_router_builders checks its shape
             kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "refused"),
+    [
+        (["--po", "9000"], True),  # argparse reads it as --port 9000: the probes would never answer
+        (["--hos=127.0.0.1"], True),
+        (["--api-k", "secret"], True),  # the key in the pod spec, not the Secret
+        (["--ap=secret"], True),
+        (["--h"], True),  # ambiguous (--help, --host, --http-read-timeout): an error either way
+        (["--hostname", "x"], False),  # no prefix of a reserved flag
+        (["--max-num-batched-tokens", "4096", "--async-scheduling"], False),
+        (["-p", "--p2"], False),
+    ],
+)
+def test_abbreviations_of_the_reserved_engine_flags_are_refused(args: list[str], refused: bool) -> None:
+    from pagoda.cli import build_parser
+
+    spec = {"model": BUILTIN, "engine": {"extraArgs": args}}
+    assert admitted(spec) is not refused  # the CRD's CEL rule
+    if refused:
+        with pytest.raises(InvalidSpecError, match="extraArgs must not set"):
+            parse_spec(spec)
+        # and it is what the engine's parser would take for the flag (or refuse as ambiguous)
+        flag = args[0].split("=", 1)[0]
+        serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+        matches = [o for a in serve._actions for o in a.option_strings if o.startswith(flag)]
+        assert set(matches) & {"--host", "--port", "--api-key"}
+    else:
+        parse_spec(spec)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "https://[host/model.gguf",  # urlsplit's ValueError once escaped parse_spec: the handler failed
+        "https://host]/model.gguf",
+        "https://host:99999/model.gguf",
+        "https://host/%00.gguf",
+    ],
+)
+def test_https_sources_the_cel_rule_admits_but_no_fetcher_can_use_are_invalid(source: str) -> None:
+    spec = {"model": {"source": source}}
+    assert admitted(spec)
+    with pytest.raises(InvalidSpecError, match="spec.model.source"):
+        parse_spec(spec)
